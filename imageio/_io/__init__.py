@@ -1,0 +1,1 @@
+"""Cython extensions: the only code that moves bulk bytes."""

@@ -1,0 +1,163 @@
+"""Backends: one module per ticket URL scheme, one interface.
+
+Like nbdcopy's ``struct rw_ops``: ``imageio.ops`` and the handlers never ask
+which kind of backend they hold.  A backend is opened once per (client
+connection, ticket) and reused across that connection's requests.
+
+The interface (every backend implements all of it):
+
+``size() -> int``
+    Size of the image in bytes.
+
+``features -> frozenset``
+    Subset of {"extents", "zero", "flush"} that this backend supports.
+
+``max_readers``, ``max_writers`` (int)
+    Connections the backend supports for this image at once.
+
+``read_to(sink, offset, length, buf, progress)``
+    Send exactly ``length`` bytes of the image starting at ``offset`` to
+    ``sink`` (see ``Sink``).  ``buf`` is the connection's aligned buffer
+    (``imageio._io.buffer.AlignedBuffer``).  ``progress(n)`` is called after
+    each chunk with the number of bytes moved; it raises
+    ``errors.Canceled`` to stop the transfer.
+
+``write_from(source, offset, length, buf, progress)``
+    Read exactly ``length`` bytes from ``source`` (see ``Source``) and write
+    them at ``offset``.  A source that ends early raises
+    ``errors.PartialContent``.  Does not flush.
+
+``readinto(buf, offset, length) -> memoryview``
+    Read ``length`` bytes (at most ``len(buf) - 4096``) at ``offset`` and
+    return a view of ``buf`` holding exactly them.  Used by checksum.
+
+``zero(offset, length, punch_hole)``
+    Make the range read as zeroes.  ``punch_hole=True`` may deallocate.
+
+``flush()``
+    Make all written data durable.
+
+``extents(context="zero") -> iterable of Extent or DirtyExtent``
+    Extents covering ``[0, size())`` in order.  ``context="dirty"`` yields
+    ``DirtyExtent``; a backend that cannot answers ``errors.NotFound``.
+
+``close()``
+    Release the backend; idempotent.
+
+Backend failures raise ``OSError`` (or ``errors.BackendError``); the HTTP
+layer turns them into a ``500`` naming the operation, offset and length
+(``507`` for ``ENOSPC``).
+"""
+
+import collections
+import urllib.parse
+
+from .. import errors
+
+Extent = collections.namedtuple("Extent", "start length zero hole")
+DirtyExtent = collections.namedtuple("DirtyExtent", "start length dirty zero")
+
+
+class Sink:
+    """Where read_to() sends bytes: the client's socket.
+
+    ``fd`` is the raw socket fd when bytes can go to it directly (plain
+    socket: sendfile/splice/send from C), else -1 (TLS: use ``write``).
+    The fd may be non-blocking (a socket with a timeout): C loops must poll
+    on EAGAIN for at most ``timeout`` seconds.
+    """
+
+    def __init__(self, sock, timeout=None):
+        self._sock = sock
+        self.timeout = timeout
+        self.fd = -1 if _is_tls(sock) else sock.fileno()
+
+    def write(self, data):
+        """Send all of ``data`` (bytes-like)."""
+        self._sock.sendall(data)
+
+
+class Source:
+    """Where write_from() takes bytes from: the request body.
+
+    Bytes the HTTP reader buffered beyond the headers are returned first.
+    ``fd`` is the raw socket fd once no buffered bytes remain and the socket
+    is plain; else -1 (use ``readinto``).
+    """
+
+    def __init__(self, rfile, sock, timeout=None):
+        self._rfile = rfile
+        self._sock = sock
+        self.timeout = timeout
+        self._plain = not _is_tls(sock)
+
+    @property
+    def fd(self):
+        if self._plain and not self._rfile.peek_buffered():
+            return self._sock.fileno()
+        return -1
+
+    def readinto(self, view):
+        """Read up to len(view) bytes; return count, 0 at end of stream."""
+        return self._rfile.readinto(view)
+
+
+def _is_tls(sock):
+    # Avoid importing ssl in every backend user.
+    return type(sock).__name__ == "SSLSocket"
+
+
+def scheme_of(url):
+    """Return the backend module name serving ``url``, or None."""
+    if url.startswith("file:"):
+        return "file"
+    if url.startswith(("nbd:", "nbd+unix:", "nbds:", "nbds+unix:")):
+        return "nbd"
+    if url.startswith("https:"):
+        return "http"
+    return None
+
+
+def validate_url(url):
+    """Raise errors.BadRequest if ``url`` cannot be served."""
+    kind = scheme_of(url)
+    if kind is None:
+        raise errors.BadRequest(
+            "Invalid ticket: unsupported url {!r}: expected file:, nbd:, "
+            "nbd+unix:, nbds:, nbds+unix: or https:".format(url))
+    module = _module(kind)
+    check = getattr(module, "validate_url", None)
+    if check:
+        check(url)
+
+
+def open_backend(ticket, cfg):
+    """Open the backend serving ``ticket``.
+
+    ``ticket`` has ``url``, ``ops`` (list), ``sparse``, ``dirty``; ``cfg`` is
+    the daemon configuration.  Raises ``errors.BackendError`` when the image
+    cannot be reached.
+    """
+    kind = scheme_of(ticket.url)
+    return _module(kind).open(ticket, cfg)
+
+
+def _module(kind):
+    if kind == "file":
+        from . import file as module
+    elif kind == "nbd":
+        from . import nbd as module
+    elif kind == "http":
+        from . import http as module
+    else:
+        raise errors.BadRequest("Unsupported url scheme: {}".format(kind))
+    return module
+
+
+def parse_file_url(url):
+    """Return the path of a file: url."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme != "file" or not u.path.startswith("/"):
+        raise errors.BadRequest(
+            "Invalid file url {!r}: expected file:///absolute/path".format(url))
+    return urllib.parse.unquote(u.path)
