@@ -58,6 +58,16 @@ class PayloadTooLarge(HTTPError):
     status = 413
 
 
+class HeadersTooLarge(HTTPError):
+    """Request header fields too large."""
+    status = 431
+
+
+class ServiceUnavailable(HTTPError):
+    """Service unavailable."""
+    status = 503
+
+
 class RangeNotSatisfiable(HTTPError):
     """Requested range not satisfiable."""
     status = 416

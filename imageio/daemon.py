@@ -1,0 +1,174 @@
+"""ovirt-imageio: the daemon's main()."""
+
+import argparse
+import grp
+import logging
+import logging.config
+import os
+import pwd
+import signal
+import socket
+import sys
+import threading
+
+from . import __version__
+from . import config
+from . import errors
+from . import services
+from . import tickets
+from . import tls
+
+log = logging.getLogger("daemon")
+
+DEFAULT_CONFDIR = "/etc/ovirt-imageio"
+# How long SIGTERM waits for running transfers before closing them.
+STOP_TIMEOUT = 10
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="ovirt-imageio",
+        description="Serve virtual machine disk images to ticket holders.")
+    parser.add_argument(
+        "-c", "--conf-dir", default=DEFAULT_CONFDIR,
+        help="configuration directory holding conf.d/*.conf "
+             "(default %(default)s)")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.conf_dir)
+        setup_logging(cfg)
+        daemon = Daemon(cfg)
+        daemon.start()
+    except errors.ConfigError as e:
+        print("ovirt-imageio: {}".format(e), file=sys.stderr)
+        return 1
+    except OSError as e:
+        print("ovirt-imageio: cannot start: {}".format(e), file=sys.stderr)
+        return 1
+    daemon.wait()
+    daemon.stop()
+    return 0
+
+
+def setup_logging(cfg):
+    parser = cfg.logging_parser()
+    try:
+        logging.config.fileConfig(parser, disable_existing_loggers=False)
+    except Exception as e:
+        raise errors.ConfigError(
+            "Invalid logging configuration: {}: {}".format(
+                type(e).__name__, e))
+
+
+class Daemon:
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.store = tickets.Store(cfg)
+        self.services = []
+        self._stop = threading.Event()
+        self._created_paths = []
+
+    def start(self):
+        cfg = self.cfg
+        log.info("Starting ovirt-imageio %s (pid %d, config %s)",
+                 __version__, os.getpid(), ", ".join(cfg.files) or "defaults")
+        ssl_context = None
+        if cfg.tls.enable:
+            if cfg.tls.create_dev_pki:
+                tls.create_dev_pki(cfg.tls.key_file, cfg.tls.cert_file,
+                                   cfg.tls.ca_file)
+            ssl_context = tls.server_context(cfg)
+        os.makedirs(cfg.daemon.run_dir, exist_ok=True)
+
+        self.services = services.create(cfg, self.store, ssl_context)
+        for path in (cfg.local.socket if cfg.local.enable else "",
+                     cfg.control.socket if cfg.control.enable
+                     and cfg.control.transport == "unix" else ""):
+            if path and not path.startswith("\0"):
+                self._created_paths.append(path)
+
+        if os.geteuid() == 0 and cfg.daemon.drop_privileges:
+            self._drop_privileges()
+
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+        for service in self.services:
+            service.start()
+            log.info("Listening %s service on %s", service.name,
+                     services.describe(service))
+        if cfg.daemon.systemd_enable:
+            notify_systemd("READY=1\nSTATUS=Serving")
+        log.info("Ready")
+
+    def _drop_privileges(self):
+        cfg = self.cfg.daemon
+        try:
+            user = pwd.getpwnam(cfg.user_name)
+            group = grp.getgrnam(cfg.group_name)
+        except KeyError as e:
+            raise errors.ConfigError(
+                "Cannot drop privileges: {} (create the user and group, or "
+                "set [daemon] drop_privileges = false)".format(e))
+        # Sockets and the run dir were created as root: hand them over so
+        # the daemon's group can reach the control socket (mode 0660).
+        for path in self._created_paths + [cfg.run_dir]:
+            os.chown(path, user.pw_uid, group.gr_gid)
+        os.setgroups([group.gr_gid])
+        os.setgid(group.gr_gid)
+        os.setuid(user.pw_uid)
+        log.info("Dropped privileges to %s:%s", cfg.user_name,
+                 cfg.group_name)
+
+    def _on_signal(self, signo, frame):
+        log.info("Received signal %d, stopping", signo)
+        self._stop.set()
+
+    def wait(self):
+        while not self._stop.wait(1.0):
+            pass
+
+    def stop(self):
+        if self.cfg.daemon.systemd_enable:
+            notify_systemd("STOPPING=1")
+        # Cancel transfers first so running operations stop at their next
+        # chunk, then close all connections.
+        for ticket_id in self.store.ids():
+            try:
+                self.store.remove(ticket_id, timeout=STOP_TIMEOUT)
+            except errors.Error as e:
+                log.warning("Stopping: %s", e)
+        for service in self.services:
+            service.stop()
+        for service in self.services:
+            left = service.wait_connections(STOP_TIMEOUT)
+            if left:
+                log.warning("%s: %d connections still open at exit",
+                            service.name, left)
+        for path in self._created_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        log.info("Stopped")
+
+
+def notify_systemd(state):
+    """Send ``state`` to systemd's $NOTIFY_SOCKET, if set."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode("utf-8"))
+    except OSError as e:
+        log.warning("Cannot notify systemd: %s", e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP resource handlers, one module per resource."""

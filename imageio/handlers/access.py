@@ -1,0 +1,95 @@
+"""The one path from a request to an image: authorize the ticket, bind the
+connection to it, open (or reuse) the connection's backend and buffer.
+
+Every images handler calls ``open_image``; errors raised here and by the
+operations become responses in ``imageio.http``.
+"""
+
+import logging
+
+from .. import backends
+from .. import errors
+
+log = logging.getLogger("access")
+
+CORS = {"Access-Control-Allow-Origin": "*"}
+
+
+class Binding:
+    """A connection's use of one ticket: its backend, opened once and
+    reused across the connection's requests."""
+
+    def __init__(self, ticket, backend):
+        self.ticket = ticket
+        self.backend = backend
+
+
+def open_image(req, ticket_id, op, store, cfg):
+    """Return (ticket, backend, buffer) for ``op`` on ``ticket_id``.
+
+    Raises Forbidden (no valid ticket), MethodNotAllowed (op not allowed),
+    ServiceUnavailable (too many connections), BackendError (image
+    unreachable).
+    """
+    conn = req.conn
+    conn.error_headers = CORS
+    ticket = store.authorize(ticket_id, op)
+    bindings = conn.context.setdefault("bindings", {})
+    binding = bindings.get(ticket_id)
+    if binding is not None and binding.ticket is not ticket:
+        # The ticket was replaced; drop the old backend.
+        _unbind(conn, binding)
+        binding = None
+    if binding is None:
+        binding = _bind(conn, ticket, cfg)
+        bindings[ticket_id] = binding
+    return ticket, binding.backend, _buffer(conn, cfg)
+
+
+def _bind(conn, ticket, cfg):
+    limit = cfg.daemon.max_connections
+    if ticket.connection_count() >= limit:
+        raise errors.ServiceUnavailable(
+            "Too many connections for ticket {}: at most {} allowed"
+            .format(ticket.name, limit))
+    try:
+        backend = backends.open_backend(ticket, cfg)
+    except errors.Error:
+        raise
+    except OSError as e:
+        raise errors.BackendError(
+            "Cannot open image for ticket {}: {}".format(
+                ticket.name, e.strerror or e))
+    binding = Binding(ticket, backend)
+    ticket.add_connection(id(conn), lambda: _shutdown_if_idle(conn))
+    conn.on_close(lambda: _unbind(conn, binding))
+    conn.set_timeout(ticket.inactivity_timeout or None)
+    log.debug("%s: bound to ticket %s", conn.name, ticket.name)
+    return binding
+
+
+def _unbind(conn, binding):
+    bindings = conn.context.get("bindings", {})
+    if bindings.get(binding.ticket.uuid) is binding:
+        del bindings[binding.ticket.uuid]
+    binding.ticket.remove_connection(id(conn))
+    binding.backend.close()
+
+
+def _shutdown_if_idle(conn):
+    # A busy connection stops at its next chunk (Ticket.check) and answers
+    # the client; an idle one is closed now so it does not hold the
+    # ticket's backend open.
+    if not conn.busy:
+        conn.shutdown()
+
+
+def _buffer(conn, cfg):
+    buf = conn.context.get("buffer")
+    if buf is None:
+        from .._io.buffer import AlignedBuffer
+        size = max(cfg.backend_file.buffer_size, cfg.backend_nbd.buffer_size,
+                   cfg.backend_http.buffer_size)
+        buf = AlignedBuffer(size)
+        conn.context["buffer"] = buf
+    return buf

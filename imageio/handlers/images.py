@@ -1,0 +1,181 @@
+"""/images/{ticket}: OPTIONS, GET, PUT, PATCH."""
+
+import logging
+
+from .. import errors
+from .. import httpparse
+from .access import CORS, open_image
+
+log = logging.getLogger("images")
+
+ALL_FEATURES = ["extents", "zero", "flush", "checksum"]
+
+
+class Images:
+
+    def __init__(self, store, cfg, local_socket=None):
+        self.store = store
+        self.cfg = cfg
+        self.local_socket = local_socket
+
+    def options(self, req, resp, ticket_id):
+        headers = dict(CORS)
+        headers["Access-Control-Allow-Methods"] = "OPTIONS,GET,PUT,PATCH"
+        headers["Access-Control-Allow-Headers"] = \
+            "Content-Type,Content-Range,Range,Authorization"
+        if ticket_id == "*":
+            # The server as a whole.
+            headers["Allow"] = "OPTIONS,GET,PUT,PATCH"
+            info = {"features": ALL_FEATURES}
+            if self.local_socket:
+                info["unix_socket"] = self.local_socket
+            resp.send_json(info, headers=headers)
+            return
+        ticket, backend, _ = open_image(req, ticket_id, None, self.store,
+                                        self.cfg)
+        writable = ticket.may("write")
+        headers["Allow"] = "OPTIONS,GET,PUT,PATCH" if writable \
+            else "OPTIONS,GET"
+        features = [f for f in ("extents", "zero", "flush")
+                    if f in backend.features
+                    and (writable or f == "extents")]
+        features.append("checksum")
+        info = {
+            "features": features,
+            "max_readers": backend.max_readers,
+            "max_writers": backend.max_writers if writable else 0,
+        }
+        if self.local_socket:
+            info["unix_socket"] = self.local_socket
+        resp.send_json(info, headers=headers)
+
+    def get(self, req, resp, ticket_id):
+        if req.body_left():
+            raise errors.BadRequest("GET request must not have a body")
+        ticket, backend, buf = open_image(req, ticket_id, "read",
+                                          self.store, self.cfg)
+        size = ticket.size
+        headers = dict(CORS)
+        headers["Content-Type"] = "application/octet-stream"
+        if ticket.filename:
+            headers["Content-Disposition"] = \
+                'attachment; filename="{}"'.format(
+                    ticket.filename.replace('"', ""))
+        else:
+            headers["Content-Disposition"] = "attachment"
+        if "range" in req.headers:
+            offset, length = httpparse.parse_range(req.headers["range"], size)
+            status = 206
+            headers["Content-Range"] = "bytes {}-{}/{}".format(
+                offset, offset + length - 1, size)
+        else:
+            offset, length, status = 0, size, 200
+        with ticket.operation(offset, length) as op:
+            resp.send_headers(status, length, headers)
+            if length:
+                backend.read_to(resp.sink(), offset, length, buf, op.progress)
+
+    def put(self, req, resp, ticket_id):
+        ticket, backend, buf = open_image(req, ticket_id, "write",
+                                          self.store, self.cfg)
+        flush = httpparse.parse_bool(req.query.get("flush", "y"), "flush")
+        if not req.has_length:
+            raise errors.LengthRequired(
+                "Content-Length or chunked Transfer-Encoding is required")
+        offset = 0
+        if "content-range" in req.headers:
+            offset, length, _ = httpparse.parse_content_range(
+                req.headers["content-range"])
+            if not req.chunked and length != req.content_length:
+                raise errors.BadRequest(
+                    "Content-Range length {} does not match Content-Length "
+                    "{}".format(length, req.content_length))
+        body = req.body()
+        if req.chunked:
+            self._put_chunked(ticket, backend, buf, body, offset)
+        else:
+            length = req.content_length
+            _check_range(offset, length, ticket.size)
+            with ticket.operation(offset, length) as op:
+                if length:
+                    backend.write_from(body, offset, length, buf,
+                                       op.progress)
+                if flush:
+                    backend.flush()
+        if flush and req.chunked:
+            with ticket.operation():
+                backend.flush()
+        resp.send(200, headers=CORS)
+
+    def _put_chunked(self, ticket, backend, buf, body, offset):
+        with ticket.operation(offset, 0) as op:
+            while True:
+                size = body.next_chunk()
+                if size == 0:
+                    break
+                _check_range(offset, size, ticket.size)
+                op.op.length += size
+                backend.write_from(body, offset, size, buf, op.progress)
+                offset += size
+
+    def patch(self, req, resp, ticket_id):
+        ticket, backend, _ = open_image(req, ticket_id, "write",
+                                        self.store, self.cfg)
+        msg = req.read_json()
+        if not isinstance(msg, dict):
+            raise errors.BadRequest("Invalid PATCH body: expected an object")
+        op = msg.get("op")
+        if op == "zero":
+            offset = _int_field(msg, "offset", 0)
+            size = _int_field(msg, "size", None)
+            flush = _bool_field(msg, "flush", False)
+            _check_range(offset, size, ticket.size)
+            with ticket.operation(offset, size) as running:
+                if "zero" in backend.features:
+                    backend.zero(offset, size, punch_hole=ticket.sparse)
+                else:
+                    raise errors.MethodNotAllowed(
+                        "Backend does not support zero")
+                running.progress(size)
+                if flush:
+                    backend.flush()
+        elif op == "flush":
+            with ticket.operation():
+                backend.flush()
+        elif op is None:
+            raise errors.BadRequest("Invalid PATCH body: missing field 'op'")
+        else:
+            raise errors.BadRequest(
+                "Invalid PATCH body: unknown op {!r}; expected 'zero' or "
+                "'flush'".format(op))
+        resp.send(200, headers=CORS)
+
+
+def _check_range(offset, length, size):
+    if offset + length > size:
+        raise errors.RangeNotSatisfiable(
+            "Requested range {}-{} is outside the image (size {})".format(
+                offset, offset + length - 1, size), size=size)
+
+
+def _int_field(msg, name, default):
+    if name not in msg:
+        if default is None:
+            raise errors.BadRequest(
+                "Invalid PATCH body: missing field '{}'".format(name))
+        return default
+    value = msg[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise errors.BadRequest(
+            "Invalid PATCH body: field '{}' must be an integer >= 0, got {!r}"
+            .format(name, value))
+    return value
+
+
+def _bool_field(msg, name, default):
+    value = msg.get(name, default)
+    if not isinstance(value, bool):
+        raise errors.BadRequest(
+            "Invalid PATCH body: field '{}' must be a boolean, got {!r}"
+            .format(name, value))
+    return value

@@ -1,0 +1,170 @@
+"""Pure HTTP parsing: request line, headers, Range and Content-Range.
+
+No sockets here, so every function can be tested and fuzzed on its own.
+Each raises errors.BadRequest (or RangeNotSatisfiable) with a message a
+client can act on.
+"""
+
+import re
+import urllib.parse
+
+from . import errors
+
+MAX_LINE = 8192
+MAX_HEADERS = 100
+
+# RFC 9110 token characters.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(r"^HTTP/1\.[01]$")
+_BYTES_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# Numbers beyond this are certainly not offsets in an image.
+_MAX_NUMBER_DIGITS = 19
+
+
+def parse_request_line(line):
+    """Parse b"GET /path?query HTTP/1.1\\r\\n" into (method, path, query,
+    version); ``query`` is a dict of the last value of each name."""
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise errors.BadRequest("Invalid request line: not ASCII")
+    text = text.rstrip("\r\n")
+    parts = text.split(" ")
+    if len(parts) != 3:
+        raise errors.BadRequest(
+            "Invalid request line {!r}: expected 'METHOD TARGET VERSION'"
+            .format(text[:100]))
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise errors.BadRequest("Invalid method {!r}".format(method[:50]))
+    if not _VERSION.match(version):
+        raise errors.BadRequest(
+            "Unsupported HTTP version {!r}".format(version[:20]))
+    if not (target.startswith("/") or target == "*"):
+        raise errors.BadRequest(
+            "Invalid request target {!r}".format(target[:100]))
+    path, _, qs = target.partition("?")
+    path = urllib.parse.unquote(path, errors="strict") if "%" in path else path
+    query = {}
+    if qs:
+        for name, value in urllib.parse.parse_qsl(qs, keep_blank_values=True):
+            query[name] = value
+    return method, path, query, version
+
+
+def parse_header_line(line):
+    """Parse b"Name: value\\r\\n" into (lowercase name, value)."""
+    try:
+        text = line.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes all
+        raise errors.BadRequest("Invalid header")
+    text = text.rstrip("\r\n")
+    name, sep, value = text.partition(":")
+    if not sep or not _TOKEN.match(name):
+        raise errors.BadRequest("Invalid header line {!r}".format(text[:100]))
+    value = value.strip(" \t")
+    if any(c in value for c in "\r\n\0"):
+        raise errors.BadRequest("Invalid header {!r}".format(name))
+    return name.lower(), value
+
+
+def _number(text, what):
+    if len(text) > _MAX_NUMBER_DIGITS:
+        raise errors.BadRequest("Invalid {}: number too large".format(what))
+    return int(text)
+
+
+def parse_range(value, size):
+    """Parse a Range header for an image of ``size`` bytes.
+
+    Return (offset, length).  Only one ``bytes=first-last`` or
+    ``bytes=first-`` range is supported; multiple ranges, suffix ranges and
+    ranges outside the image raise RangeNotSatisfiable.
+    """
+    value = value.strip()
+    if not value.startswith("bytes="):
+        raise errors.RangeNotSatisfiable(
+            "Unsupported range unit in {!r}: expected bytes=first-last"
+            .format(value[:100]), size=size)
+    if "," in value:
+        raise errors.RangeNotSatisfiable(
+            "Multiple ranges are not supported: {!r}".format(value[:100]),
+            size=size)
+    m = _BYTES_RANGE.match(value)
+    if not m:
+        raise errors.RangeNotSatisfiable(
+            "Unsupported range {!r}: expected bytes=first-last or "
+            "bytes=first-".format(value[:100]), size=size)
+    first = _number(m.group(1), "Range")
+    if m.group(2):
+        last = _number(m.group(2), "Range")
+        if last < first:
+            raise errors.RangeNotSatisfiable(
+                "Invalid range {!r}: last < first".format(value), size=size)
+        # SPEC: a range outside [0, size) is refused, not clipped, so a
+        # client never gets fewer bytes than it asked for without noticing.
+        if last >= size:
+            raise errors.RangeNotSatisfiable(
+                "Range {!r} is outside the image (size {})".format(
+                    value, size), size=size)
+    else:
+        last = size - 1
+    if first >= size:
+        raise errors.RangeNotSatisfiable(
+            "Range {!r} is outside the image (size {})".format(value, size),
+            size=size)
+    return first, last - first + 1
+
+
+def parse_content_range(value):
+    """Parse ``bytes first-last/total`` (total may be ``*``).
+
+    Return (offset, length, total or None).
+    """
+    m = _CONTENT_RANGE.match(value.strip())
+    if not m:
+        raise errors.BadRequest(
+            "Invalid Content-Range {!r}: expected bytes first-last/size or "
+            "bytes first-last/*".format(value[:100]))
+    first = _number(m.group(1), "Content-Range")
+    last = _number(m.group(2), "Content-Range")
+    if last < first:
+        raise errors.BadRequest(
+            "Invalid Content-Range {!r}: last < first".format(value))
+    total = None if m.group(3) == "*" else _number(m.group(3), "Content-Range")
+    return first, last - first + 1, total
+
+
+def parse_content_length(value):
+    """Parse a Content-Length value into a non-negative int."""
+    value = value.strip()
+    if not value.isdigit() or not value.isascii():
+        raise errors.BadRequest(
+            "Invalid Content-Length {!r}".format(value[:50]))
+    return _number(value, "Content-Length")
+
+
+def parse_bool(value, name):
+    """Parse a query flag: y/yes/true/1 or n/no/false/0."""
+    v = value.lower()
+    if v in ("y", "yes", "true", "1"):
+        return True
+    if v in ("n", "no", "false", "0"):
+        return False
+    raise errors.BadRequest(
+        "Invalid value for {!r}: {!r}, expected y or n".format(name, value))
+
+
+def parse_chunk_size(line):
+    """Parse a chunked transfer encoding size line (hex, extensions
+    ignored)."""
+    try:
+        text = line.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise errors.BadRequest("Invalid chunk size line")
+    size = text.split(";", 1)[0].strip()
+    if not size or len(size) > 16 or any(
+            c not in "0123456789abcdefABCDEF" for c in size):
+        raise errors.BadRequest("Invalid chunk size {!r}".format(text[:50]))
+    return int(size, 16)

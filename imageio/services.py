@@ -1,0 +1,243 @@
+"""The three services: remote (TCP, TLS), local (unix socket) and control
+(unix socket or TCP on localhost).
+
+Each service accepts connections in its own thread and serves each
+connection in a thread of its own (``imageio.http.Connection``).
+"""
+
+import itertools
+import logging
+import os
+import socket
+import ssl
+import threading
+
+from . import http
+from .handlers import extents, images, info, tickets
+
+log = logging.getLogger("services")
+
+_conn_ids = itertools.count(1)
+
+# A client must finish the TLS handshake within this time.
+HANDSHAKE_TIMEOUT = 30
+
+
+class Service:
+
+    name = "service"
+
+    def __init__(self, sock, router, cfg, ssl_context=None):
+        self._sock = sock
+        self._router = router
+        self._cfg = cfg
+        self._ssl = ssl_context
+        self._lock = threading.Lock()
+        self._connections = set()
+        self._running = False
+        self._thread = None
+
+    @property
+    def address(self):
+        return self._sock.getsockname()
+
+    def start(self):
+        self._running = True
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop accepting and shut down open connections."""
+        self._running = False
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._thread:
+            self._thread.join(5)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.shutdown()
+
+    def wait_connections(self, timeout):
+        """Wait until connection threads end; return those still running."""
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._connections:
+                    return 0
+            time.sleep(0.05)
+        with self._lock:
+            return len(self._connections)
+
+    def _accept_loop(self):
+        self._sock.settimeout(1.0)
+        while self._running:
+            try:
+                sock, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError as e:
+                if self._running:
+                    log.warning("%s: accept failed: %s", self.name, e)
+                    continue
+                break
+            name = "{}/{}".format(self.name, next(_conn_ids))
+            t = threading.Thread(target=self._serve, args=(sock, name),
+                                 name=name, daemon=True)
+            t.start()
+
+    def _serve(self, sock, name):
+        if self._ssl:
+            try:
+                sock.settimeout(HANDSHAKE_TIMEOUT)
+                sock = self._ssl.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError) as e:
+                log.debug("%s: TLS handshake failed: %s", name, e)
+                sock.close()
+                return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = http.Connection(sock, self._router,
+                               timeout=self._cfg.daemon.inactivity_timeout,
+                               name=name)
+        with self._lock:
+            if not self._running:
+                sock.close()
+                return
+            self._connections.add(conn)
+        try:
+            conn.serve()
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+
+
+def _images_routes(store, cfg, local_socket):
+    img = images.Images(store, cfg, local_socket)
+    return [
+        (r"/images/([^/]+)", img),
+        (r"/images/([^/]+)/extents", extents.Extents(store, cfg)),
+        (r"/images/([^/]+)/checksum", extents.Checksum(store, cfg)),
+        (r"/images/([^/]+)/checksum/algorithms",
+         extents.Algorithms(store, cfg)),
+    ]
+
+
+class RemoteService(Service):
+    name = "remote"
+
+
+class LocalService(Service):
+    name = "local"
+
+
+class ControlService(Service):
+    name = "control"
+
+
+def bind_tcp(host, port):
+    """Listen on host:port; ``::`` listens on IPv4 and IPv6."""
+    if host in ("", "::", "0.0.0.0"):
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            addr = ("::", port)
+        except OSError:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            addr = ("0.0.0.0", port)
+    else:
+        family, _, _, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path, mode=None):
+    """Listen on a unix socket.  ``path`` starting with NUL is abstract;
+    "" picks a free abstract address (Linux autobind)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path and not path.startswith("\0"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            os.makedirs(os.path.dirname(os.path.abspath(path)),
+                        exist_ok=True)
+        sock.bind(path)
+        if mode is not None and path and not path.startswith("\0"):
+            os.chmod(path, mode)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unix_address(sock):
+    """The address clients connect to, as a string."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return name
+
+
+def create(cfg, store, ssl_context=None):
+    """Bind every enabled service; return the list (not started)."""
+    services = []
+    local_socket = None
+    if cfg.local.enable:
+        sock = bind_unix(cfg.local.socket)
+        local_socket = unix_address(sock)
+        router = http.Router(_images_routes(store, cfg, local_socket))
+        services.append(LocalService(sock, router, cfg))
+
+    sock = bind_tcp(cfg.remote.host, cfg.remote.port)
+    routes = _images_routes(store, cfg, local_socket)
+    routes.append((r"/info/?", info.Info()))
+    services.insert(0, RemoteService(sock, http.Router(routes), cfg,
+                                     ssl_context))
+
+    if cfg.control.enable:
+        if cfg.control.transport == "unix":
+            sock = bind_unix(cfg.control.socket, mode=0o660)
+        elif cfg.control.transport == "tcp":
+            host = "127.0.0.1" if cfg.control.prefer_ipv4 else "::1"
+            sock = bind_tcp(host, max(cfg.control.port, 0))
+        else:
+            from . import errors
+            raise errors.ConfigError(
+                "Invalid [control] transport = {!r}: expected 'unix' or "
+                "'tcp'".format(cfg.control.transport))
+        router = http.Router([
+            (r"/tickets/([^/]*)", tickets.Tickets(store, cfg)),
+        ])
+        services.append(ControlService(sock, router, cfg))
+    return services
+
+
+def describe(service):
+    """Human readable address of a service, for logs."""
+    addr = service.address
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        scheme = "https" if service._ssl else "http"
+        if ":" in host:
+            host = "[{}]".format(host)
+        return "{}://{}:{}".format(scheme, host, port)
+    addr = addr.decode() if isinstance(addr, bytes) else addr
+    if addr.startswith("\0"):
+        return "unix:@" + addr[1:]
+    return "unix:" + addr

@@ -1,0 +1,411 @@
+"""Tickets: validation, expiry, cancellation and transfer accounting.
+
+A ticket grants access to one image for a limited time.  Tickets live in
+memory only.  Every method is thread-safe: connection threads use tickets
+while the control service adds, changes and deletes them.
+"""
+
+import logging
+import threading
+import time
+
+from . import backends
+from . import errors
+
+log = logging.getLogger("tickets")
+
+VALID_OPS = ("read", "write")
+
+# field -> (type, required, default)
+FIELDS = {
+    "uuid": (str, True, None),
+    "size": (int, True, None),
+    "url": (str, True, None),
+    "timeout": (int, True, None),
+    "ops": (list, True, None),
+    "sparse": (bool, False, False),
+    "dirty": (bool, False, False),
+    "inactivity_timeout": (int, False, None),
+    "transfer_id": (str, False, None),
+    "filename": (str, False, None),
+}
+
+
+def short_id(ticket_id):
+    """The part of a ticket id safe to log: logs are read by more people
+    than the control socket, and the id is the secret."""
+    return ticket_id[:8] + "..." if len(ticket_id) > 8 else ticket_id
+
+
+def validate(d, default_inactivity_timeout=60):
+    """Return a clean copy of ticket dict ``d``, or raise BadRequest naming
+    the field.  Unknown fields are dropped (forward compatibility)."""
+    if not isinstance(d, dict):
+        raise errors.BadRequest(
+            "Invalid ticket: expected a JSON object, got {}".format(
+                type(d).__name__))
+    clean = {}
+    for name, (kind, required, default) in FIELDS.items():
+        if name not in d:
+            if required:
+                raise errors.BadRequest(
+                    "Invalid ticket: missing required field '{}'".format(name))
+            if name == "inactivity_timeout":
+                default = default_inactivity_timeout
+            if default is not None:
+                clean[name] = default
+            continue
+        value = d[name]
+        # bool is an int in Python; JSON true is not a size.
+        if kind is int and (isinstance(value, bool) or
+                            not isinstance(value, int)):
+            raise errors.BadRequest(
+                "Invalid ticket: field '{}' must be an integer, got {!r}"
+                .format(name, value))
+        if not isinstance(value, kind):
+            raise errors.BadRequest(
+                "Invalid ticket: field '{}' must be {}, got {!r}".format(
+                    name, _type_name(kind), value))
+        if kind is int and value < 0:
+            raise errors.BadRequest(
+                "Invalid ticket: field '{}' must be >= 0, got {}".format(
+                    name, value))
+        clean[name] = value
+
+    if not clean["uuid"]:
+        raise errors.BadRequest("Invalid ticket: field 'uuid' is empty")
+    if "/" in clean["uuid"] or not clean["uuid"].isprintable():
+        raise errors.BadRequest(
+            "Invalid ticket: field 'uuid' must not contain '/' or "
+            "control characters")
+    for op in clean["ops"]:
+        if op not in VALID_OPS:
+            raise errors.BadRequest(
+                "Invalid ticket: field 'ops' has unknown operation {!r}; "
+                "expected 'read' or 'write'".format(op))
+    if not clean["ops"]:
+        raise errors.BadRequest("Invalid ticket: field 'ops' is empty")
+    try:
+        backends.validate_url(clean["url"])
+    except errors.BadRequest as e:
+        raise errors.BadRequest(
+            "Invalid ticket: field 'url': {}".format(e.message))
+    return clean
+
+
+def _type_name(kind):
+    return {str: "a string", list: "a list", bool: "a boolean",
+            int: "an integer"}[kind]
+
+
+class RangeSet:
+    """Byte ranges as sorted, merged [start, end) pairs: counts overlapping
+    transfers once."""
+
+    def __init__(self):
+        self._ranges = []
+
+    def add(self, start, end):
+        if end <= start:
+            return
+        out = []
+        placed = False
+        for s, e in self._ranges:
+            if e < start:
+                out.append((s, e))
+            elif end < s:
+                if not placed:
+                    out.append((start, end))
+                    placed = True
+                out.append((s, e))
+            else:
+                start, end = min(s, start), max(e, end)
+        if not placed:
+            out.append((start, end))
+        out.sort()
+        self._ranges = out
+
+    def total(self, extra=()):
+        """Bytes covered, including ``extra`` ranges not yet added."""
+        if not extra:
+            return sum(e - s for s, e in self._ranges)
+        tmp = RangeSet()
+        tmp._ranges = list(self._ranges)
+        for s, e in extra:
+            tmp.add(s, e)
+        return tmp.total()
+
+
+class Operation:
+    """A running transfer registered with its ticket, for accounting."""
+
+    def __init__(self, offset, length):
+        self.offset = offset
+        self.length = length
+        self.done = 0
+
+
+class Ticket:
+    """One ticket.  ``authorize`` and ``operation`` are what the images
+    service uses; ``info`` is what the control service shows."""
+
+    def __init__(self, d, clock=time.monotonic):
+        self._clock = clock
+        self.uuid = d["uuid"]
+        self.size = d["size"]
+        self.url = d["url"]
+        self.timeout = d["timeout"]
+        self.ops = list(d["ops"])
+        self.sparse = d.get("sparse", False)
+        self.dirty = d.get("dirty", False)
+        self.inactivity_timeout = d.get("inactivity_timeout", 60)
+        self.transfer_id = d.get("transfer_id")
+        self.filename = d.get("filename")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._canceled = False
+        self._ops = []
+        self._connections = {}
+        self._transferred = RangeSet()
+        now = clock()
+        self._expires = now + self.timeout
+        self._last_done = now
+
+    @property
+    def name(self):
+        """How logs name this ticket."""
+        return self.transfer_id or short_id(self.uuid)
+
+    def may(self, op):
+        """Whether the ticket allows ``op`` ("read" or "write")."""
+        return op in self.ops or (op == "read" and "write" in self.ops)
+
+    @property
+    def canceled(self):
+        return self._canceled
+
+    def expired(self):
+        with self._lock:
+            return self._expired_locked()
+
+    def _expired_locked(self):
+        return not self._ops and self._clock() >= self._expires
+
+    def authorize(self, op):
+        """Raise Forbidden unless the ticket is live, MethodNotAllowed
+        unless it allows ``op``."""
+        with self._lock:
+            if self._canceled:
+                raise errors.Forbidden(
+                    "Ticket {} was canceled".format(short_id(self.uuid)))
+            if self._expired_locked():
+                raise errors.Forbidden(
+                    "Ticket {} expired".format(short_id(self.uuid)))
+        if op and not self.may(op):
+            raise errors.MethodNotAllowed(
+                "Ticket {} does not allow {}".format(short_id(self.uuid), op))
+
+    def operation(self, offset=0, length=0):
+        """Context manager registering a running operation: the ticket is
+        active while it runs and extended when it ends."""
+        return _Running(self, offset, length)
+
+    def _start(self, op):
+        with self._lock:
+            if self._canceled:
+                raise errors.Forbidden(
+                    "Ticket {} was canceled".format(short_id(self.uuid)))
+            self._ops.append(op)
+
+    def _finish(self, op):
+        with self._lock:
+            self._ops.remove(op)
+            if op.done:
+                self._transferred.add(op.offset, op.offset + op.done)
+            now = self._clock()
+            self._last_done = now
+            self._expires = now + self.timeout
+            if not self._ops:
+                self._idle.notify_all()
+
+    def check(self):
+        """Called between chunks: raise Canceled if the ticket was
+        canceled while the operation ran."""
+        if self._canceled:
+            raise errors.Canceled(
+                "Ticket {} was canceled".format(short_id(self.uuid)))
+
+    # Connections
+
+    def add_connection(self, conn_id, closer):
+        """Register a client connection; ``closer()`` shuts it down when the
+        ticket is canceled.  Raises Forbidden beyond ``max_connections``."""
+        with self._lock:
+            self._connections[conn_id] = closer
+
+    def remove_connection(self, conn_id):
+        with self._lock:
+            self._connections.pop(conn_id, None)
+            if not self._ops:
+                self._idle.notify_all()
+
+    def connection_count(self):
+        with self._lock:
+            return len(self._connections)
+
+    # Control
+
+    def extend(self, timeout):
+        """Set expiry to now + ``timeout`` (0 expires at once); a canceled
+        ticket stays canceled."""
+        with self._lock:
+            self.timeout = timeout
+            self._expires = self._clock() + timeout
+
+    def cancel(self, timeout):
+        """Cancel the ticket and wait up to ``timeout`` seconds for running
+        operations to stop.  Idle connections are shut down at once.
+        Raise Conflict if operations are still running."""
+        with self._lock:
+            self._canceled = True
+            closers = list(self._connections.values())
+        for close in closers:
+            try:
+                close()
+            except OSError:
+                pass
+        deadline = self._clock() + timeout
+        with self._lock:
+            while self._ops:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise errors.Conflict(
+                        "Timeout cancelling ticket {}: {} operations still "
+                        "running; try again".format(
+                            short_id(self.uuid), len(self._ops)))
+                self._idle.wait(min(remaining, 1.0))
+
+    def info(self):
+        with self._lock:
+            now = self._clock()
+            active = bool(self._ops)
+            d = {
+                "uuid": self.uuid,
+                "size": self.size,
+                "url": self.url,
+                "timeout": self.timeout,
+                "ops": list(self.ops),
+                "sparse": self.sparse,
+                "dirty": self.dirty,
+                "inactivity_timeout": self.inactivity_timeout,
+                "active": active,
+                "canceled": self._canceled,
+                "connections": len(self._connections),
+                "expires": int(self._expires),
+                "idle_time": 0 if active else int(now - self._last_done),
+            }
+            if self.transfer_id is not None:
+                d["transfer_id"] = self.transfer_id
+            if self.filename is not None:
+                d["filename"] = self.filename
+            # Only meaningful when data moves one way.
+            if len(self.ops) == 1:
+                running = [(op.offset, op.offset + op.done)
+                           for op in self._ops if op.done]
+                d["transferred"] = self._transferred.total(running)
+            return d
+
+
+class _Running:
+
+    def __init__(self, ticket, offset, length):
+        self._ticket = ticket
+        self.op = Operation(offset, length)
+
+    def __enter__(self):
+        self._ticket._start(self.op)
+        return self
+
+    def progress(self, n):
+        """Account ``n`` more bytes; raise Canceled if the ticket was
+        canceled meanwhile."""
+        self.op.done += n
+        self._ticket.check()
+
+    def __exit__(self, *exc):
+        self._ticket._finish(self.op)
+
+
+class Store:
+    """The daemon's tickets by id."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+        self._lock = threading.Lock()
+        self._tickets = {}
+
+    def add(self, d):
+        clean = validate(d, self._cfg.daemon.inactivity_timeout)
+        ticket = Ticket(clean)
+        with self._lock:
+            self._tickets[ticket.uuid] = ticket
+        log.info("Added ticket %s (size=%d, ops=%s, timeout=%d)",
+                 ticket.name, ticket.size, ticket.ops, ticket.timeout)
+        return ticket
+
+    def get(self, ticket_id):
+        """Return the ticket or raise NotFound."""
+        with self._lock:
+            try:
+                return self._tickets[ticket_id]
+            except KeyError:
+                raise errors.NotFound(
+                    "No such ticket {}".format(short_id(ticket_id)))
+
+    def authorize(self, ticket_id, op):
+        """Return the ticket if it allows ``op`` now; else raise Forbidden
+        (unknown, expired, canceled) or MethodNotAllowed."""
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            raise errors.Forbidden(
+                "No such ticket {}".format(short_id(ticket_id)))
+        ticket.authorize(op)
+        return ticket
+
+    def ids(self):
+        with self._lock:
+            return sorted(self._tickets)
+
+    def modify(self, ticket_id, changes):
+        if not isinstance(changes, dict):
+            raise errors.BadRequest("Invalid patch: expected a JSON object")
+        if "timeout" not in changes:
+            raise errors.BadRequest("Invalid patch: missing field 'timeout'")
+        timeout = changes["timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, int) \
+                or timeout < 0:
+            raise errors.BadRequest(
+                "Invalid patch: field 'timeout' must be an integer >= 0, "
+                "got {!r}".format(timeout))
+        ticket = self.get(ticket_id)
+        ticket.extend(timeout)
+        log.info("Extended ticket %s timeout=%d", ticket.name, timeout)
+        return ticket
+
+    def remove(self, ticket_id, timeout):
+        """Cancel and remove; unknown ids succeed (idempotent).  Raise
+        Conflict if running operations did not stop within ``timeout``."""
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            return
+        ticket.cancel(timeout)
+        with self._lock:
+            if self._tickets.get(ticket_id) is ticket:
+                del self._tickets[ticket_id]
+        log.info("Removed ticket %s", ticket.name)
+
+    def remove_all(self, timeout):
+        for ticket_id in self.ids():
+            self.remove(ticket_id, timeout)
