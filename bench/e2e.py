@@ -1,0 +1,161 @@
+"""Shared pieces of the end-to-end scenarios: fixtures, tickets and the
+measurement that turns rounds into MiB/s (or req/s) and server CPU.
+
+Scenario modules import the fixtures with ``from bench.e2e import *`` (no
+conftest.py, so the micro benchmarks in bench/ stay independent).
+
+Every measured test stores in ``benchmark.extra_info``:
+
+- scenario, server (kind), label: what was measured on what;
+- unit and higher_is_better: how to read value;
+- value: median over the measured rounds, best: the best round;
+- cpu, cpu_unit: the server's median CPU per GiB (or per 1000 requests,
+  or per run), from /proc, children included;
+- client_cpu: the same for the client (curl processes or this process).
+
+bench/report.py turns these into ratios ours/peer.
+"""
+
+import os
+import resource
+import statistics
+import time
+
+import pytest
+
+from . import clients, images, peers
+
+MiB = images.MiB
+GiB = images.GiB
+
+QUICK = bool(os.environ.get("IMAGEIO_BENCH_QUICK"))
+ROUNDS = int(os.environ.get("IMAGEIO_BENCH_ROUNDS", 2 if QUICK else 4))
+WARMUP = int(os.environ.get("IMAGEIO_BENCH_WARMUP", 1))
+REQUESTS = int(os.environ.get("IMAGEIO_BENCH_REQUESTS",
+                              1000 if QUICK else 3000))
+# Restrict the servers (comma separated kinds), e.g. "established,nginx"
+# while our daemon does not start yet.
+ONLY = set(filter(None, os.environ.get("IMAGEIO_BENCH_SERVERS", "").split(",")))
+
+OURS = "imageio"
+
+__all__ = ["servers", "server", "get_server", "measure", "ticket", "OURS", "QUICK",
+           "ROUNDS", "REQUESTS", "MiB", "GiB"]
+
+
+@pytest.fixture(scope="session")
+def servers():
+    s = peers.Servers()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def server(request, servers):
+    """The server of the test's indirect parameter, started on demand:
+    ``@pytest.mark.parametrize("server", ["imageio", ...], indirect=True)``.
+    """
+    return get_server(servers, request.param)
+
+
+def get_server(servers, kind):
+    """servers.get(kind), or skip the test saying why it is unavailable."""
+    if ONLY and kind not in ONLY:
+        pytest.skip(f"{kind} not selected (IMAGEIO_BENCH_SERVERS)")
+    try:
+        return servers.get(kind)
+    except peers.Unavailable as e:
+        pytest.skip(f"{kind} unavailable: {e}")
+
+
+def ticket(server, name, image, ops=("read",), cacert=None):
+    """Give server access to image under name; check a read matches."""
+    added = getattr(server, "_bench_tickets", None)
+    if added is None:
+        added = server._bench_tickets = set()
+    if name in added:
+        return server.path(name)
+    try:
+        server.add_ticket(name, image, ops=ops)
+    except (peers.Unavailable, OSError) as e:
+        pytest.skip(f"{server.kind}: cannot add ticket {name}: {e}")
+    added.add(name)
+    path = server.path(name)
+    if "read" in ops or "write" not in ops:
+        # One ranged read inside the first data segment, unaligned: a fast
+        # but wrong server must not produce numbers.
+        offset, length = MiB + 12345, 64 * 1024 + 7
+        with open(image, "rb") as f:
+            f.seek(offset)
+            expected = f.read(length)
+        conn = clients.connect(server, "unix")
+        try:
+            data = clients.read_range(conn, path, offset, length)
+        except (clients.ClientError, OSError) as e:
+            pytest.skip(f"{server.kind}: cannot read {name}: {e}")
+        finally:
+            conn.close()
+        if data != expected:
+            raise AssertionError(f"{server.label}: {name} at {offset}: "
+                                 "wrong data")
+    return path
+
+
+def _client_cpu():
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def measure(benchmark, scenario, server, fn, *, amount, unit="MiB/s",
+            cpu_per=None, rounds=None, warmup=None):
+    """Run fn for warmup + rounds rounds through pytest-benchmark.
+
+    amount: what one round moves, in the unit's numerator (MiB for MiB/s,
+    requests for req/s); unit "s" reports the round's time (lower is better).
+    cpu_per: (divisor, unit) for the CPU figure, default per GiB.
+    """
+    rounds = ROUNDS if rounds is None else rounds
+    warmup = WARMUP if warmup is None else warmup
+    samples = []
+
+    def one_round():
+        c0 = server.cpu_seconds()
+        k0 = _client_cpu()
+        t0 = time.perf_counter()
+        fn()
+        t = time.perf_counter() - t0
+        k = _client_cpu() - k0
+        c = server.cpu_seconds() - c0
+        samples.append((t, c, k))
+
+    benchmark.group = scenario
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1,
+                       warmup_rounds=warmup)
+    samples = samples[warmup:]
+    times = [s[0] for s in samples]
+    if unit == "s":
+        values = times
+        higher = False
+    else:
+        values = [amount / t for t in times]
+        higher = True
+    if cpu_per is None:
+        cpu_per = (amount / 1024, "s/GiB") if unit == "MiB/s" else \
+            (1, "s")
+    divisor, cpu_unit = cpu_per
+    info = benchmark.extra_info
+    info.update({
+        "scenario": scenario,
+        "server": server.kind,
+        "label": server.label,
+        "unit": unit,
+        "higher_is_better": higher,
+        "value": statistics.median(values),
+        "best": max(values) if higher else min(values),
+        "samples": values,
+        "cpu": statistics.median(s[1] for s in samples) / divisor,
+        "client_cpu": statistics.median(s[2] for s in samples) / divisor,
+        "cpu_unit": cpu_unit,
+    })
+    return info

@@ -1,0 +1,213 @@
+"""End-to-end benchmarks of the file backend, our daemon side by side with
+its peers in the same run (TARGETS.md "Bulk transfer" rows for files and the
+"Everything else" rows that apply to files).
+
+Each test is parametrized by server; the parameters of one scenario run one
+after the other, so ours and its peers see the same machine state.
+"""
+
+import hashlib
+import os
+import random
+import subprocess
+
+import pytest
+
+from bench import clients, images
+from bench.e2e import *  # noqa: F401,F403 (fixtures)
+from bench.e2e import MiB, REQUESTS, get_server, measure, ticket
+
+GET_PEERS = ["imageio", "established", "nginx"]
+DAEMONS = ["imageio", "established"]
+
+
+def servers_param(kinds):
+    return pytest.mark.parametrize("server", kinds, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def bulk():
+    return images.bulk_image()
+
+
+@pytest.fixture(scope="session")
+def disk():
+    return images.disk_image()
+
+
+@pytest.fixture(scope="session")
+def checksum_image():
+    return images.checksum_image()
+
+
+# --- bulk GET and PUT ------------------------------------------------------------
+
+@servers_param(GET_PEERS)
+def test_get_unix(benchmark, servers, server, bulk):
+    """GET the 2 GiB image over the unix socket (nginx: sendfile)."""
+    path = ticket(server, "bulk", bulk)
+    size = os.path.getsize(bulk)
+
+    def get():
+        assert clients.curl_get(server, path, "unix") == size
+
+    measure(benchmark, "get_unix", server, get, amount=size / MiB)
+
+
+@servers_param(GET_PEERS)
+def test_get_https(benchmark, servers, server, bulk):
+    """GET the 2 GiB image over HTTPS on loopback."""
+    path = ticket(server, "bulk", bulk)
+    size = os.path.getsize(bulk)
+
+    def get():
+        assert clients.curl_get(server, path, "https", servers.cert) == size
+
+    measure(benchmark, "get_https", server, get, amount=size / MiB)
+
+
+@servers_param(DAEMONS)
+def test_put_unix(benchmark, servers, server, bulk):
+    """PUT the 2 GiB image over the unix socket (flush=y, the default)."""
+    target = images.put_target(f"put-{server.kind}.raw")
+    path = ticket(server, "put", target, ops=("write",))
+    size = os.path.getsize(bulk)
+
+    def put():
+        assert clients.curl_put(server, path, "unix", bulk) == size
+
+    measure(benchmark, "put_unix", server, put, amount=size / MiB)
+
+
+@servers_param(DAEMONS)
+def test_put_https(benchmark, servers, server, bulk):
+    """PUT the 2 GiB image over HTTPS."""
+    target = images.put_target(f"put-{server.kind}.raw")
+    path = ticket(server, "put", target, ops=("write",))
+    size = os.path.getsize(bulk)
+
+    def put():
+        assert clients.curl_put(server, path, "https", bulk,
+                                servers.cert) == size
+
+    measure(benchmark, "put_https", server, put, amount=size / MiB)
+
+
+class DirectRead:
+    """`dd iflag=direct` reading the disk image: the disk's limit."""
+
+    kind = "dd"
+    label = "dd iflag=direct"
+
+    def cpu_seconds(self):
+        import resource
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return c.ru_utime + c.ru_stime
+
+
+@pytest.fixture
+def disk_peer(request, servers):
+    if request.param == "dd":
+        return DirectRead()
+    return get_server(servers, request.param)
+
+
+@pytest.mark.parametrize("disk_peer", ["imageio", "established", "dd"],
+                         indirect=True)
+def test_get_unix_disk(benchmark, servers, disk_peer, disk):
+    """GET the image from /var/tmp (a disk) over the unix socket."""
+    server = disk_peer
+    size = os.path.getsize(disk)
+    if server.kind == "dd":
+        def get():
+            subprocess.run(
+                ["dd", f"if={disk}", "of=/dev/null", "bs=8M",
+                 "iflag=direct", "status=none"], check=True)
+    else:
+        path = ticket(server, "disk", disk)
+
+        def get():
+            assert clients.curl_get(server, path, "unix") == size
+
+    measure(benchmark, "get_unix_disk", server, get, amount=size / MiB)
+
+
+# --- everything else -------------------------------------------------------------
+
+@servers_param(GET_PEERS)
+def test_get_https_4conn(benchmark, servers, server, bulk):
+    """GET the 2 GiB image as 4 concurrent HTTPS ranged requests."""
+    path = ticket(server, "bulk", bulk)
+    size = os.path.getsize(bulk)
+
+    def get():
+        n = clients.curl_get_parallel(server, path, "https", servers.cert,
+                                      size, 4)
+        assert n == size
+
+    measure(benchmark, "get_https_4conn", server, get, amount=size / MiB)
+
+
+def _ranged(benchmark, servers, server, bulk, length, scenario):
+    path = ticket(server, "bulk", bulk)
+    size = os.path.getsize(bulk)
+    rnd = random.Random(length)
+    # 4 KiB aligned offsets all over the image: data and holes.
+    offsets = [rnd.randrange(0, (size - length) // 4096) * 4096
+               for _ in range(REQUESTS)]
+    conn = clients.connect(server, "https", servers.cert)
+    try:
+        def get():
+            assert clients.ranged_gets(conn, path, offsets, length) == \
+                length * len(offsets)
+
+        measure(benchmark, scenario, server, get, amount=len(offsets),
+                unit="req/s", cpu_per=(len(offsets) / 1000, "s/1000 req"))
+    finally:
+        conn.close()
+
+
+@servers_param(GET_PEERS)
+def test_ranged_4k_https(benchmark, servers, server, bulk):
+    """4 KiB ranged GETs on one keep-alive HTTPS connection."""
+    _ranged(benchmark, servers, server, bulk, 4096, "ranged_4k_https")
+
+
+@servers_param(GET_PEERS)
+def test_ranged_64k_https(benchmark, servers, server, bulk):
+    """64 KiB ranged GETs on one keep-alive HTTPS connection."""
+    _ranged(benchmark, servers, server, bulk, 65536, "ranged_64k_https")
+
+
+_expected_checksums = {}
+
+
+def expected_checksum(path, block_size=4 * MiB):
+    """SPEC.md section 5 block hash, default blake2b-256, computed here."""
+    if path not in _expected_checksums:
+        outer = hashlib.blake2b(digest_size=32)
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(block_size)
+                if not block:
+                    break
+                outer.update(hashlib.blake2b(block, digest_size=32).digest())
+        _expected_checksums[path] = outer.hexdigest()
+    return _expected_checksums[path]
+
+
+@servers_param(DAEMONS)
+def test_checksum_1g(benchmark, servers, server, checksum_image):
+    """Checksum of a 1 GiB half-sparse raw file (time, lower is better)."""
+    path = ticket(server, "checksum", checksum_image)
+    expected = expected_checksum(checksum_image)
+    conn = clients.connect(server, "unix")
+    try:
+        def checksum():
+            res = clients.get_json(conn, path + "/checksum")
+            assert res["checksum"] == expected, res
+
+        measure(benchmark, "checksum_1g", server, checksum, amount=1,
+                unit="s", cpu_per=(1, "s"))
+    finally:
+        conn.close()
