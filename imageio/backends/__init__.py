@@ -125,8 +125,10 @@ def validate_url(url):
         raise errors.BadRequest(
             "Invalid ticket: unsupported url {!r}: expected file:, nbd:, "
             "nbd+unix:, nbds:, nbds+unix: or https:".format(url))
-    module = _module(kind)
-    check = getattr(module, "validate_url", None)
+    if kind == "file":
+        parse_file_url(url)
+        return
+    check = getattr(_module(kind), "validate_url", None)
     if check:
         check(url)
 

@@ -1,0 +1,262 @@
+import threading
+import time
+
+import pytest
+
+from imageio import config
+from imageio import errors
+from imageio import tickets
+
+
+class Clock:
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def ticket_dict(**kw):
+    d = {"uuid": "a" * 36, "size": 1024, "url": "file:///var/tmp/x",
+         "timeout": 300, "ops": ["read"]}
+    d.update(kw)
+    return d
+
+
+@pytest.fixture
+def store():
+    return tickets.Store(config.load(files=[]))
+
+
+def test_validate_defaults():
+    t = tickets.validate(ticket_dict(), default_inactivity_timeout=42)
+    assert t["sparse"] is False
+    assert t["dirty"] is False
+    assert t["inactivity_timeout"] == 42
+    assert "transfer_id" not in t
+
+
+def test_validate_ignores_unknown_fields():
+    t = tickets.validate(ticket_dict(future_field=1))
+    assert "future_field" not in t
+
+
+@pytest.mark.parametrize("field", ["uuid", "size", "url", "timeout", "ops"])
+def test_validate_missing_required(field):
+    d = ticket_dict()
+    del d[field]
+    with pytest.raises(errors.BadRequest) as e:
+        tickets.validate(d)
+    assert "'{}'".format(field) in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("size", "1024"), ("size", -1), ("size", True), ("size", 1.5),
+    ("timeout", -1), ("timeout", None), ("ops", "read"),
+    ("ops", ["read", "execute"]), ("ops", []), ("uuid", 42), ("uuid", ""),
+    ("uuid", "../etc"), ("url", "ftp://host/x"), ("url", 5),
+    ("sparse", "yes"), ("dirty", 1), ("inactivity_timeout", -5),
+    ("transfer_id", 7), ("filename", ["x"]),
+])
+def test_validate_bad_field(field, value):
+    with pytest.raises(errors.BadRequest) as e:
+        tickets.validate(ticket_dict(**{field: value}))
+    assert "'{}'".format(field) in str(e.value)
+
+
+def test_validate_not_object():
+    with pytest.raises(errors.BadRequest):
+        tickets.validate(["not", "a", "ticket"])
+
+
+def test_write_implies_read():
+    t = tickets.Ticket(tickets.validate(ticket_dict(ops=["write"])))
+    assert t.may("read") and t.may("write")
+    t = tickets.Ticket(tickets.validate(ticket_dict(ops=["read"])))
+    assert t.may("read") and not t.may("write")
+    with pytest.raises(errors.MethodNotAllowed):
+        t.authorize("write")
+
+
+def test_expiry_extends_on_use():
+    clock = Clock()
+    t = tickets.Ticket(tickets.validate(ticket_dict(timeout=10)), clock)
+    clock.now += 9
+    with t.operation(0, 100):
+        clock.now += 5  # active operations keep it alive
+        t.authorize("read")
+    clock.now += 9  # extended by timeout from the end of the operation
+    t.authorize("read")
+    clock.now += 2
+    with pytest.raises(errors.Forbidden):
+        t.authorize("read")
+
+
+def test_mod_zero_expires_and_new_timeout_reenables(store):
+    store.add(ticket_dict())
+    store.modify("a" * 36, {"timeout": 0})
+    with pytest.raises(errors.Forbidden):
+        store.authorize("a" * 36, "read")
+    # Kept until deleted, so it can be inspected and re-enabled.
+    assert store.get("a" * 36).info()["timeout"] == 0
+    store.modify("a" * 36, {"timeout": 100})
+    store.authorize("a" * 36, "read")
+
+
+@pytest.mark.parametrize("patch", [
+    {}, {"timeout": -1}, {"timeout": "10"}, {"timeout": True}, [1],
+])
+def test_mod_invalid(store, patch):
+    store.add(ticket_dict())
+    with pytest.raises(errors.BadRequest):
+        store.modify("a" * 36, patch)
+
+
+def test_mod_unknown(store):
+    with pytest.raises(errors.NotFound):
+        store.modify("nosuch", {"timeout": 1})
+
+
+def test_unknown_ticket_is_forbidden_for_images(store):
+    with pytest.raises(errors.Forbidden):
+        store.authorize("nosuch", "read")
+
+
+def test_delete_unknown_succeeds(store):
+    store.remove("nosuch", timeout=1)
+
+
+def test_cancel_waits_for_operations(store):
+    t = store.add(ticket_dict())
+    started = threading.Event()
+    stopped = []
+
+    def transfer():
+        with t.operation(0, 1024) as op:
+            started.set()
+            try:
+                for _ in range(100):
+                    time.sleep(0.01)
+                    op.progress(1)
+            except errors.Canceled:
+                stopped.append(True)
+
+    th = threading.Thread(target=transfer)
+    th.start()
+    started.wait()
+    store.remove(t.uuid, timeout=5)
+    th.join()
+    assert stopped == [True]
+    with pytest.raises(errors.Forbidden):
+        store.authorize(t.uuid, "read")
+    with pytest.raises(errors.Forbidden):
+        t.authorize("read")
+
+
+def test_cancel_conflict_when_operation_does_not_stop(store):
+    t = store.add(ticket_dict())
+    release = threading.Event()
+    started = threading.Event()
+
+    def stuck():
+        with t.operation(0, 1):
+            started.set()
+            release.wait(10)
+
+    th = threading.Thread(target=stuck)
+    th.start()
+    started.wait()
+    try:
+        with pytest.raises(errors.Conflict):
+            store.remove(t.uuid, timeout=0.2)
+        # Still there: the caller retries.
+        assert store.get(t.uuid).info()["canceled"] is True
+    finally:
+        release.set()
+        th.join()
+    store.remove(t.uuid, timeout=1)
+    with pytest.raises(errors.NotFound):
+        store.get(t.uuid)
+
+
+def test_cancel_closes_idle_connections(store):
+    t = store.add(ticket_dict())
+    closed = []
+    t.add_connection(1, lambda: closed.append(1))
+    store.remove(t.uuid, timeout=1)
+    assert closed == [1]
+
+
+def test_transferred_counts_overlaps_once():
+    t = tickets.Ticket(tickets.validate(ticket_dict(ops=["read"])))
+    for offset, length in [(0, 100), (50, 100), (300, 10), (0, 10)]:
+        with t.operation(offset, length) as op:
+            op.progress(length)
+    assert t.info()["transferred"] == 150 + 10
+
+
+def test_transferred_includes_running_operation():
+    t = tickets.Ticket(tickets.validate(ticket_dict(ops=["write"])))
+    with t.operation(0, 100) as op:
+        op.progress(40)
+        info = t.info()
+        assert info["active"] is True
+        assert info["idle_time"] == 0
+        assert info["transferred"] == 40
+    assert t.info()["transferred"] == 40
+
+
+def test_transferred_absent_for_read_write():
+    t = tickets.Ticket(tickets.validate(ticket_dict(ops=["read", "write"])))
+    assert "transferred" not in t.info()
+
+
+def test_info_fields():
+    clock = Clock()
+    t = tickets.Ticket(tickets.validate(ticket_dict(
+        transfer_id="tx-1", filename="disk.raw")), clock)
+    clock.now += 7
+    info = t.info()
+    assert info["uuid"] == "a" * 36
+    assert info["active"] is False
+    assert info["canceled"] is False
+    assert info["connections"] == 0
+    assert info["expires"] == 1300
+    assert info["idle_time"] == 7
+    assert info["transfer_id"] == "tx-1"
+    assert info["filename"] == "disk.raw"
+
+
+def test_rangeset():
+    r = tickets.RangeSet()
+    for s, e in [(10, 20), (30, 40), (15, 35), (0, 5), (5, 10)]:
+        r.add(s, e)
+    assert r._ranges == [(0, 40)]
+    assert r.total() == 40
+    r.add(50, 60)
+    assert r.total(extra=[(55, 70)]) == 60
+    assert r.total() == 50
+
+
+def test_concurrent_accounting():
+    t = tickets.Ticket(tickets.validate(ticket_dict(size=10**6,
+                                                     ops=["read"])))
+
+    def worker(base):
+        for i in range(200):
+            with t.operation(base + i * 10, 10) as op:
+                op.progress(10)
+
+    threads = [threading.Thread(target=worker, args=(k * 2000,))
+               for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert t.info()["transferred"] == 8 * 2000
+    assert t.info()["active"] is False
+
+
+def test_short_id_hides_secret():
+    assert tickets.short_id("0123456789abcdef") == "01234567..."
