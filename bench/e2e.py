@@ -70,16 +70,21 @@ def get_server(servers, kind):
 
 def ticket(server, name, image, ops=("read",), cacert=None):
     """Give server access to image under name; check a read matches."""
+    # name -> None when ready, or the reason it is not: a ticket that
+    # failed once is skipped by the scenarios after it too.
     added = getattr(server, "_bench_tickets", None)
     if added is None:
-        added = server._bench_tickets = set()
+        added = server._bench_tickets = {}
     if name in added:
+        if added[name] is not None:
+            pytest.skip(added[name])
         return server.path(name)
+    added[name] = f"{server.kind}: ticket {name} not ready"
     try:
         server.add_ticket(name, image, ops=ops)
     except (peers.Unavailable, OSError) as e:
-        pytest.skip(f"{server.kind}: cannot add ticket {name}: {e}")
-    added.add(name)
+        added[name] = f"{server.kind}: cannot add ticket {name}: {e}"
+        pytest.skip(added[name])
     path = server.path(name)
     if "read" in ops or "write" not in ops:
         # One ranged read inside the first data segment, unaligned: a fast
@@ -92,12 +97,15 @@ def ticket(server, name, image, ops=("read",), cacert=None):
         try:
             data = clients.read_range(conn, path, offset, length)
         except (clients.ClientError, OSError) as e:
-            pytest.skip(f"{server.kind}: cannot read {name}: {e}")
+            added[name] = f"{server.kind}: cannot read {name}: {e}"
+            pytest.skip(added[name])
         finally:
             conn.close()
         if data != expected:
+            added[name] = f"{server.kind}: {name}: wrong data"
             raise AssertionError(f"{server.label}: {name} at {offset}: "
                                  "wrong data")
+    added[name] = None
     return path
 
 

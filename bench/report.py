@@ -1,0 +1,330 @@
+"""Turn a pytest-benchmark JSON file into ratios, a markdown table and a PNG
+chart: our daemon vs each peer, per scenario.
+
+    python -m bench.report RESULTS_DIR/benchmark.json [--out DIR]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import tomllib
+
+from . import peers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+THRESHOLDS = os.path.join(HERE, "thresholds.toml")
+
+OURS = "imageio"
+# Column order of servers; unknown kinds follow in the order seen.
+KIND_ORDER = ["imageio", "established", "nginx", "dd"]
+LABELS = {
+    "imageio": "imageio",
+    "established": "established 2.5.1",
+    "nginx": "nginx",
+    "dd": "dd iflag=direct",
+}
+# Scenario order and descriptions.
+SCENARIOS = {
+    "get_unix": "GET 2 GiB, unix socket",
+    "get_https": "GET 2 GiB, HTTPS",
+    "put_unix": "PUT 2 GiB, unix socket",
+    "put_https": "PUT 2 GiB, HTTPS",
+    "get_unix_disk": "GET 2 GiB from /var/tmp, unix socket",
+    "get_https_4conn": "GET 2 GiB, HTTPS, 4 connections",
+    "ranged_4k_https": "4 KiB ranged GETs, 1 keep-alive HTTPS conn",
+    "ranged_64k_https": "64 KiB ranged GETs, 1 keep-alive HTTPS conn",
+    "checksum_1g": "checksum 1 GiB half-sparse raw (time)",
+}
+
+
+def load_thresholds(path=THRESHOLDS):
+    with open(path, "rb") as f:
+        return tomllib.load(f).get("ratio", [])
+
+
+def load_results(json_path):
+    """{scenario: {kind: extra_info}} from the pytest-benchmark JSON, and
+    the list of benchmarks that are not end-to-end scenarios."""
+    with open(json_path) as f:
+        data = json.load(f)
+    results = {}
+    other = []
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "scenario" in info and "server" in info:
+            results.setdefault(info["scenario"], {})[info["server"]] = info
+        else:
+            other.append(b)
+    return data, results, other
+
+
+def throughput_ratio(ours, peer, best=False):
+    """How much better ours is: > 1 means faster, for any unit."""
+    key = "best" if best else "value"
+    a, b = ours[key], peer[key]
+    if not a or not b:
+        return None
+    return a / b if ours["higher_is_better"] else b / a
+
+
+def cpu_ratio(ours, peer):
+    if not peer.get("cpu"):
+        return None
+    return ours["cpu"] / peer["cpu"]
+
+
+def evaluate(results, thresholds, best=True):
+    """Check every threshold against results.
+
+    Returns a list of dicts: scenario, peer, metric, target, threshold,
+    ratio (None when not measured), ok (False when missing or below).
+    """
+    checks = []
+    for t in thresholds:
+        scenario, peer, metric = t["scenario"], t["peer"], t["metric"]
+        row = results.get(scenario, {})
+        ratio = None
+        if OURS in row and peer in row:
+            if metric == "cpu":
+                ratio = cpu_ratio(row[OURS], row[peer])
+            else:
+                ratio = throughput_ratio(row[OURS], row[peer], best=best)
+        if ratio is None:
+            ok = False
+        elif metric == "cpu":
+            ok = ratio <= t["threshold"]
+        else:
+            ok = ratio >= t["threshold"]
+        checks.append(dict(t, ratio=ratio, ok=ok,
+                           gate=t.get("gate", True)))
+    return checks
+
+
+def _kinds(results):
+    seen = [OURS]
+    for row in results.values():
+        for kind in row:
+            if kind not in seen:
+                seen.append(kind)
+    return sorted(seen, key=lambda k: (KIND_ORDER.index(k)
+                                       if k in KIND_ORDER else 99, k))
+
+
+def _scenarios(results):
+    order = list(SCENARIOS)
+    return sorted(results, key=lambda s: (order.index(s)
+                                          if s in order else 99, s))
+
+
+def _fmt(value, unit=None):
+    if value is None:
+        return "—"
+    if unit == "s" or abs(value) < 10:
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+def _cmd(argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_lines(data):
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {}).get("brand_raw") or platform.processor()
+    commit = data.get("commit_info", {}).get("id") or _cmd(
+        ["git", "-C", HERE, "rev-parse", "--short", "HEAD"])
+    curl = " ".join(_cmd(["curl", "--version"]).split()[:2])
+    nginx = _cmd([peers.NGINX, "-v"]) or subprocess.run(
+        [peers.NGINX, "-v"], capture_output=True, text=True).stderr.strip()
+    return [
+        f"- date: {data.get('datetime', datetime.datetime.now().isoformat())}",
+        f"- machine: {os.cpu_count()} CPUs, {cpu}, "
+        f"{platform.system()} {platform.release()}",
+        f"- python: {mi.get('python_version', platform.python_version())}",
+        f"- commit: {str(commit)[:12]}",
+        f"- peers: ovirt-imageio {peers.ESTABLISHED_VERSION} (PyPI, own "
+        f"virtualenv), {nginx}",
+        f"- client: {curl}; Python http.client for ranged GETs and checksum",
+    ]
+
+
+def markdown(data, results, other, thresholds):
+    kinds = _kinds(results)
+    peers_ = [k for k in kinds if k != OURS]
+    lines = ["# imageio end-to-end benchmarks", ""]
+    lines += machine_lines(data)
+    lines += [
+        "",
+        "Each scenario runs our daemon and its peers one after the other in "
+        "the same run. Values are medians over the measured rounds; ratios "
+        "are ours/peer (for times, peer/ours), so > 1 means imageio is "
+        "better. CPU is the server process's user+system time (children "
+        "included) per GiB moved (per 1000 requests for ranged GETs, per "
+        "run for checksum). CPU ratio is ours/peer: < 1 means imageio uses "
+        "less.",
+        "",
+    ]
+    head = ["scenario", "unit"] + [LABELS.get(k, k) for k in kinds]
+    head += [f"ours/{LABELS.get(p, p)}" for p in peers_]
+    head += [f"CPU {LABELS.get(k, k)}" for k in kinds]
+    head += [f"CPU ours/{LABELS.get(p, p)}" for p in peers_ if p != "dd"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for scenario in _scenarios(results):
+        row = results[scenario]
+        any_info = next(iter(row.values()))
+        unit = any_info["unit"]
+        cells = [SCENARIOS.get(scenario, scenario),
+                 "s (time)" if unit == "s" else unit]
+        cells += [_fmt(row[k]["value"], unit) if k in row else "—"
+                  for k in kinds]
+        for p in peers_:
+            r = None
+            if OURS in row and p in row:
+                r = throughput_ratio(row[OURS], row[p])
+            cells.append(f"{r:.2f}×" if r is not None else "—")
+        cells += [f"{row[k]['cpu']:.3g}" if k in row else "—"
+                  for k in kinds]
+        for p in peers_:
+            if p == "dd":
+                continue
+            r = None
+            if OURS in row and p in row:
+                r = cpu_ratio(row[OURS], row[p])
+            cells.append(f"{r:.2f}×" if r is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    cpu_units = sorted({i["cpu_unit"] for r in results.values()
+                        for i in r.values()})
+    lines += ["", f"CPU units: {', '.join(cpu_units)}.", ""]
+
+    checks = evaluate(results, thresholds, best=False)
+    lines += [
+        "## Targets (TARGETS.md) and gate thresholds (bench/thresholds.toml)",
+        "",
+        "| scenario | peer | metric | ratio (median) | target | gate threshold "
+        "| |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        op = "≤" if c["metric"] == "cpu" else "≥"
+        if c["ratio"] is None:
+            status = "not measured"
+        else:
+            met = (c["ratio"] <= c["target"] if c["metric"] == "cpu"
+                   else c["ratio"] >= c["target"])
+            status = "target met" if met else (
+                "above gate" if c["ok"] else "**below gate**")
+        ratio = f"{c['ratio']:.2f}×" if c["ratio"] is not None else "—"
+        lines.append(
+            f"| {SCENARIOS.get(c['scenario'], c['scenario'])} | "
+            f"{LABELS.get(c['peer'], c['peer'])} | {c['metric']} | {ratio} | "
+            f"{op} {c['target']} | {op} {c['threshold']} | {status} |")
+
+    skipped = data.get("_skipped", [])
+    if skipped:
+        lines += ["", "## Not measured or failed", ""]
+        lines += [f"- {s}" for s in skipped]
+
+    if other:
+        lines += ["", "## Micro benchmarks", "",
+                  "| benchmark | median | min | rounds |", "|---|---|---|---|"]
+        for b in other:
+            st = b["stats"]
+            lines.append(f"| {b['fullname']} | {_fmt_time(st['median'])} | "
+                         f"{_fmt_time(st['min'])} | {st['rounds']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_time(seconds):
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def chart(results, png_path):
+    """Two panels: throughput and server CPU relative to the established
+    service (= 1), per scenario, one bar per server."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = _scenarios(results)
+    kinds = _kinds(results)
+    colors = {"imageio": "#1f77b4", "established": "#ff7f0e",
+              "nginx": "#2ca02c", "dd": "#7f7f7f"}
+    fig, axes = plt.subplots(2, 1, figsize=(12, 9))
+    width = 0.8 / max(1, len(kinds))
+    for panel, ax in zip(("throughput", "cpu"), axes):
+        for i, kind in enumerate(kinds):
+            if panel == "cpu" and kind == "dd":
+                continue
+            xs, ys = [], []
+            for x, scenario in enumerate(scenarios):
+                row = results[scenario]
+                base = row.get("established")
+                if kind not in row or base is None:
+                    continue
+                if panel == "throughput":
+                    y = throughput_ratio(row[kind], base)
+                else:
+                    y = cpu_ratio(row[kind], base)
+                if y is None:
+                    continue
+                xs.append(x + (i - (len(kinds) - 1) / 2) * width)
+                ys.append(y)
+            bars = ax.bar(xs, ys, width, label=LABELS.get(kind, kind),
+                          color=colors.get(kind))
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(scenarios)))
+        ax.set_xticklabels([SCENARIOS.get(s, s) for s in scenarios],
+                           rotation=20, ha="right", fontsize=8)
+        if panel == "throughput":
+            ax.set_title("Throughput relative to established 2.5.1 "
+                         "(higher is better; checksum: speedup)")
+        else:
+            ax.set_title("Server CPU per GiB (per request) relative to "
+                         "established 2.5.1 (lower is better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def write(json_path, out_dir=None, skipped=()):
+    """Write report.md and report.png next to json_path (or in out_dir)."""
+    out_dir = out_dir or os.path.dirname(os.path.abspath(json_path))
+    data, results, other = load_results(json_path)
+    data["_skipped"] = list(skipped)
+    thresholds = load_thresholds()
+    md = markdown(data, results, other, thresholds)
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w") as f:
+        f.write(md)
+    png_path = os.path.join(out_dir, "report.png")
+    if results:
+        chart(results, png_path)
+    return md_path, png_path, md
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json")
+    p.add_argument("--out")
+    args = p.parse_args()
+    md_path, png_path, md = write(args.json, args.out)
+    print(md)
+    print(f"wrote {md_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
