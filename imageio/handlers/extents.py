@@ -66,10 +66,17 @@ class Checksum:
         checksum.validate_block_size(block_size)
         checksum.new_hash(algorithm)
         with ticket.operation(0, ticket.size) as op:
-            digest = checksum.compute(backend, ticket.size, algorithm,
-                                      block_size, op.progress)
-        resp.send_json({"algorithm": algorithm, "block_size": block_size,
-                        "checksum": digest}, headers=CORS)
+            remote = getattr(backend, "checksum", None)
+            if remote is not None:
+                # A proxy asks the daemon next to the data.
+                result = remote(algorithm, block_size)
+                op.progress(ticket.size)
+            else:
+                result = {"algorithm": algorithm, "block_size": block_size,
+                          "checksum": checksum.compute(
+                              backend, ticket.size, algorithm, block_size,
+                              op.progress)}
+        resp.send_json(result, headers=CORS)
 
 
 class Algorithms:

@@ -1,0 +1,290 @@
+"""Proxy backend: the image is served by another imageio daemon.
+
+The ticket's url is ``https://host:port/images/ID``.  One keep-alive
+connection to the remote daemon per (client connection, ticket), verified
+with ``[backend_http] ca_file`` (or ``[tls] ca_file``).  When the remote
+daemon runs on this host and offers a local unix socket, requests go
+there instead of through TLS.  Bodies move in buffer-sized chunks through
+the connection's aligned buffer; nothing holds a whole body in memory.
+"""
+
+import http.client
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import urllib.parse
+
+from .. import errors
+from .. import tls
+from . import DirtyExtent, Extent
+
+log = logging.getLogger("backends.http")
+
+TIMEOUT = 60
+
+_STATUS_ERRORS = {
+    400: errors.BadRequest,
+    403: errors.Forbidden,
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    409: errors.Conflict,
+    413: errors.PayloadTooLarge,
+    416: errors.RangeNotSatisfiable,
+    507: errors.InsufficientStorage,
+}
+
+
+def validate_url(url):
+    u = urllib.parse.urlsplit(url)
+    if u.scheme != "https" or not u.hostname or \
+            not u.path.startswith("/images/") or \
+            len(u.path) <= len("/images/"):
+        raise errors.BadRequest(
+            "Invalid proxy url {!r}: expected https://host:port/images/ID"
+            .format(url))
+
+
+def open(ticket, cfg):
+    return HTTPBackend(ticket, cfg)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+class HTTPBackend:
+
+    def __init__(self, ticket, cfg):
+        validate_url(ticket.url)
+        self._url = urllib.parse.urlsplit(ticket.url)
+        self._path = self._url.path
+        self._size = ticket.size
+        self._writable = ticket.may("write")
+        ca_file = cfg.backend_http.ca_file or cfg.tls.ca_file
+        self._context = tls.client_context(ca_file)
+        self._con = http.client.HTTPSConnection(
+            self._url.hostname, self._url.port or 443,
+            context=self._context, timeout=TIMEOUT)
+        self.features = frozenset()
+        self.max_readers = 1
+        self.max_writers = 1
+        self._options()
+
+    # Connection handling
+
+    def _options(self):
+        resp = self._request("OPTIONS", self._path)
+        info = self._json(resp)
+        self.features = frozenset(
+            f for f in info.get("features", ()) if f in
+            ("extents", "zero", "flush", "checksum"))
+        self.max_readers = int(info.get("max_readers", 1))
+        self.max_writers = int(info.get("max_writers", 1))
+        unix = info.get("unix_socket")
+        if unix and self._is_local():
+            try:
+                con = _UnixHTTPConnection(unix, TIMEOUT)
+                con.connect()
+            except OSError as e:
+                log.debug("Cannot use remote unix socket %r: %s", unix, e)
+                return
+            self._con.close()
+            self._con = con
+            log.info("Using the remote daemon's local socket %r", unix)
+
+    def _is_local(self):
+        host = self._url.hostname
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def _request(self, method, path, body=None, headers=None,
+                 expect_body=True):
+        """Send a request (``body`` bytes or None) and return the response
+        with an OK status; the caller reads its body."""
+        try:
+            self._con.request(method, path, body=body,
+                              headers=headers or {})
+            resp = self._con.getresponse()
+        except ssl.SSLCertVerificationError as e:
+            self._con.close()
+            raise errors.BadGateway(
+                "Cannot verify the remote imageio daemon {}: {}; check "
+                "[backend_http] ca_file".format(self._where(), e.verify_message
+                                                or e))
+        except (OSError, http.client.HTTPException) as e:
+            self._con.close()
+            raise errors.BadGateway(
+                "Cannot reach the remote imageio daemon {}: {}".format(
+                    self._where(), e or type(e).__name__))
+        self._check(resp)
+        return resp
+
+    def _where(self):
+        return "{}:{}".format(self._url.hostname, self._url.port or 443)
+
+    def _check(self, resp):
+        if resp.status < 300:
+            return
+        message = resp.read(4096).decode("utf-8", "replace").strip()
+        self._con.close()
+        cls = _STATUS_ERRORS.get(resp.status)
+        text = "Remote imageio daemon: {}".format(message or resp.reason)
+        if cls is errors.RangeNotSatisfiable:
+            raise cls(text, size=self._size)
+        if cls is not None:
+            raise cls(text)
+        raise errors.BadGateway("{} (HTTP {})".format(text, resp.status))
+
+    def _json(self, resp):
+        try:
+            data = resp.read()
+            return json.loads(data)
+        except (OSError, http.client.HTTPException) as e:
+            self._con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon {} failed: {}".format(self._where(), e))
+        except ValueError:
+            self._con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon {} answered invalid JSON".format(
+                    self._where()))
+
+    # The backend interface
+
+    def size(self):
+        return self._size
+
+    def read_to(self, sink, offset, length, buf, progress):
+        resp = self._get_range(offset, length)
+        view = memoryview(buf)
+        left = length
+        while left:
+            n = self._readinto(resp, view[:min(left, len(view))])
+            sink.write(view[:n])
+            left -= n
+            progress(n)
+
+    def readinto(self, buf, offset, length):
+        resp = self._get_range(offset, length)
+        view = memoryview(buf)[:length]
+        got = 0
+        while got < length:
+            got += self._readinto(resp, view[got:])
+        return view
+
+    def _get_range(self, offset, length):
+        resp = self._request("GET", self._path, headers={
+            "Range": "bytes={}-{}".format(offset, offset + length - 1)})
+        if resp.length is not None and resp.length != length:
+            self._con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon sent {} bytes for a {} bytes range"
+                .format(resp.length, length))
+        return resp
+
+    def _readinto(self, resp, view):
+        try:
+            n = resp.readinto(view)
+        except (OSError, http.client.HTTPException) as e:
+            self._con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon {} failed during read: {}".format(
+                    self._where(), e))
+        if n == 0:
+            self._con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon {} closed the connection during "
+                "read".format(self._where()))
+        return n
+
+    def write_from(self, source, offset, length, buf, progress):
+        con = self._con
+        try:
+            con.putrequest("PUT", self._path + "?flush=n")
+            con.putheader("Content-Range", "bytes {}-{}/*".format(
+                offset, offset + length - 1))
+            con.putheader("Content-Length", str(length))
+            con.endheaders()
+        except (OSError, http.client.HTTPException) as e:
+            con.close()
+            raise errors.BadGateway(
+                "Cannot reach the remote imageio daemon {}: {}".format(
+                    self._where(), e))
+        view = memoryview(buf)
+        left = length
+        while left:
+            n = source.readinto(view[:min(left, len(view))])
+            if n == 0:
+                con.close()
+                raise errors.PartialContent(length, length - left)
+            try:
+                con.send(view[:n])
+            except OSError as e:
+                con.close()
+                raise errors.BadGateway(
+                    "Remote imageio daemon {} failed during write: {}"
+                    .format(self._where(), e))
+            left -= n
+            progress(n)
+        try:
+            resp = con.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon {} failed during write: {}".format(
+                    self._where(), e))
+        self._check(resp)
+        resp.read()
+
+    def _patch(self, msg):
+        body = json.dumps(msg).encode()
+        resp = self._request("PATCH", self._path, body=body, headers={
+            "Content-Type": "application/json"})
+        resp.read()
+
+    def zero(self, offset, length, punch_hole):
+        # The remote ticket decides about punching holes (its "sparse").
+        self._patch({"op": "zero", "offset": offset, "size": length,
+                     "flush": False})
+
+    def flush(self):
+        self._patch({"op": "flush"})
+
+    def extents(self, context="zero"):
+        resp = self._request("GET", "{}/extents?context={}".format(
+            self._path, context))
+        items = self._json(resp)
+        try:
+            if context == "dirty":
+                return [DirtyExtent(e["start"], e["length"], e["dirty"],
+                                    e["zero"]) for e in items]
+            return [Extent(e["start"], e["length"], e["zero"],
+                           e.get("hole", False)) for e in items]
+        except (KeyError, TypeError):
+            raise errors.BadGateway(
+                "Remote imageio daemon answered invalid extents")
+
+    def checksum(self, algorithm, block_size):
+        """Let the remote daemon compute the checksum next to the data."""
+        query = urllib.parse.urlencode(
+            {"algorithm": algorithm, "block_size": block_size})
+        resp = self._request("GET", "{}/checksum?{}".format(
+            self._path, query))
+        return self._json(resp)
+
+    def close(self):
+        self._con.close()

@@ -1,0 +1,669 @@
+"""The images API on the file backend, through a real daemon, over HTTPS
+(remote service) and the unix socket (local service)."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import new_ticket
+
+MiB = 1024**2
+
+
+@pytest.fixture(params=["remote", "local"])
+def service(request):
+    return request.param
+
+
+def connect(daemon, service, timeout=60):
+    return daemon.https(timeout) if service == "remote" \
+        else daemon.unix(timeout)
+
+
+def make_image(tmp_path, size, data=None, name="image.raw"):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        if data:
+            f.write(data)
+        f.truncate(size)
+    return path
+
+
+@pytest.fixture
+def image(tmp_path):
+    # 3 MiB + 5 bytes: not a multiple of the block size.
+    data = os.urandom(3 * MiB + 5)
+    path = make_image(tmp_path, len(data), data)
+    return path, data
+
+
+def add(daemon, path, size, **kw):
+    t = new_ticket("file://" + str(path), size, **kw)
+    daemon.add_ticket(t)
+    return t
+
+
+def request(con, method, url, body=None, headers=None):
+    con.request(method, url, body=body, headers=headers or {})
+    resp = con.getresponse()
+    return resp, resp.read()
+
+
+# OPTIONS
+
+def test_options_writable(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "OPTIONS", "/images/" + t["uuid"])
+    assert resp.status == 200
+    assert resp.getheader("Allow") == "OPTIONS,GET,PUT,PATCH"
+    assert resp.getheader("Access-Control-Allow-Origin") == "*"
+    info = json.loads(body)
+    assert set(info["features"]) == {"extents", "zero", "flush", "checksum"}
+    assert info["unix_socket"] == daemon.local_socket
+    assert info["max_readers"] >= 1 and info["max_writers"] >= 1
+
+
+def test_options_readonly(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data), ops=["read"])
+    con = connect(daemon, service)
+    resp, body = request(con, "OPTIONS", "/images/" + t["uuid"])
+    assert resp.status == 200
+    assert resp.getheader("Allow") == "OPTIONS,GET"
+    info = json.loads(body)
+    assert "zero" not in info["features"]
+    assert "extents" in info["features"]
+
+
+def test_options_server(daemon, service):
+    con = connect(daemon, service)
+    resp, body = request(con, "OPTIONS", "/images/*")
+    assert resp.status == 200
+    assert set(json.loads(body)["features"]) == {
+        "extents", "zero", "flush", "checksum"}
+
+
+# GET
+
+def test_get_whole(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data), filename="disk.raw")
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert resp.status == 200
+    assert body == data
+    assert resp.getheader("Content-Type") == "application/octet-stream"
+    assert resp.getheader("Content-Disposition") == \
+        'attachment; filename="disk.raw"'
+    assert resp.getheader("Access-Control-Allow-Origin") == "*"
+
+
+@pytest.mark.parametrize("first,last", [
+    (0, 0), (1, 1), (0, 4094), (1, 4096), (4095, 4096), (4097, 8191),
+    (0, MiB), (MiB - 1, 2 * MiB + 1), (3 * MiB, 3 * MiB + 4),
+])
+def test_get_range(daemon, service, image, first, last):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes={}-{}".format(first, last)})
+    assert resp.status == 206
+    assert resp.getheader("Content-Range") == "bytes {}-{}/{}".format(
+        first, last, len(data))
+    assert body == data[first:last + 1]
+
+
+def test_get_open_range(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes=4097-"})
+    assert resp.status == 206
+    assert body == data[4097:]
+
+
+@pytest.mark.parametrize("value", [
+    "bytes=0-1,3-4", "bytes=-100", "bytes={size}-", "bytes=0-{size}",
+])
+def test_get_bad_range(daemon, service, image, value):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": value.format(size=len(data))})
+    assert resp.status == 416
+    assert resp.getheader("Content-Range") == "bytes */{}".format(len(data))
+    assert body.strip()
+
+
+def test_get_ticket_size_limits_access(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, 8192)
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert body == data[:8192]
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes=8192-8192"})
+    assert resp.status == 416
+
+
+def test_get_zero_size(daemon, service, tmp_path):
+    path = make_image(tmp_path, 0)
+    t = add(daemon, path, 0)
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert resp.status == 200
+    assert body == b""
+
+
+# Access
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "OPTIONS"])
+def test_no_ticket(daemon, service, method):
+    con = connect(daemon, service)
+    resp, body = request(con, method, "/images/no-such-ticket", body=b"")
+    assert resp.status == 403
+    assert b"No such ticket" in body
+    # And the connection is closed.
+    assert resp.getheader("Connection") == "close"
+
+
+def test_expired_ticket(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    with daemon.client() as c:
+        c.mod_ticket(t["uuid"], {"timeout": 0})
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert resp.status == 403
+    assert b"expired" in body
+
+
+def test_readonly_ticket_refuses_write(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data), ops=["read"])
+    con = connect(daemon, service)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=b"x")
+    assert resp.status == 405
+    con = connect(daemon, service)
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps({"op": "flush"}))
+    assert resp.status == 405
+    assert open(path, "rb").read() == data
+
+
+def test_path_traversal_ticket_id(daemon, service):
+    con = connect(daemon, service)
+    resp, _ = request(con, "GET", "/images/../tickets/")
+    assert resp.status in (403, 404)
+    con = connect(daemon, service)
+    resp, _ = request(con, "GET", "/images/%2e%2e%2fetc%2fpasswd")
+    assert resp.status in (403, 404)
+
+
+# PUT
+
+@pytest.mark.parametrize("offset,length", [
+    (0, 1), (1, 1), (4095, 2), (4096, 4096), (4097, 4095), (1, 8190),
+    (MiB - 3, MiB + 7), (0, 3 * MiB + 5), (3 * MiB, 5),
+])
+def test_put_unaligned(daemon, service, image, offset, length):
+    path, data = image
+    t = add(daemon, path, len(data))
+    payload = os.urandom(length)
+    con = connect(daemon, service)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=payload,
+                         headers={"Content-Range": "bytes {}-{}/*".format(
+                             offset, offset + length - 1)})
+    assert resp.status == 200, body
+    expected = data[:offset] + payload + data[offset + length:]
+    assert open(path, "rb").read() == expected
+    # And reading it back through the daemon agrees.
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert body == expected
+
+
+def test_put_no_content_range_writes_at_zero(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, _ = request(con, "PUT", "/images/" + t["uuid"] + "?flush=n",
+                      body=b"abc")
+    assert resp.status == 200
+    assert open(path, "rb").read(4) == b"abc" + data[3:4]
+
+
+def test_put_chunked(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    chunks = [os.urandom(n) for n in (1, 4095, 70000, 3)]
+    con = connect(daemon, service)
+    con.request("PUT", "/images/" + t["uuid"], body=iter(chunks),
+                headers={"Content-Range": "bytes 10-/*"}
+                if False else {}, encode_chunked=True)
+    resp = con.getresponse()
+    resp.read()
+    assert resp.status == 200
+    payload = b"".join(chunks)
+    assert open(path, "rb").read(len(payload)) == payload
+
+
+def test_put_past_end(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=b"xy",
+                         headers={"Content-Range": "bytes {}-{}/*".format(
+                             len(data) - 1, len(data))})
+    assert resp.status == 416
+    assert open(path, "rb").read() == data
+
+
+def test_put_mismatched_lengths(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=b"xy",
+                         headers={"Content-Range": "bytes 0-9/*"})
+    assert resp.status == 400
+    assert open(path, "rb").read() == data
+
+
+def raw_request(daemon, service, data, read_timeout=30):
+    """Send raw bytes, return everything the daemon answers until it
+    closes the connection."""
+    if service == "local":
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(daemon.local_socket)
+    else:
+        import ssl
+        ctx = ssl.create_default_context(cafile=daemon.ca_file)
+        s = ctx.wrap_socket(socket.create_connection(
+            ("localhost", daemon.remote_port)), server_hostname="localhost")
+    s.settimeout(read_timeout)
+    with s:
+        s.sendall(data)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, OSError):
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_put_short_body(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    out = raw_request(daemon, service, (
+        "PUT /images/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        "\r\n".format(t["uuid"])).encode() + b"x" * 1000)
+    # Never reported as success.
+    assert not out.startswith(b"HTTP/1.1 200")
+    if out:
+        assert out.startswith(b"HTTP/1.1 400")
+        assert b"short" in out.lower()
+    # The daemon goes on serving.
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes=2000-2999"})
+    assert body == data[2000:3000]
+
+
+def test_put_without_length(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    out = raw_request(daemon, service, (
+        "PUT /images/{} HTTP/1.1\r\nHost: x\r\n\r\nabc".format(
+            t["uuid"])).encode())
+    assert out.startswith(b"HTTP/1.1 411")
+    assert open(path, "rb").read() == data
+
+
+# PATCH
+
+def test_zero_allocating(daemon, service, tmp_path):
+    data = os.urandom(2 * MiB)
+    path = make_image(tmp_path, len(data), data)
+    t = add(daemon, path, len(data), sparse=False)
+    con = connect(daemon, service)
+    msg = {"op": "zero", "offset": 4097, "size": MiB, "flush": True}
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps(msg))
+    assert resp.status == 200, body
+    expected = data[:4097] + b"\0" * MiB + data[4097 + MiB:]
+    assert open(path, "rb").read() == expected
+
+
+def test_zero_sparse_punches_hole(daemon, service, tmp_path):
+    data = os.urandom(4 * MiB)
+    path = make_image(tmp_path, len(data), data, name="sparse.raw")
+    before = os.stat(path).st_blocks
+    t = add(daemon, path, len(data), sparse=True)
+    con = connect(daemon, service)
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps({"op": "zero", "offset": MiB,
+                                          "size": 2 * MiB}))
+    assert resp.status == 200, body
+    assert open(path, "rb").read() == \
+        data[:MiB] + b"\0" * (2 * MiB) + data[3 * MiB:]
+    assert os.stat(path).st_blocks < before
+    resp, body = request(con, "GET", "/images/{}/extents".format(t["uuid"]))
+    extents = json.loads(body)
+    assert {"start": MiB, "length": 2 * MiB, "zero": True,
+            "hole": False} in extents
+
+
+def test_flush(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, _ = request(con, "PATCH", "/images/" + t["uuid"],
+                      body=json.dumps({"op": "flush"}))
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize("msg,word", [
+    ({"op": "zero"}, b"'size'"),
+    ({"op": "zero", "size": -1}, b"'size'"),
+    ({"op": "zero", "size": 1, "offset": "0"}, b"'offset'"),
+    ({"op": "zero", "size": 1, "flush": "yes"}, b"'flush'"),
+    ({"op": "explode"}, b"explode"),
+    ({}, b"'op'"),
+    ([], b"object"),
+])
+def test_patch_bad(daemon, service, image, msg, word):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps(msg))
+    assert resp.status == 400
+    assert word in body
+    assert open(path, "rb").read() == data
+
+
+def test_patch_not_json(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"], body=b"{op")
+    assert resp.status == 400
+
+
+def test_zero_outside(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps({"op": "zero", "offset": 1,
+                                          "size": len(data)}))
+    assert resp.status == 416
+    assert open(path, "rb").read() == data
+
+
+# Extents and checksum
+
+def test_extents(daemon, service, tmp_path):
+    path = tmp_path / "holes.raw"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(2 * MiB)
+        f.write(b"x" * MiB)
+    t = add(daemon, path, 8 * MiB)
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/{}/extents".format(t["uuid"]))
+    assert resp.status == 200
+    extents = json.loads(body)
+    assert extents == [
+        {"start": 0, "length": 2 * MiB, "zero": True, "hole": False},
+        {"start": 2 * MiB, "length": MiB, "zero": False, "hole": False},
+        {"start": 3 * MiB, "length": 5 * MiB, "zero": True, "hole": False},
+    ]
+
+
+def test_extents_dirty_not_available(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET",
+                         "/images/{}/extents?context=dirty".format(t["uuid"]))
+    assert resp.status == 404
+
+
+def reference_checksum(data, block_size=4 * MiB):
+    outer = hashlib.blake2b(digest_size=32)
+    for i in range(0, len(data), block_size):
+        outer.update(hashlib.blake2b(data[i:i + block_size],
+                                     digest_size=32).digest())
+    return outer.hexdigest()
+
+
+def test_checksum(daemon, service, tmp_path):
+    data = os.urandom(MiB) + b"\0" * (5 * MiB) + os.urandom(MiB + 7)
+    path = make_image(tmp_path, len(data), data[:MiB])
+    with open(path, "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(data[6 * MiB:])
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/{}/checksum".format(t["uuid"]))
+    assert resp.status == 200
+    r = json.loads(body)
+    assert r == {"algorithm": "blake2b", "block_size": 4 * MiB,
+                 "checksum": reference_checksum(data)}
+    resp, body = request(con, "GET",
+                         "/images/{}/checksum?algorithm=sha256&block_size={}"
+                         .format(t["uuid"], MiB))
+    r = json.loads(body)
+    outer = hashlib.sha256()
+    for i in range(0, len(data), MiB):
+        outer.update(hashlib.sha256(data[i:i + MiB]).digest())
+    assert r["checksum"] == outer.hexdigest()
+
+
+@pytest.mark.parametrize("query", [
+    "algorithm=md42", "block_size=1000", "block_size=x",
+    "block_size=33554432",
+])
+def test_checksum_bad(daemon, service, image, query):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/{}/checksum?{}".format(
+        t["uuid"], query))
+    assert resp.status == 400
+
+
+def test_checksum_algorithms(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/{}/checksum/algorithms".format(
+        t["uuid"]))
+    algs = json.loads(body)["algorithms"]
+    assert "blake2b" in algs and "sha256" in algs
+
+
+# HTTP behaviour
+
+def test_keep_alive_many_requests(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    for i in range(200):
+        offset = (i * 12345) % (len(data) - 100)
+        resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+            "Range": "bytes={}-{}".format(offset, offset + 99)})
+        assert body == data[offset:offset + 100]
+    con.request("GET", "/images/" + t["uuid"] + "?close=y",
+                headers={"Range": "bytes=0-0"})
+    resp = con.getresponse()
+    assert resp.getheader("Connection") == "close"
+    resp.read()
+
+
+def test_connection_close_honoured(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    out = raw_request(daemon, service, (
+        "GET /images/{} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n"
+        "Connection: close\r\n\r\n").format(t["uuid"]).encode())
+    assert out.startswith(b"HTTP/1.1 206")
+    assert out.endswith(data[:10])
+
+
+def test_inactivity_timeout(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data), inactivity_timeout=1)
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes=0-0"})
+    assert resp.status == 206
+    start = time.monotonic()
+    # The daemon closes the idle connection: the socket reads EOF.
+    con.sock.settimeout(10)
+    try:
+        assert con.sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - start < 5
+
+
+def test_max_connections(make_daemon, tmp_path):
+    d = make_daemon("[daemon]\nmax_connections = 2\n")
+    data = os.urandom(8192)
+    path = make_image(tmp_path, len(data), data)
+    t = add(d, path, len(data))
+    cons = [d.unix() for _ in range(3)]
+    statuses = []
+    for con in cons:
+        resp, _ = request(con, "GET", "/images/" + t["uuid"])
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 503]
+    cons[0].close()
+    # A slot frees when a connection closes.
+    deadline = time.monotonic() + 10
+    while True:
+        con = d.unix()
+        resp, _ = request(con, "GET", "/images/" + t["uuid"])
+        if resp.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert resp.status == 200
+    with d.client() as c:
+        assert c.get_ticket(t["uuid"])["connections"] == 2
+
+
+def test_ticket_deleted_during_transfer(daemon, service, tmp_path):
+    size = 1024 * MiB
+    path = make_image(tmp_path, size, os.urandom(MiB))
+    t = add(daemon, path, size)
+    con = connect(daemon, service)
+    con.request("GET", "/images/" + t["uuid"])
+    resp = con.getresponse()
+    got = resp.read(MiB)
+    assert len(got) == MiB
+    start = time.monotonic()
+    with daemon.client() as c:
+        c.del_ticket(t["uuid"])
+    assert time.monotonic() - start < 10
+    # The transfer stops: the client sees a cut connection, not the image.
+    received = len(got)
+    try:
+        while True:
+            chunk = resp.read(MiB)
+            if not chunk:
+                break
+            received += len(chunk)
+    except Exception:
+        pass
+    assert received < size
+    con = connect(daemon, service)
+    resp, _ = request(con, "GET", "/images/" + t["uuid"])
+    assert resp.status == 403
+
+
+def test_ticket_accounting(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data), ops=["read"])
+    con = connect(daemon, service)
+    for first, last in [(0, 999), (500, 1499), (4096, 8191)]:
+        request(con, "GET", "/images/" + t["uuid"], headers={
+            "Range": "bytes={}-{}".format(first, last)})
+    with daemon.client() as c:
+        info = c.get_ticket(t["uuid"])
+    assert info["transferred"] == 1500 + 4096
+    assert info["active"] is False
+    assert info["connections"] == 1
+
+
+def test_curl_download_tls(daemon, tmp_path, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    out = tmp_path / "download"
+    r = subprocess.run(
+        ["curl", "--fail", "-sS", "--cacert", daemon.ca_file, "-o", str(out),
+         "https://localhost:{}/images/{}".format(daemon.remote_port,
+                                                 t["uuid"])],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+
+
+def test_curl_upload_unix(daemon, tmp_path, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    src = tmp_path / "upload"
+    payload = os.urandom(2 * MiB + 3)
+    src.write_bytes(payload)
+    r = subprocess.run(
+        ["curl", "--fail", "-sS", "--unix-socket", daemon.local_socket,
+         "-T", str(src), "http://localhost/images/{}".format(t["uuid"])],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert open(path, "rb").read() == payload + data[len(payload):]
+
+
+def test_concurrent_clients(daemon, service, image):
+    path, data = image
+    t = add(daemon, path, len(data))
+    errors = []
+
+    def reader(k):
+        try:
+            con = connect(daemon, service)
+            for i in range(20):
+                offset = (k * 7919 + i * 104729) % (len(data) - 65536)
+                resp, body = request(con, "GET", "/images/" + t["uuid"],
+                                     headers={"Range": "bytes={}-{}".format(
+                                         offset, offset + 65535)})
+                if body != data[offset:offset + 65536]:
+                    errors.append((k, i))
+            con.close()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
