@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import time
 
 from . import backends
 from . import errors
@@ -33,6 +34,9 @@ REASONS = {
 MAX_JSON_BODY = 64 * 1024
 # Receive size for the line reader.
 READ_SIZE = 64 * 1024
+# Once a request starts arriving, its request line and headers must be
+# complete within this time, however slowly a client trickles them in.
+HEADERS_TIMEOUT = 30
 
 
 class Reader:
@@ -47,6 +51,9 @@ class Reader:
         self._sock = sock
         self._buf = bytearray()
         self._pos = 0
+        # Monotonic time by which the current request's headers must be
+        # complete; None while waiting for a request.
+        self.deadline = None
 
     def peek_buffered(self):
         return len(self._buf) - self._pos
@@ -63,13 +70,29 @@ class Reader:
                 return line
             if len(self._buf) - self._pos > limit:
                 raise _LineTooLong()
-            chunk = self._sock.recv(READ_SIZE)
+            chunk = self._recv_line_data()
             if not chunk:
                 line = bytes(self._buf[self._pos:])
                 self._buf.clear()
                 self._pos = 0
                 return line
             self._buf += chunk
+
+    def _recv_line_data(self):
+        if self.deadline is None:
+            chunk = self._sock.recv(READ_SIZE)
+            self.deadline = time.monotonic() + HEADERS_TIMEOUT
+            return chunk
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("Request headers not received in time")
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(remaining if timeout is None
+                              else min(timeout, remaining))
+        try:
+            return self._sock.recv(READ_SIZE)
+        finally:
+            self._sock.settimeout(timeout)
 
     def _compact(self):
         if self._pos == len(self._buf):
@@ -391,6 +414,9 @@ class Connection:
 
     def _serve_one(self):
         resp = Response(self)
+        # Buffered bytes mean the next request already started arriving.
+        self.reader.deadline = time.monotonic() + HEADERS_TIMEOUT \
+            if self.reader.peek_buffered() else None
         try:
             line = self.reader.readline()
         except _LineTooLong:
@@ -413,6 +439,7 @@ class Connection:
             resp.send_error(431, "Request header line too long")
             return False
 
+        self.reader.deadline = None
         resp.request = req
         self.busy = True
         try:

@@ -1,0 +1,173 @@
+"""Property-based tests: whatever the input, parsers either return a
+consistent result or raise the error the HTTP layer turns into a 4xx."""
+
+import json
+import os
+import tempfile
+
+from hypothesis import given, settings, strategies as st
+
+from imageio import config
+from imageio import errors
+from imageio import httpparse as hp
+from imageio import tickets
+
+HTTP_ERRORS = (errors.BadRequest, errors.RangeNotSatisfiable)
+
+
+@given(st.text(max_size=60), st.integers(min_value=1, max_value=2**62))
+def test_range_any_text(value, size):
+    try:
+        offset, length = hp.parse_range(value, size)
+    except HTTP_ERRORS:
+        return
+    assert 0 <= offset < size
+    assert 1 <= length and offset + length <= size
+
+
+@given(st.integers(0, 2**63), st.one_of(st.none(), st.integers(0, 2**63)),
+       st.integers(1, 2**62))
+def test_range_numbers(first, last, size):
+    value = "bytes={}-{}".format(first, "" if last is None else last)
+    try:
+        offset, length = hp.parse_range(value, size)
+    except errors.RangeNotSatisfiable:
+        assert first >= size or (last is not None and
+                                 (last < first or last >= size))
+        return
+    assert offset == first
+    end = size - 1 if last is None else last
+    assert length == end - first + 1
+
+
+@given(st.text(max_size=60))
+def test_content_range_any_text(value):
+    try:
+        offset, length, total = hp.parse_content_range(value)
+    except errors.BadRequest:
+        return
+    assert offset >= 0 and length >= 1
+
+
+@given(st.integers(0, 2**62), st.integers(0, 2**62))
+def test_content_range_roundtrip(first, extra):
+    value = "bytes {}-{}/*".format(first, first + extra)
+    assert hp.parse_content_range(value) == (first, extra + 1, None)
+
+
+@given(st.binary(max_size=200))
+def test_request_line_any_bytes(line):
+    try:
+        method, path, query, version = hp.parse_request_line(line)
+    except errors.BadRequest:
+        return
+    assert version in ("HTTP/1.0", "HTTP/1.1")
+    assert path.startswith("/") or path == "*"
+
+
+@given(st.binary(max_size=200))
+def test_header_line_any_bytes(line):
+    try:
+        name, value = hp.parse_header_line(line)
+    except errors.BadRequest:
+        return
+    assert name == name.lower() and name
+    assert "\r" not in value and "\n" not in value
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10)
+
+ticket_like = st.fixed_dictionaries({}, optional={
+    "uuid": json_values | st.text(max_size=40),
+    "size": json_values | st.integers(-10, 2**64),
+    "url": json_values | st.sampled_from(
+        ["file:///x", "nbd:unix:/s", "https://h:1/images/x", "ftp://x",
+         "file:relative", "nbd://h/e"]),
+    "timeout": json_values | st.integers(-10, 10**6),
+    "ops": json_values | st.lists(st.sampled_from(
+        ["read", "write", "delete", ""]), max_size=3),
+    "sparse": json_values,
+    "dirty": json_values,
+    "inactivity_timeout": json_values,
+    "filename": json_values,
+    "transfer_id": json_values,
+})
+
+
+@settings(max_examples=300)
+@given(ticket_like)
+def test_ticket_validation(d):
+    try:
+        clean = tickets.validate(d)
+    except errors.BadRequest as e:
+        assert "Invalid ticket" in str(e)
+        return
+    assert isinstance(clean["size"], int) and clean["size"] >= 0
+    assert isinstance(clean["timeout"], int) and clean["timeout"] >= 0
+    assert set(clean["ops"]) <= {"read", "write"} and clean["ops"]
+    assert isinstance(clean["uuid"], str) and clean["uuid"]
+    # A valid ticket is usable.
+    tickets.Ticket(clean).info()
+
+
+@given(json_values)
+def test_ticket_modify(changes):
+    store = tickets.Store(config.load(files=[]))
+    store.add({"uuid": "t", "size": 1, "url": "file:///x", "timeout": 10,
+               "ops": ["read"]})
+    try:
+        store.modify("t", changes)
+    except errors.BadRequest:
+        assert store.get("t").timeout == 10
+        return
+    assert store.get("t").timeout == changes["timeout"]
+
+
+@given(st.text(max_size=30), st.sampled_from(
+    [("daemon", "max_connections"), ("tls", "enable"),
+     ("daemon", "poll_interval"), ("remote", "host")]))
+def test_config_values(raw, where):
+    section, option = where
+    if "\r" in raw or "\n" in raw:
+        # A value is one line of the file.
+        return
+    with tempfile.TemporaryDirectory() as d:
+        os.mkdir(os.path.join(d, "conf.d"))
+        path = os.path.join(d, "conf.d", "50.conf")
+        with open(path, "w") as f:
+            f.write("[{}]\n{} = {}\n".format(section, option, raw))
+        try:
+            cfg = config.load(d)
+        except errors.ConfigError as e:
+            assert path in str(e)
+            return
+        value = getattr(getattr(cfg, section), option)
+        assert type(value) is type(config.DEFAULTS[section][option])
+
+
+@given(json_values)
+def test_patch_json_fields(msg):
+    # The PATCH validators used by the images handler.
+    from imageio.handlers import images
+    if not isinstance(msg, dict):
+        return
+    for name in ("offset", "size"):
+        try:
+            v = images._int_field(msg, name, 0)
+        except errors.BadRequest as e:
+            assert name in str(e)
+        else:
+            assert isinstance(v, int) and v >= 0
+    try:
+        images._bool_field(msg, "flush", False)
+    except errors.BadRequest as e:
+        assert "flush" in str(e)
+
+
+def test_json_roundtrip_sanity():
+    assert json.loads(json.dumps({"a": 1})) == {"a": 1}
