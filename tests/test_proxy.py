@@ -1,0 +1,170 @@
+"""The proxy backend: a daemon serving tickets whose url is another
+imageio daemon.  Two real daemons on loopback."""
+
+import hashlib
+import json
+import os
+import socket
+
+import pytest
+
+from conftest import new_ticket
+from daemonproc import Daemon
+
+MiB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """The daemon next to the storage."""
+    d = Daemon(tmp_path_factory.mktemp("storage")).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory, storage):
+    """A daemon relaying to ``storage``, trusting its CA."""
+    d = Daemon(tmp_path_factory.mktemp("proxy"),
+               "[backend_http]\nca_file = {}\n".format(storage.ca_file))
+    d.start()
+    yield d
+    d.stop()
+
+
+def make_pair(storage, proxy, tmp_path, data, ops=("read", "write"),
+              **kw):
+    path = tmp_path / "image.raw"
+    path.write_bytes(data)
+    remote = new_ticket("file://" + str(path), len(data), ops=ops, **kw)
+    storage.add_ticket(remote)
+    url = "https://localhost:{}/images/{}".format(storage.remote_port,
+                                                   remote["uuid"])
+    local = new_ticket(url, len(data), ops=ops)
+    proxy.add_ticket(local)
+    return path, remote, local
+
+
+def request(con, method, url, body=None, headers=None):
+    con.request(method, url, body=body, headers=headers or {})
+    resp = con.getresponse()
+    return resp, resp.read()
+
+
+@pytest.fixture(params=["remote", "local"])
+def con(request, proxy):
+    c = proxy.https() if request.param == "remote" else proxy.unix()
+    yield c
+    c.close()
+
+
+def test_options(storage, proxy, tmp_path, con):
+    _, _, t = make_pair(storage, proxy, tmp_path, os.urandom(MiB))
+    resp, body = request(con, "OPTIONS", "/images/" + t["uuid"])
+    assert resp.status == 200
+    info = json.loads(body)
+    assert set(info["features"]) == {"extents", "zero", "flush", "checksum"}
+    # The proxy's own local socket, not the remote one.
+    assert info["unix_socket"] == proxy.local_socket
+    assert info["max_readers"] >= 1
+
+
+def test_get_ranges(storage, proxy, tmp_path, con):
+    data = os.urandom(3 * MiB + 11)
+    _, _, t = make_pair(storage, proxy, tmp_path, data)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert resp.status == 200 and body == data
+    for first, last in [(0, 0), (4095, 4097), (MiB - 1, 3 * MiB + 10)]:
+        resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+            "Range": "bytes={}-{}".format(first, last)})
+        assert resp.status == 206
+        assert body == data[first:last + 1]
+
+
+def test_put_zero_flush(storage, proxy, tmp_path, con):
+    data = os.urandom(2 * MiB)
+    path, _, t = make_pair(storage, proxy, tmp_path, data)
+    payload = os.urandom(MiB + 3)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=payload,
+                         headers={"Content-Range": "bytes 5-{}/*".format(
+                             5 + len(payload) - 1)})
+    assert resp.status == 200, body
+    expected = data[:5] + payload + data[5 + len(payload):]
+    assert path.read_bytes() == expected
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps({"op": "zero", "offset": 4096,
+                                          "size": 8192, "flush": True}))
+    assert resp.status == 200, body
+    expected = expected[:4096] + b"\0" * 8192 + expected[4096 + 8192:]
+    assert path.read_bytes() == expected
+    resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                         body=json.dumps({"op": "flush"}))
+    assert resp.status == 200
+
+
+def test_extents_and_checksum(storage, proxy, tmp_path, con):
+    data = b"\0" * (4 * MiB) + os.urandom(MiB)
+    path, remote, t = make_pair(storage, proxy, tmp_path, b"")
+    with open(path, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(data[4 * MiB:])
+    resp, body = request(con, "GET", "/images/{}/extents".format(t["uuid"]))
+    assert resp.status == 200
+    direct = storage.https()
+    _, expected = request(direct, "GET", "/images/{}/extents".format(
+        remote["uuid"]))
+    assert json.loads(body) == json.loads(expected)
+    resp, body = request(con, "GET", "/images/{}/checksum".format(t["uuid"]))
+    outer = hashlib.blake2b(digest_size=32)
+    for i in range(0, len(data), 4 * MiB):
+        outer.update(hashlib.blake2b(data[i:i + 4 * MiB],
+                                     digest_size=32).digest())
+    assert json.loads(body)["checksum"] == outer.hexdigest()
+
+
+def test_remote_errors_pass_through(storage, proxy, tmp_path, con):
+    data = os.urandom(MiB)
+    _, remote, t = make_pair(storage, proxy, tmp_path, data)
+    # A range outside the image.
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes={}-".format(len(data))})
+    assert resp.status == 416
+    # The remote ticket deleted: 403 reaches the client.
+    with storage.client() as c:
+        c.del_ticket(remote["uuid"])
+    c2 = proxy.https()
+    resp, body = request(c2, "GET", "/images/" + t["uuid"])
+    assert resp.status == 403
+    assert b"Remote" in body
+
+
+def test_remote_down(proxy, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = new_ticket("https://localhost:{}/images/x".format(port), MiB)
+    proxy.add_ticket(t)
+    con = proxy.https(timeout=30)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    assert resp.status == 502
+    assert b"Cannot reach the remote imageio daemon" in body
+
+
+def test_bad_ca(storage, tmp_path):
+    # A proxy trusting another CA refuses the storage daemon.
+    other = Daemon(tmp_path / "other").start()
+    try:
+        data = os.urandom(MiB)
+        path = tmp_path / "img"
+        path.write_bytes(data)
+        remote = new_ticket("file://" + str(path), len(data))
+        storage.add_ticket(remote)
+        t = new_ticket("https://localhost:{}/images/{}".format(
+            storage.remote_port, remote["uuid"]), len(data))
+        other.add_ticket(t)
+        con = other.https()
+        resp, body = request(con, "GET", "/images/" + t["uuid"])
+        assert resp.status == 502
+        assert b"verify" in body
+    finally:
+        other.stop()
