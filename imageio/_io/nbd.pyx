@@ -768,17 +768,22 @@ cdef class Handle:
             self.max_request = <size_t>maximum
         return 0
 
-    def connect(self, str url, bint dirty=False):
+    def connect(self, str url, bint dirty=False, str tls_username=None):
         """Connect to an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://).
 
         TLS query parameters (``tls-certificates``, ``tls-psk-file``) may
-        name local files.  With ``dirty``, negotiate the export's dirty
-        bitmap (``dirty_context`` names it, or is None).
+        name local files.  ``tls_username`` is the PSK user name when the
+        URI has none (libnbd 1.14 ignores a ``tls-username`` parameter).
+        With ``dirty``, negotiate the export's dirty bitmap
+        (``dirty_context`` names it, or is None).
         """
         cdef lib.nbd_handle *h = self._handle()
         cdef bytes b = url.encode("utf-8")
         cdef const char *c = b
         cdef int r
+        if tls_username is not None:
+            if lib.nbd_set_tls_username(h, tls_username.encode("utf-8")) == -1:
+                _raise_last()
         self._prepare(dirty)
         with nogil:
             r = lib.nbd_connect_uri(h, c)

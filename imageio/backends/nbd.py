@@ -1,0 +1,375 @@
+"""The NBD backend: images served by an NBD server, through libnbd.
+
+URLs (SPEC section 4):
+
+- ``nbd:unix:/socket[:exportname=NAME]`` and ``nbd:HOST:PORT[:exportname=NAME]``,
+  qemu's legacy forms, connected with ``nbd_connect_unix``/``nbd_connect_tcp``;
+- the NBD URI standard, ``nbd://HOST[:PORT]/NAME``, ``nbd+unix:///NAME?socket=/path``,
+  ``nbds://`` and ``nbds+unix://`` (TLS, with ``tls-certificates=DIR`` or
+  ``tls-psk-file=FILE`` and ``tls-username``), connected by libnbd's
+  ``nbd_connect_uri``.
+
+One backend holds one libnbd handle; bulk bytes move in
+``imageio._io.nbd`` with several requests in flight and the GIL released.
+"""
+
+import logging
+import os
+import pwd
+import re
+import urllib.parse
+
+from .. import errors
+from .._io import nbd
+from . import DirtyExtent, Extent
+
+log = logging.getLogger("backends.nbd")
+
+# Connections a client may open to one image at once.
+MAX_CONNECTIONS = 8
+
+# nbd:unix:/path[:exportname=NAME]
+_LEGACY_UNIX = re.compile(r"nbd:unix:(?P<path>/[^:]*)(?::exportname=(?P<name>.*))?")
+
+# nbd:HOST:PORT[:exportname=NAME]; HOST may be an IPv6 address, bracketed or
+# not (the non-greedy match finds the first ":PORT" that completes the URL).
+_LEGACY_TCP = re.compile(
+    r"nbd:(?P<host>[^/].*?):(?P<port>\d+)(?::exportname=(?P<name>.*))?")
+
+_URI_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+
+# Query parameters whose values are shown in messages.
+_PUBLIC_PARAMS = {"socket", "tls-certificates", "tls-username"}
+
+
+class Address:
+    """Where an export is: ``kind`` is "uri", "unix" or "tcp"."""
+
+    def __init__(self, kind, url, path=None, host=None, port=None,
+                 export="", tls_username=None):
+        self.kind = kind
+        self.url = url
+        self.path = path
+        self.host = host
+        self.port = port
+        self.export = export
+        self.tls_username = tls_username
+
+    def connect(self, handle, dirty):
+        if self.kind == "unix":
+            handle.connect_unix(self.path, self.export, dirty=dirty)
+        elif self.kind == "tcp":
+            handle.connect_tcp(self.host, self.port, self.export, dirty=dirty)
+        else:
+            handle.connect(self.url, dirty=dirty,
+                           tls_username=self.tls_username)
+
+
+def parse_url(url):
+    """Return the ``Address`` of an nbd URL; raise errors.BadRequest."""
+    if url.startswith("nbd:") and not url.startswith("nbd://"):
+        m = _LEGACY_UNIX.fullmatch(url)
+        if m:
+            return Address("unix", url, path=m.group("path"),
+                           export=m.group("name") or "")
+        if url.startswith("nbd:unix:"):
+            raise errors.BadRequest(
+                "Invalid NBD url {!r}: expected nbd:unix:/socket"
+                "[:exportname=NAME]".format(redact(url)))
+        m = _LEGACY_TCP.fullmatch(url)
+        if m:
+            host = m.group("host")
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            return Address("tcp", url, host=host, port=int(m.group("port")),
+                           export=m.group("name") or "")
+        raise errors.BadRequest(
+            "Invalid NBD url {!r}: expected nbd:unix:/socket[:exportname=NAME], "
+            "nbd:HOST:PORT[:exportname=NAME] or an NBD URI "
+            "(nbd://, nbds://, nbd+unix://, nbds+unix://)".format(redact(url)))
+
+    try:
+        u = urllib.parse.urlsplit(url)
+        u.port  # Raises ValueError for a bad port.
+    except ValueError as e:
+        raise errors.BadRequest(
+            "Invalid NBD url {!r}: {}".format(redact(url), e))
+    if u.scheme not in _URI_SCHEMES:
+        raise errors.BadRequest(
+            "Invalid NBD url {!r}: unsupported scheme {!r}".format(
+                redact(url), u.scheme))
+    query = urllib.parse.parse_qs(u.query)
+    if u.scheme.endswith("+unix"):
+        sockets = query.get("socket", [])
+        if len(sockets) != 1 or not sockets[0]:
+            raise errors.BadRequest(
+                "Invalid NBD url {!r}: {}:// needs exactly one socket=PATH "
+                "query parameter".format(redact(url), u.scheme))
+        if u.hostname:
+            raise errors.BadRequest(
+                "Invalid NBD url {!r}: {}:// takes no host".format(
+                    redact(url), u.scheme))
+    else:
+        if not u.hostname:
+            raise errors.BadRequest(
+                "Invalid NBD url {!r}: missing host".format(redact(url)))
+        if "socket" in query:
+            raise errors.BadRequest(
+                "Invalid NBD url {!r}: socket= is only for nbd+unix:// "
+                "and nbds+unix://".format(redact(url)))
+    # The NBD URI standard: the export name is the path without its
+    # first "/".
+    export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/")
+                                  else u.path)
+    tls_username = None
+    if u.scheme.startswith("nbds") and not u.username:
+        # libnbd 1.14 ignores the tls-username parameter and otherwise
+        # uses getlogin(), which fails in a daemon.
+        names = query.get("tls-username")
+        tls_username = names[0] if names else _login_name()
+    return Address("uri", url, export=export, tls_username=tls_username)
+
+
+def _login_name():
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def redact(url):
+    """``url`` fit for messages and logs: no password, no secret query values."""
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    netloc = u.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = "{}@{}".format(user, hostport)
+    if u.query:
+        params = []
+        for key, value in urllib.parse.parse_qsl(u.query,
+                                                 keep_blank_values=True):
+            if key not in _PUBLIC_PARAMS:
+                value = "***"
+            params.append("{}={}".format(key, value))
+        query = "&".join(params)
+    else:
+        query = ""
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, query,
+                                    u.fragment))
+
+
+def validate_url(url):
+    """Raise errors.BadRequest if ``url`` is not an NBD URL we can serve."""
+    parse_url(url)
+
+
+def open(ticket, cfg):
+    """Connect to the ticket's export; raise errors.BackendError if we
+    cannot."""
+    address = parse_url(ticket.url)
+    backend = NbdBackend(address, ticket, cfg)
+    try:
+        backend.reconnect()
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+class NbdBackend:
+    """One connection to an NBD export (see ``imageio.backends``)."""
+
+    name = "nbd"
+
+    def __init__(self, address, ticket, cfg):
+        self._address = address
+        self._dirty = bool(getattr(ticket, "dirty", False))
+        self._sparse = bool(getattr(ticket, "sparse", False))
+        self._writable = "write" in (getattr(ticket, "ops", None) or ())
+        self._buffer_size = cfg.backend_nbd.buffer_size
+        daemon = getattr(cfg, "daemon", None)
+        self._max_connections = min(
+            MAX_CONNECTIONS,
+            getattr(daemon, "max_connections", MAX_CONNECTIONS) or
+            MAX_CONNECTIONS)
+        self._h = None
+        self._zero_buf = None
+
+    # Connection.
+
+    def reconnect(self):
+        """(Re)connect to the export; raise errors.BackendError."""
+        self._close_handle()
+        h = nbd.Handle()
+        try:
+            self._address.connect(h, self._dirty)
+        except nbd.Error as e:
+            h.close()
+            raise errors.BackendError(
+                "Cannot connect to NBD server {}: {}".format(
+                    redact(self._address.url), e)) from None
+        self._h = h
+        self._size = h.size()
+        self._read_only = h.is_read_only()
+        self._can_zero = h.can_zero()
+        self._can_flush = h.can_flush()
+        self._multi_conn = h.can_multi_conn()
+        log.debug("Connected to %s size=%d read_only=%s multi_conn=%s "
+                  "dirty_context=%s", redact(self._address.url), self._size,
+                  self._read_only, self._multi_conn, h.dirty_context)
+
+    def _handle(self):
+        # A server that died during an earlier request: reconnect now.
+        if self._h is None or not self._h.is_connected():
+            if self._h is not None:
+                log.warning("NBD connection to %s was lost, reconnecting",
+                            redact(self._address.url))
+            self.reconnect()
+        return self._h
+
+    def _close_handle(self):
+        h, self._h = self._h, None
+        if h is not None:
+            try:
+                h.close()
+            except nbd.Error as e:
+                log.debug("Error closing NBD handle: %s", e)
+
+    def close(self):
+        self._close_handle()
+
+    # Properties.
+
+    def size(self):
+        return self._size
+
+    @property
+    def features(self):
+        features = {"extents"}
+        if not self._read_only:
+            # Without WRITE_ZEROES we write zeroes.
+            features.add("zero")
+            if self._can_flush:
+                features.add("flush")
+        return frozenset(features)
+
+    @property
+    def max_readers(self):
+        return self._max_connections
+
+    @property
+    def max_writers(self):
+        # Without multi-conn, writes on one connection may not be seen by
+        # flush on another: one writer.
+        return self._max_connections if self._multi_conn else 1
+
+    # I/O.
+
+    def read_to(self, sink, offset, length, buf, progress):
+        self._check_range(offset, length)
+        h = self._handle()
+        if sink.fd != -1:
+            h.send_to_socket(sink.fd, offset, length, buf, sink.timeout,
+                             progress)
+            return
+        # TLS: Python drives the socket; fill the buffer with requests in
+        # flight, send it with the GIL released by ssl.
+        view = memoryview(buf)
+        step = min(len(buf), self._buffer_size)
+        try:
+            while length:
+                n = min(step, length)
+                h.pread_pipelined(buf, offset, n, sink.timeout)
+                sink.write(view[:n])
+                offset += n
+                length -= n
+                if progress:
+                    progress(n)
+        finally:
+            view.release()
+
+    def write_from(self, source, offset, length, buf, progress):
+        self._check_range(offset, length)
+        h = self._handle()
+        view = memoryview(buf)
+        step = min(len(buf), self._buffer_size)
+        try:
+            while length:
+                fd = source.fd
+                if fd != -1:
+                    received = h.recv_from_socket(fd, offset, length, buf,
+                                                  source.timeout, progress)
+                    if received < length:
+                        raise errors.PartialContent(
+                            length, received)
+                    return
+                # Buffered bytes, or TLS: fill the buffer, then write it.
+                n = min(step, length)
+                got = 0
+                while got < n:
+                    r = source.readinto(view[got:n])
+                    if not r:
+                        raise errors.PartialContent(length, got)
+                    got += r
+                h.pwrite_pipelined(buf, offset, n, source.timeout)
+                offset += n
+                length -= n
+                if progress:
+                    progress(n)
+        finally:
+            view.release()
+
+    def readinto(self, buf, offset, length):
+        self._check_range(offset, length)
+        h = self._handle()
+        h.pread_pipelined(buf, offset, length)
+        return memoryview(buf)[:length]
+
+    def zero(self, offset, length, punch_hole):
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        h = self._handle()
+        if self._can_zero:
+            h.zero(offset, length, no_hole=not punch_hole)
+            return
+        # The server cannot zero: write zeroes.
+        if self._zero_buf is None:
+            self._zero_buf = bytearray(min(self._buffer_size, 8 * 1024**2))
+        step = len(self._zero_buf)
+        while length:
+            n = min(step, length)
+            h.pwrite_pipelined(self._zero_buf, offset, n)
+            offset += n
+            length -= n
+
+    def flush(self):
+        h = self._handle()
+        if self._can_flush:
+            h.flush()
+
+    def extents(self, context="zero"):
+        if context == "zero":
+            h = self._handle()
+            return [Extent(*e) for e in h.zero_extents(0, self._size)]
+        if context == "dirty":
+            if not self._dirty:
+                raise errors.NotFound(
+                    "Ticket does not support dirty extents")
+            h = self._handle()
+            if h.dirty_context is None:
+                raise errors.NotFound(
+                    "NBD export {} has no dirty bitmap".format(
+                        redact(self._address.url)))
+            return [DirtyExtent(*e) for e in h.dirty_extents(0, self._size)]
+        raise errors.NotFound("Unknown extents context {!r}".format(context))
+
+    def _check_range(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise errors.RangeNotSatisfiable(
+                "Range {}+{} is outside the image (size {})".format(
+                    offset, length, self._size), size=self._size)
