@@ -8,17 +8,18 @@ Every measured test stores in ``benchmark.extra_info``:
 
 - scenario, server (kind), label: what was measured on what;
 - unit and higher_is_better: how to read value;
-- value: median over the measured rounds, best: the best round;
-- cpu, cpu_unit: the server's median CPU per GiB (or per 1000 requests,
-  or per run), from /proc, children included;
+- rep: which repeat (each scenario runs REPEATS times per server,
+  interleaved across servers);
+- value: MiB/s, req/s or seconds of this repeat's round;
+- cpu, cpu_unit: the server's CPU per GiB (or per 1000 requests, or per
+  run), from /proc, children included;
 - client_cpu: the same for the client (curl processes or this process).
 
-bench/report.py turns these into ratios ours/peer.
+bench/report.py merges the repeats and turns them into ratios ours/peer.
 """
 
 import os
 import resource
-import statistics
 import time
 
 import pytest
@@ -29,8 +30,11 @@ MiB = images.MiB
 GiB = images.GiB
 
 QUICK = bool(os.environ.get("IMAGEIO_BENCH_QUICK"))
-ROUNDS = int(os.environ.get("IMAGEIO_BENCH_ROUNDS", 2 if QUICK else 4))
-WARMUP = int(os.environ.get("IMAGEIO_BENCH_WARMUP", 1))
+# Each scenario runs REPEATS times per server, interleaved: imageio,
+# established, nginx, imageio, established, nginx, ... so that a noisy
+# neighbour or a drifting machine hits every server alike. Ratios are the
+# median of the per-repeat (paired) ratios.
+REPEATS = int(os.environ.get("IMAGEIO_BENCH_REPEATS", 3 if QUICK else 5))
 REQUESTS = int(os.environ.get("IMAGEIO_BENCH_REQUESTS",
                               1000 if QUICK else 3000))
 # Restrict the servers (comma separated kinds), e.g. "established,nginx"
@@ -39,8 +43,18 @@ ONLY = set(filter(None, os.environ.get("IMAGEIO_BENCH_SERVERS", "").split(",")))
 
 OURS = "imageio"
 
-__all__ = ["servers", "server", "get_server", "measure", "ticket", "OURS", "QUICK",
-           "ROUNDS", "REQUESTS", "MiB", "GiB"]
+__all__ = ["servers", "server", "get_server", "measure", "ticket",
+           "servers_param", "OURS", "QUICK", "REPEATS", "REQUESTS", "MiB",
+           "GiB"]
+
+
+def servers_param(kinds, argname="server"):
+    """Parametrize a scenario by (server, rep): every server, REPEATS times,
+    interleaved. The server argument is indirect (started on demand)."""
+    params = [(kind, rep) for rep in range(REPEATS) for kind in kinds]
+    return pytest.mark.parametrize(
+        f"{argname},rep", params, indirect=[argname],
+        ids=[f"{kind}-{rep}" for kind, rep in params])
 
 
 @pytest.fixture(scope="session")
@@ -115,16 +129,16 @@ def _client_cpu():
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def measure(benchmark, scenario, server, fn, *, amount, unit="MiB/s",
-            cpu_per=None, rounds=None, warmup=None):
-    """Run fn for warmup + rounds rounds through pytest-benchmark.
+def measure(benchmark, scenario, server, rep, fn, *, amount, unit="MiB/s",
+            cpu_per=None):
+    """Measure one round of fn through pytest-benchmark (after one warm-up
+    round on the first repeat).
 
     amount: what one round moves, in the unit's numerator (MiB for MiB/s,
     requests for req/s); unit "s" reports the round's time (lower is better).
     cpu_per: (divisor, unit) for the CPU figure, default per GiB.
     """
-    rounds = ROUNDS if rounds is None else rounds
-    warmup = WARMUP if warmup is None else warmup
+    warmup = 1 if rep == 0 else 0
     samples = []
 
     def one_round():
@@ -138,32 +152,28 @@ def measure(benchmark, scenario, server, fn, *, amount, unit="MiB/s",
         samples.append((t, c, k))
 
     benchmark.group = scenario
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1,
+    benchmark.pedantic(one_round, rounds=1, iterations=1,
                        warmup_rounds=warmup)
-    samples = samples[warmup:]
-    times = [s[0] for s in samples]
+    t, c, k = samples[-1]
     if unit == "s":
-        values = times
-        higher = False
+        value, higher = t, False
     else:
-        values = [amount / t for t in times]
-        higher = True
+        value, higher = amount / t, True
     if cpu_per is None:
-        cpu_per = (amount / 1024, "s/GiB") if unit == "MiB/s" else \
-            (1, "s")
+        cpu_per = (amount / 1024, "s/GiB") if unit == "MiB/s" else (1, "s")
     divisor, cpu_unit = cpu_per
     info = benchmark.extra_info
     info.update({
         "scenario": scenario,
         "server": server.kind,
         "label": server.label,
+        "rep": rep,
         "unit": unit,
         "higher_is_better": higher,
-        "value": statistics.median(values),
-        "best": max(values) if higher else min(values),
-        "samples": values,
-        "cpu": statistics.median(s[1] for s in samples) / divisor,
-        "client_cpu": statistics.median(s[2] for s in samples) / divisor,
+        "value": value,
+        "seconds": t,
+        "cpu": c / divisor,
+        "client_cpu": k / divisor,
         "cpu_unit": cpu_unit,
     })
     return info

@@ -15,14 +15,11 @@ import pytest
 
 from bench import clients, images
 from bench.e2e import *  # noqa: F401,F403 (fixtures)
-from bench.e2e import MiB, REQUESTS, get_server, measure, ticket
+from bench.e2e import (MiB, REQUESTS, get_server, measure, servers_param,
+                       ticket)
 
 GET_PEERS = ["imageio", "established", "nginx"]
 DAEMONS = ["imageio", "established"]
-
-
-def servers_param(kinds):
-    return pytest.mark.parametrize("server", kinds, indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +40,7 @@ def checksum_image():
 # --- bulk GET and PUT ------------------------------------------------------------
 
 @servers_param(GET_PEERS)
-def test_get_unix(benchmark, servers, server, bulk):
+def test_get_unix(benchmark, servers, server, rep, bulk):
     """GET the 2 GiB image over the unix socket (nginx: sendfile)."""
     path = ticket(server, "bulk", bulk)
     size = os.path.getsize(bulk)
@@ -51,11 +48,11 @@ def test_get_unix(benchmark, servers, server, bulk):
     def get():
         assert clients.curl_get(server, path, "unix") == size
 
-    measure(benchmark, "get_unix", server, get, amount=size / MiB)
+    measure(benchmark, "get_unix", server, rep, get, amount=size / MiB)
 
 
 @servers_param(GET_PEERS)
-def test_get_https(benchmark, servers, server, bulk):
+def test_get_https(benchmark, servers, server, rep, bulk):
     """GET the 2 GiB image over HTTPS on loopback."""
     path = ticket(server, "bulk", bulk)
     size = os.path.getsize(bulk)
@@ -63,11 +60,11 @@ def test_get_https(benchmark, servers, server, bulk):
     def get():
         assert clients.curl_get(server, path, "https", servers.cert) == size
 
-    measure(benchmark, "get_https", server, get, amount=size / MiB)
+    measure(benchmark, "get_https", server, rep, get, amount=size / MiB)
 
 
 @servers_param(DAEMONS)
-def test_put_unix(benchmark, servers, server, bulk):
+def test_put_unix(benchmark, servers, server, rep, bulk):
     """PUT the 2 GiB image over the unix socket (flush=y, the default)."""
     target = images.put_target(f"put-{server.kind}.raw")
     path = ticket(server, "put", target, ops=("write",))
@@ -76,11 +73,11 @@ def test_put_unix(benchmark, servers, server, bulk):
     def put():
         assert clients.curl_put(server, path, "unix", bulk) == size
 
-    measure(benchmark, "put_unix", server, put, amount=size / MiB)
+    measure(benchmark, "put_unix", server, rep, put, amount=size / MiB)
 
 
 @servers_param(DAEMONS)
-def test_put_https(benchmark, servers, server, bulk):
+def test_put_https(benchmark, servers, server, rep, bulk):
     """PUT the 2 GiB image over HTTPS."""
     target = images.put_target(f"put-{server.kind}.raw")
     path = ticket(server, "put", target, ops=("write",))
@@ -90,7 +87,7 @@ def test_put_https(benchmark, servers, server, bulk):
         assert clients.curl_put(server, path, "https", bulk,
                                 servers.cert) == size
 
-    measure(benchmark, "put_https", server, put, amount=size / MiB)
+    measure(benchmark, "put_https", server, rep, put, amount=size / MiB)
 
 
 class DirectRead:
@@ -112,9 +109,8 @@ def disk_peer(request, servers):
     return get_server(servers, request.param)
 
 
-@pytest.mark.parametrize("disk_peer", ["imageio", "established", "dd"],
-                         indirect=True)
-def test_get_unix_disk(benchmark, servers, disk_peer, disk):
+@servers_param(["imageio", "established", "dd"], argname="disk_peer")
+def test_get_unix_disk(benchmark, servers, disk_peer, rep, disk):
     """GET the image from /var/tmp (a disk) over the unix socket."""
     server = disk_peer
     size = os.path.getsize(disk)
@@ -129,13 +125,13 @@ def test_get_unix_disk(benchmark, servers, disk_peer, disk):
         def get():
             assert clients.curl_get(server, path, "unix") == size
 
-    measure(benchmark, "get_unix_disk", server, get, amount=size / MiB)
+    measure(benchmark, "get_unix_disk", server, rep, get, amount=size / MiB)
 
 
 # --- everything else -------------------------------------------------------------
 
 @servers_param(GET_PEERS)
-def test_get_https_4conn(benchmark, servers, server, bulk):
+def test_get_https_4conn(benchmark, servers, server, rep, bulk):
     """GET the 2 GiB image as 4 concurrent HTTPS ranged requests."""
     path = ticket(server, "bulk", bulk)
     size = os.path.getsize(bulk)
@@ -145,10 +141,11 @@ def test_get_https_4conn(benchmark, servers, server, bulk):
                                       size, 4)
         assert n == size
 
-    measure(benchmark, "get_https_4conn", server, get, amount=size / MiB)
+    measure(benchmark, "get_https_4conn", server, rep, get,
+            amount=size / MiB)
 
 
-def _ranged(benchmark, servers, server, bulk, length, scenario):
+def _ranged(benchmark, servers, server, rep, bulk, length, scenario):
     path = ticket(server, "bulk", bulk)
     size = os.path.getsize(bulk)
     rnd = random.Random(length)
@@ -161,22 +158,23 @@ def _ranged(benchmark, servers, server, bulk, length, scenario):
             assert clients.ranged_gets(conn, path, offsets, length) == \
                 length * len(offsets)
 
-        measure(benchmark, scenario, server, get, amount=len(offsets),
+        measure(benchmark, scenario, server, rep, get, amount=len(offsets),
                 unit="req/s", cpu_per=(len(offsets) / 1000, "s/1000 req"))
     finally:
         conn.close()
 
 
 @servers_param(GET_PEERS)
-def test_ranged_4k_https(benchmark, servers, server, bulk):
+def test_ranged_4k_https(benchmark, servers, server, rep, bulk):
     """4 KiB ranged GETs on one keep-alive HTTPS connection."""
-    _ranged(benchmark, servers, server, bulk, 4096, "ranged_4k_https")
+    _ranged(benchmark, servers, server, rep, bulk, 4096, "ranged_4k_https")
 
 
 @servers_param(GET_PEERS)
-def test_ranged_64k_https(benchmark, servers, server, bulk):
+def test_ranged_64k_https(benchmark, servers, server, rep, bulk):
     """64 KiB ranged GETs on one keep-alive HTTPS connection."""
-    _ranged(benchmark, servers, server, bulk, 65536, "ranged_64k_https")
+    _ranged(benchmark, servers, server, rep, bulk, 65536,
+            "ranged_64k_https")
 
 
 _expected_checksums = {}
@@ -197,7 +195,7 @@ def expected_checksum(path, block_size=4 * MiB):
 
 
 @servers_param(DAEMONS)
-def test_checksum_1g(benchmark, servers, server, checksum_image):
+def test_checksum_1g(benchmark, servers, server, rep, checksum_image):
     """Checksum of a 1 GiB half-sparse raw file (time, lower is better)."""
     path = ticket(server, "checksum", checksum_image)
     expected = expected_checksum(checksum_image)
@@ -207,7 +205,7 @@ def test_checksum_1g(benchmark, servers, server, checksum_image):
             res = clients.get_json(conn, path + "/checksum")
             assert res["checksum"] == expected, res
 
-        measure(benchmark, "checksum_1g", server, checksum, amount=1,
+        measure(benchmark, "checksum_1g", server, rep, checksum, amount=1,
                 unit="s", cpu_per=(1, "s"))
     finally:
         conn.close()
