@@ -38,8 +38,10 @@ _LEGACY_TCP = re.compile(
 
 _URI_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
-# Query parameters whose values are shown in messages.
-_PUBLIC_PARAMS = {"socket", "tls-certificates", "tls-username"}
+# Query parameters whose values are shown in messages: paths and names, not
+# secrets (a PSK file's path is not its key).
+_PUBLIC_PARAMS = {"socket", "tls-certificates", "tls-psk-file",
+                  "tls-username"}
 
 
 class Address:
@@ -280,48 +282,51 @@ class NbdBackend:
         # flight, send it with the GIL released by ssl.
         view = memoryview(buf)
         step = min(len(buf), self._buffer_size)
-        try:
-            while length:
-                n = min(step, length)
-                h.pread_pipelined(buf, offset, n, sink.timeout)
-                sink.write(view[:n])
-                offset += n
-                length -= n
-                if progress:
-                    progress(n)
-        finally:
-            view.release()
+        while length:
+            n = min(step, length)
+            h.pread_pipelined(buf, offset, n, sink.timeout)
+            sink.write(view[:n])
+            offset += n
+            length -= n
+            if progress:
+                progress(n)
 
     def write_from(self, source, offset, length, buf, progress):
         self._check_range(offset, length)
         h = self._handle()
         view = memoryview(buf)
         step = min(len(buf), self._buffer_size)
-        try:
-            while length:
-                fd = source.fd
-                if fd != -1:
-                    received = h.recv_from_socket(fd, offset, length, buf,
-                                                  source.timeout, progress)
-                    if received < length:
-                        raise errors.PartialContent(
-                            length, received)
-                    return
-                # Buffered bytes, or TLS: fill the buffer, then write it.
-                n = min(step, length)
-                got = 0
-                while got < n:
-                    r = source.readinto(view[got:n])
-                    if not r:
-                        raise errors.PartialContent(length, got)
-                    got += r
-                h.pwrite_pipelined(buf, offset, n, source.timeout)
-                offset += n
-                length -= n
-                if progress:
-                    progress(n)
-        finally:
-            view.release()
+        requested = length
+        while length:
+            fd = source.fd
+            if fd != -1:
+                # Plain socket, nothing buffered: receive and write in C.
+                received = h.recv_from_socket(fd, offset, length, buf,
+                                              source.timeout, progress)
+                consumed = getattr(source, "consumed", None)
+                if consumed:
+                    consumed(received)
+                if received < length:
+                    raise errors.PartialContent(
+                        requested, requested - length + received)
+                return
+            # Bytes the HTTP reader buffered, or TLS: fill the buffer, then
+            # write it with requests in flight.
+            n = min(step, length)
+            got = 0
+            while got < n:
+                r = source.readinto(view[got:n])
+                if not r:
+                    raise errors.PartialContent(
+                        requested, requested - length + got)
+                got += r
+                if source.fd != -1:
+                    break  # The buffered bytes are used up.
+            h.pwrite_pipelined(buf, offset, got, source.timeout)
+            offset += got
+            length -= got
+            if progress:
+                progress(got)
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)

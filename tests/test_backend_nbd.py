@@ -1,0 +1,562 @@
+"""imageio.backends.nbd against real qemu-nbd and nbdkit servers."""
+
+import os
+import socket
+import threading
+import types
+
+import pytest
+
+import nbdserver
+from imageio import backends, errors, http
+from imageio._io.buffer import AlignedBuffer
+from imageio.backends import nbd as nbd_backend
+
+MiB = 1024**2
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_ticket(url, ops=("read", "write"), sparse=False, dirty=False):
+    return types.SimpleNamespace(url=url, ops=list(ops), sparse=sparse,
+                                 dirty=dirty)
+
+
+def make_cfg(buffer_size=8 * MiB, max_connections=8):
+    return types.SimpleNamespace(
+        backend_nbd=types.SimpleNamespace(buffer_size=buffer_size),
+        daemon=types.SimpleNamespace(max_connections=max_connections))
+
+
+def open_backend(url, **kw):
+    cfg = kw.pop("cfg", None) or make_cfg()
+    return backends.open_backend(make_ticket(url, **kw), cfg)
+
+
+@pytest.fixture
+def buf():
+    return AlignedBuffer(8 * MiB)
+
+
+@pytest.fixture
+def memory(tmp_path):
+    s = nbdserver.nbdkit("memory", "64M", sock=tmp_path / "mem.sock").start()
+    yield s
+    s.stop()
+
+
+class Drain(threading.Thread):
+    def __init__(self, sock):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.data = bytearray()
+        self.start()
+
+    def run(self):
+        while True:
+            b = self.sock.recv(MiB)
+            if not b:
+                break
+            self.data += b
+
+
+def read_all(backend, buf, offset=0, length=None):
+    """GET through a plain socket: the C send loop."""
+    if length is None:
+        length = backend.size() - offset
+    a, b = socket.socketpair()
+    with a, b:
+        drain = Drain(b)
+        calls = []
+        backend.read_to(backends.Sink(a), offset, length, buf, calls.append)
+        a.shutdown(socket.SHUT_WR)
+        drain.join(20)
+    assert sum(calls) == length
+    return bytes(drain.data)
+
+
+class TLSLikeSink:
+    """A sink without an fd, like an SSL socket."""
+
+    fd = -1
+    timeout = None
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+
+def write_all(backend, buf, data, offset=0, prefix=b""):
+    """PUT through a real http.Body: header bytes, then the body, read
+    partly from the HTTP reader's buffer and then from the socket fd."""
+    a, b = socket.socketpair()
+
+    def send():
+        try:
+            b.sendall(b"HEADER\r\n" + prefix + data)
+        except OSError:
+            pass  # The backend failed and gave up reading.
+        finally:
+            b.close()
+
+    with a:
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        reader = http.Reader(a)
+        assert reader.readline() == b"HEADER\r\n"
+        body = http.Body(reader, a, len(prefix) + len(data), None)
+        calls = []
+        backend.write_from(body, offset, len(prefix) + len(data), buf,
+                           calls.append)
+        t.join(20)
+        assert body.remaining == 0
+        assert sum(calls) == len(prefix) + len(data)
+
+
+# URLs.
+
+@pytest.mark.parametrize("url,kind,attrs", [
+    ("nbd:unix:/run/x.sock", "unix", {"path": "/run/x.sock", "export": ""}),
+    ("nbd:unix:/run/x.sock:exportname=sda", "unix",
+     {"path": "/run/x.sock", "export": "sda"}),
+    ("nbd:unix:/run/x.sock:exportname=a:b", "unix",
+     {"path": "/run/x.sock", "export": "a:b"}),
+    ("nbd:localhost:10809", "tcp",
+     {"host": "localhost", "port": 10809, "export": ""}),
+    ("nbd:localhost:10809:exportname=sda", "tcp",
+     {"host": "localhost", "port": 10809, "export": "sda"}),
+    ("nbd:localhost:10809:exportname=x:1", "tcp",
+     {"host": "localhost", "port": 10809, "export": "x:1"}),
+    ("nbd:[::1]:10809:exportname=sda", "tcp",
+     {"host": "::1", "port": 10809, "export": "sda"}),
+    ("nbd:::1:10809", "tcp", {"host": "::1", "port": 10809}),
+    ("nbd://localhost:10809/sda", "uri", {"export": "sda"}),
+    ("nbd://localhost/sda", "uri", {"export": "sda"}),
+    ("nbd://localhost", "uri", {"export": ""}),
+    ("nbd+unix:///sda?socket=/run/x.sock", "uri", {"export": "sda"}),
+    ("nbd+unix:///?socket=/run/x.sock", "uri", {"export": ""}),
+    ("nbds://localhost:10809/sda?tls-certificates=/pki", "uri",
+     {"export": "sda"}),
+    ("nbds+unix://alice@/sda?socket=/s&tls-psk-file=/k", "uri",
+     {"export": "sda", "tls_username": None}),
+    ("nbds+unix:///sda?socket=/s&tls-psk-file=/k&tls-username=bob", "uri",
+     {"export": "sda", "tls_username": "bob"}),
+])
+def test_parse_url(url, kind, attrs):
+    address = nbd_backend.parse_url(url)
+    assert address.kind == kind
+    for name, value in attrs.items():
+        assert getattr(address, name) == value
+    backends.validate_url(url)
+
+
+@pytest.mark.parametrize("url", [
+    "nbd:",
+    "nbd:unix:",
+    "nbd:unix:relative.sock",
+    "nbd:localhost",
+    "nbd:localhost:port",
+    "nbd://",
+    "nbd://localhost:port/x",
+    "nbd+unix:///sda",
+    "nbd+unix://host/sda?socket=/s",
+    "nbd+unix:///sda?socket=/a&socket=/b",
+    "nbd://localhost/sda?socket=/s",
+    "nbds+unix:///x",
+])
+def test_parse_url_invalid(url):
+    with pytest.raises(errors.BadRequest) as e:
+        backends.validate_url(url)
+    assert "NBD url" in str(e.value) or "url" in str(e.value)
+
+
+def test_redact():
+    url = ("nbds+unix://alice:secret@/x?socket=/s&tls-psk-file=/keys.psk"
+           "&tls-certificates=/pki&token=abc")
+    r = nbd_backend.redact(url)
+    assert "secret" not in r
+    assert "abc" not in r
+    assert "tls-psk-file=/keys.psk" in r
+    assert "socket=/s" in r
+    assert "tls-certificates=/pki" in r
+    assert "alice" in r
+
+
+# Connecting with every URL form.
+
+def test_every_url_form(tmp_path, buf):
+    image = tmp_path / "disk.raw"
+    data = os.urandom(MiB)
+    image.write_bytes(data)
+    unix = nbdserver.qemu_nbd(image, "raw", sock=tmp_path / "s.sock",
+                              export="disk", shared=16).start()
+    tcp = nbdserver.qemu_nbd(image, "raw", port=nbdserver.free_port(),
+                             export="disk", read_only=True).start()
+    try:
+        urls = [
+            "nbd:unix:{}:exportname=disk".format(unix.sock),
+            "nbd+unix:///disk?socket={}".format(unix.sock),
+            "nbd:127.0.0.1:{}:exportname=disk".format(tcp.port),
+            "nbd://127.0.0.1:{}/disk".format(tcp.port),
+            "nbd://localhost:{}/disk".format(tcp.port),
+        ]
+        for url in urls:
+            backend = open_backend(url)
+            try:
+                assert backend.size() == MiB
+                assert read_all(backend, buf) == data, url
+            finally:
+                backend.close()
+    finally:
+        unix.stop()
+        tcp.stop()
+
+
+def test_unix_without_export_name(tmp_path, buf):
+    s = nbdserver.nbdkit("memory", "1M", sock=tmp_path / "s.sock").start()
+    try:
+        backend = open_backend("nbd:unix:" + s.sock)
+        assert backend.size() == MiB
+        backend.close()
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return nbdserver.make_x509(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_x509(tmp_path, pki, buf):
+    s = nbdserver.nbdkit("memory", "16M", sock=tmp_path / "s.sock",
+                         tls_dir=pki).start()
+    port = nbdserver.free_port()
+    t = nbdserver.nbdkit("memory", "16M", port=port, tls_dir=pki).start()
+    try:
+        for url in [
+                "nbds+unix:///?socket={}&tls-certificates={}".format(
+                    s.sock, pki),
+                "nbds://localhost:{}/?tls-certificates={}".format(port, pki)]:
+            backend = open_backend(url)
+            try:
+                data = os.urandom(3 * MiB)
+                write_all(backend, buf, data, offset=MiB)
+                assert read_all(backend, buf, MiB, len(data)) == data
+                sink = TLSLikeSink()
+                backend.read_to(sink, MiB, len(data), buf, None)
+                assert sink.data == data
+            finally:
+                backend.close()
+    finally:
+        s.stop()
+        t.stop()
+
+
+def test_tls_psk(tmp_path, buf):
+    psk, user = nbdserver.make_psk(tmp_path / "keys.psk")
+    s = nbdserver.nbdkit("memory", "16M", sock=tmp_path / "s.sock",
+                         psk_file=psk).start()
+    try:
+        for url in [
+                "nbds+unix:///?socket={}&tls-psk-file={}&tls-username={}"
+                .format(s.sock, psk, user),
+                "nbds+unix://{}@/?socket={}&tls-psk-file={}"
+                .format(user, s.sock, psk)]:
+            backend = open_backend(url)
+            assert backend.size() == 16 * MiB
+            backend.close()
+        # A wrong user: a clear error naming the url, never the key.
+        url = ("nbds+unix:///?socket={}&tls-psk-file={}&tls-username=eve"
+               .format(s.sock, psk))
+        with pytest.raises(errors.BackendError) as e:
+            open_backend(url)
+        assert s.sock in str(e.value)
+        assert "eve" in str(e.value)
+        with open(psk) as f:
+            key = f.read().split(":")[1].strip()
+        assert key not in str(e.value)
+    finally:
+        s.stop()
+
+
+def test_unreachable(tmp_path):
+    url = "nbd+unix:///x?socket={}".format(tmp_path / "missing.sock")
+    with pytest.raises(errors.BackendError) as e:
+        open_backend(url)
+    msg = str(e.value)
+    assert "Cannot connect to NBD server" in msg
+    assert str(tmp_path / "missing.sock") in msg
+    assert e.value.status == 500
+    with pytest.raises(errors.BackendError):
+        open_backend("nbd:127.0.0.1:{}".format(nbdserver.free_port()))
+
+
+# Properties.
+
+def test_features_writable(memory):
+    backend = open_backend(memory.url())
+    assert backend.features == {"extents", "zero", "flush"}
+    assert backend.max_readers == 8
+    assert backend.max_writers == 8
+    backend.close()
+    backend.close()
+
+
+def test_max_connections_from_config(memory):
+    backend = open_backend(memory.url(), cfg=make_cfg(max_connections=4))
+    assert backend.max_readers == 4
+    assert backend.max_writers == 4
+    backend.close()
+
+
+def test_no_multi_conn(tmp_path):
+    s = nbdserver.nbdkit("memory", "1M", "multi-conn-mode=disable",
+                         sock=tmp_path / "s.sock",
+                         filters=["multi-conn"]).start()
+    try:
+        backend = open_backend(s.url())
+        assert backend.max_readers == 8
+        assert backend.max_writers == 1
+        backend.close()
+    finally:
+        s.stop()
+
+
+def test_read_only_export(tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"x" * MiB)
+    s = nbdserver.qemu_nbd(image, "raw", sock=tmp_path / "s.sock",
+                           read_only=True).start()
+    try:
+        backend = open_backend(s.url(), ops=["read"])
+        assert backend.features == {"extents"}
+        backend.close()
+    finally:
+        s.stop()
+
+
+# I/O.
+
+@pytest.mark.parametrize("offset,length", [
+    (0, 64 * MiB),
+    (1, 1),
+    (4095, 10 * MiB + 3),
+])
+def test_write_read(memory, buf, offset, length):
+    backend = open_backend(memory.url())
+    try:
+        data = os.urandom(length)
+        write_all(backend, buf, data, offset)
+        assert read_all(backend, buf, offset, length) == data
+        sink = TLSLikeSink()
+        backend.read_to(sink, offset, length, buf, None)
+        assert sink.data == data
+        view = backend.readinto(buf, offset, min(length, len(buf) - 4096))
+        assert bytes(view) == data[:len(view)]
+    finally:
+        backend.close()
+
+
+def test_write_buffered_prefix(memory, buf):
+    # Body bytes the HTTP reader buffered with the headers go first.
+    backend = open_backend(memory.url())
+    try:
+        prefix = os.urandom(1000)
+        data = os.urandom(5 * MiB)
+        write_all(backend, buf, data, 0, prefix=prefix)
+        assert read_all(backend, buf, 0, len(prefix) + len(data)) == \
+            prefix + data
+    finally:
+        backend.close()
+
+
+def test_write_short_body(memory, buf):
+    backend = open_backend(memory.url())
+    try:
+        a, b = socket.socketpair()
+        with a:
+            threading.Thread(
+                target=lambda: (b.sendall(b"x" * (3 * MiB)), b.close()),
+                daemon=True).start()
+            source = http.Body(http.Reader(a), a, 10 * MiB, None)
+            with pytest.raises(errors.PartialContent) as e:
+                backend.write_from(source, 0, 10 * MiB, buf, None)
+        assert e.value.requested == 10 * MiB
+        assert e.value.received == 3 * MiB
+    finally:
+        backend.close()
+
+
+def test_range_outside_image(memory, buf):
+    backend = open_backend(memory.url())
+    try:
+        with pytest.raises(errors.RangeNotSatisfiable):
+            backend.read_to(TLSLikeSink(), 64 * MiB - 1, 2, buf, None)
+        with pytest.raises(errors.RangeNotSatisfiable):
+            backend.zero(0, 64 * MiB + 1, False)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("punch_hole", [False, True])
+def test_zero(tmp_path, buf, punch_hole):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\xff" * (8 * MiB))
+    s = nbdserver.qemu_nbd(image, "raw", sock=tmp_path / "s.sock").start()
+    try:
+        backend = open_backend(s.url(), sparse=punch_hole)
+        blocks = os.stat(image).st_blocks
+        backend.zero(MiB, 2 * MiB, punch_hole)
+        backend.flush()
+        data = read_all(backend, buf)
+        assert data == b"\xff" * MiB + bytes(2 * MiB) + b"\xff" * (5 * MiB)
+        if punch_hole:
+            assert os.stat(image).st_blocks < blocks
+        else:
+            assert os.stat(image).st_blocks == blocks
+        backend.close()
+    finally:
+        s.stop()
+
+
+def test_zero_fallback(tmp_path, buf):
+    # A server without WRITE_ZEROES: zeroes are written.
+    s = nbdserver.nbdkit("memory", "32M", "zeromode=none",
+                         sock=tmp_path / "s.sock", filters=["nozero"]).start()
+    try:
+        backend = open_backend(s.url())
+        assert "zero" in backend.features
+        write_all(backend, buf, b"\xff" * (32 * MiB))
+        backend.zero(MiB, 20 * MiB, False)
+        data = read_all(backend, buf)
+        assert data == b"\xff" * MiB + bytes(20 * MiB) + b"\xff" * (11 * MiB)
+        backend.close()
+    finally:
+        s.stop()
+
+
+# Extents.
+
+def test_extents_chain(tmp_path):
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    nbdserver.qemu_img("create", "-f", "qcow2", base, "8M")
+    nbdserver.qemu_io(base, "qcow2", "write -P 1 0 2M")
+    nbdserver.qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                       top)
+    nbdserver.qemu_io(top, "qcow2", "write -P 2 1M 1M", "write -z 4M 1M")
+    s = nbdserver.qemu_nbd(top, "qcow2", sock=tmp_path / "s.sock",
+                           allocation_depth=True).start()
+    try:
+        backend = open_backend(s.url())
+        extents = list(backend.extents("zero"))
+        assert extents == [
+            backends.Extent(0, 2 * MiB, False, False),
+            backends.Extent(2 * MiB, 2 * MiB, True, True),
+            backends.Extent(4 * MiB, MiB, True, False),
+            backends.Extent(5 * MiB, 3 * MiB, True, True),
+        ]
+        assert extents[0].zero is False
+        with pytest.raises(errors.NotFound):
+            backend.extents("dirty")
+        backend.close()
+    finally:
+        s.stop()
+
+
+def test_extents_dirty(tmp_path):
+    image = tmp_path / "disk.qcow2"
+    nbdserver.qemu_img("create", "-f", "qcow2", image, "8M")
+    nbdserver.qemu_io(image, "qcow2", "write -P 1 0 2M")
+    nbdserver.qemu_img("bitmap", "--add", image, "incremental")
+    nbdserver.qemu_io(image, "qcow2", "write -P 2 1M 64k",
+                      "write -z 6M 1M")
+    s = nbdserver.qemu_nbd(image, "qcow2", sock=tmp_path / "s.sock",
+                           bitmap="incremental", read_only=True).start()
+    try:
+        backend = open_backend(s.url(), ops=["read"], dirty=True)
+        assert list(backend.extents("dirty")) == [
+            backends.DirtyExtent(0, MiB, False, False),
+            backends.DirtyExtent(MiB, 64 * 1024, True, False),
+            backends.DirtyExtent(MiB + 64 * 1024, MiB - 64 * 1024, False,
+                                 False),
+            backends.DirtyExtent(2 * MiB, 4 * MiB, False, True),
+            backends.DirtyExtent(6 * MiB, MiB, True, True),
+            backends.DirtyExtent(7 * MiB, MiB, False, True),
+        ]
+        assert len(backend.extents("zero")) > 1
+        backend.close()
+        # A ticket that is not dirty has no dirty extents.
+        backend = open_backend(s.url(), ops=["read"])
+        with pytest.raises(errors.NotFound):
+            backend.extents("dirty")
+        backend.close()
+    finally:
+        s.stop()
+
+
+def test_extents_dirty_without_bitmap(memory):
+    backend = open_backend(memory.url(), dirty=True)
+    with pytest.raises(errors.NotFound) as e:
+        backend.extents("dirty")
+    assert "dirty bitmap" in str(e.value)
+    backend.close()
+
+
+# A server that dies.
+
+def test_server_dies_then_reconnect(tmp_path, buf):
+    sock = tmp_path / "s.sock"
+    image = tmp_path / "disk.raw"
+    data = os.urandom(4 * MiB)
+    with open(image, "wb") as f:
+        f.write(data)
+        f.truncate(256 * MiB)
+    # 128 reads of 2 MiB, 8 in flight, 100 ms each: 1.6 s.
+    s = nbdserver.nbdkit("file", str(image), "delay-read=100ms", sock=sock,
+                         filters=["delay"]).start()
+    backend = open_backend(s.url())
+    try:
+        threading.Timer(0.3, s.kill).start()
+        a, b = socket.socketpair()
+        with a, b:
+            Drain(b)
+            with pytest.raises(OSError):
+                backend.read_to(backends.Sink(a), 0, 256 * MiB, buf, None)
+        # While the server is down: a clear error.
+        os.unlink(sock)
+        with pytest.raises(errors.BackendError):
+            backend.flush()
+        # The server is back: the next request reconnects.
+        s = nbdserver.nbdkit("file", str(image), sock=sock).start()
+        assert read_all(backend, buf, 0, 4 * MiB) == data[:4 * MiB]
+    finally:
+        backend.close()
+        s.stop()
+
+
+def test_injected_errors(tmp_path, buf):
+    trigger = tmp_path / "fail"
+    s = nbdserver.nbdkit("memory", "16M", "error=EIO", "error-rate=100%",
+                         "error-file={}".format(trigger),
+                         sock=tmp_path / "s.sock", filters=["error"]).start()
+    try:
+        backend = open_backend(s.url())
+        trigger.touch()
+        with pytest.raises(OSError):
+            read_all(backend, buf, 0, 8 * MiB)
+        with pytest.raises(OSError):
+            backend.read_to(TLSLikeSink(), 0, 8 * MiB, buf, None)
+        with pytest.raises(OSError):
+            write_all(backend, buf, b"x" * MiB)
+        with pytest.raises(OSError):
+            backend.zero(0, MiB, False)
+        trigger.unlink()
+        # The same backend works again.
+        write_all(backend, buf, b"x" * MiB)
+        assert read_all(backend, buf, 0, MiB) == b"x" * MiB
+        backend.close()
+    finally:
+        s.stop()
