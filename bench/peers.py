@@ -497,9 +497,22 @@ class Servers:
     def running(self):
         return list(self._servers.values())
 
-    def stop(self):
-        for server in self._servers.values():
+    def stop(self, logs_dir=None):
+        """Stop every server we started; copy their logs to logs_dir
+        (default $IMAGEIO_BENCH_LOGS) when given."""
+        logs_dir = logs_dir or os.environ.get("IMAGEIO_BENCH_LOGS")
+        for kind, server in self._servers.items():
             server.stop()
+        if logs_dir:
+            os.makedirs(logs_dir, exist_ok=True)
+            for kind in os.listdir(self.workdir):
+                d = os.path.join(self.workdir, kind)
+                if not os.path.isdir(d):
+                    continue
+                for name in os.listdir(d):
+                    if name.endswith(".log"):
+                        shutil.copy(os.path.join(d, name),
+                                    os.path.join(logs_dir, f"{kind}-{name}"))
         self._servers.clear()
         if self._own_workdir and not os.environ.get("IMAGEIO_BENCH_KEEP"):
             shutil.rmtree(self.workdir, ignore_errors=True)

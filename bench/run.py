@@ -5,13 +5,14 @@
 
 Writes under bench/results/<timestamp>/ (or DIR): benchmark.json (raw
 pytest-benchmark data), report.md (scenario, ours, each peer, ratios, CPU
-s/GiB, targets) and report.png (ours vs each peer per scenario), and prints
-the markdown. Exits with pytest's status (0 when everything ran or was
+s/GiB, targets), report.png (ours vs each peer per scenario) and logs/ (the
+servers' logs), and prints the markdown. Exits with pytest's status (0 when everything ran or was
 skipped).
 """
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def run_pytest(out_dir, targets, quick=False, servers=None, keyword=None,
     skiplog = os.path.join(out_dir, "skipped.txt")
     if os.path.exists(skiplog):
         os.unlink(skiplog)
-    env = dict(os.environ, IMAGEIO_BENCH_SKIPLOG=skiplog)
+    env = dict(os.environ, IMAGEIO_BENCH_SKIPLOG=skiplog,
+               IMAGEIO_BENCH_LOGS=os.path.join(out_dir, "logs"))
     if quick:
         env["IMAGEIO_BENCH_QUICK"] = "1"
     if servers:
@@ -53,6 +55,11 @@ def run_pytest(out_dir, targets, quick=False, servers=None, keyword=None,
     if os.path.exists(skiplog):
         with open(skiplog) as f:
             skipped = [line.rstrip("\n") for line in f if line.strip()]
+    if not os.path.exists(json_path):
+        # pytest-benchmark writes nothing when no benchmark ran; the report
+        # still says what was skipped and why.
+        with open(json_path, "w") as f:
+            json.dump({"benchmarks": []}, f)
     return res.returncode, json_path, skipped
 
 
@@ -80,10 +87,6 @@ def main(argv=None):
     code, json_path, skipped = run_pytest(
         out, targets, quick=args.quick, servers=args.servers,
         keyword=args.keyword, extra=args.pytest_args)
-    if not os.path.exists(json_path):
-        print(f"bench: no results ({json_path} missing); pytest exited "
-              f"{code}", file=sys.stderr)
-        return code or 1
     md_path, png_path, md = report.write(json_path, out, skipped=skipped)
     print(md)
     print(f"bench: wrote {json_path}, {md_path}, {png_path}")
