@@ -82,7 +82,12 @@ class Source:
 
     Bytes the HTTP reader buffered beyond the headers are returned first.
     ``fd`` is the raw socket fd once no buffered bytes remain and the socket
-    is plain; else -1 (use ``readinto``).
+    is plain; else -1 (use ``readinto``).  Code that reads from ``fd``
+    directly must report the bytes with ``consumed(n)``, so the connection
+    knows the body was read and can serve the next request.
+
+    The HTTP layer's ``http.Body`` is the implementation used by the
+    daemon; this class documents the interface.
     """
 
     def __init__(self, rfile, sock, timeout=None):
@@ -100,6 +105,9 @@ class Source:
     def readinto(self, view):
         """Read up to len(view) bytes; return count, 0 at end of stream."""
         return self._rfile.readinto(view)
+
+    def consumed(self, n):
+        """Account ``n`` bytes read directly from ``fd``."""
 
 
 def _is_tls(sock):
