@@ -90,8 +90,8 @@ def ranged_gets(conn, path, offsets, length):
     """GET length bytes at each offset on one keep-alive connection."""
     total = 0
     for offset in offsets:
-        conn.request("GET", path,
-                     headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        last = offset + length - 1
+        conn.request("GET", path, headers={"Range": f"bytes={offset}-{last}"})
         resp = conn.getresponse()
         data = resp.read()
         if resp.status != 206 or len(data) != length:

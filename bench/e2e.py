@@ -34,12 +34,13 @@ QUICK = bool(os.environ.get("IMAGEIO_BENCH_QUICK"))
 # established, nginx, imageio, established, nginx, ... so that a noisy
 # neighbour or a drifting machine hits every server alike. Ratios are the
 # median of the per-repeat (paired) ratios.
-REPEATS = int(os.environ.get("IMAGEIO_BENCH_REPEATS", 3 if QUICK else 5))
+REPEATS = int(os.environ.get("IMAGEIO_BENCH_REPEATS", 4 if QUICK else 6))
 REQUESTS = int(os.environ.get("IMAGEIO_BENCH_REQUESTS",
                               1000 if QUICK else 3000))
 # Restrict the servers (comma separated kinds), e.g. "established,nginx"
 # while our daemon does not start yet.
-ONLY = set(filter(None, os.environ.get("IMAGEIO_BENCH_SERVERS", "").split(",")))
+ONLY = {kind for kind in os.environ.get("IMAGEIO_BENCH_SERVERS", "").split(",")
+        if kind}
 
 OURS = "imageio"
 

@@ -3,7 +3,7 @@ when a ratio ours/peer is on the wrong side of its threshold.
 
     python -m bench.gate [--out DIR] [--no-retry] [-k SCENARIO ...]
 
-Runs the scenarios named in bench/thresholds.toml (quick mode: 3 repeats
+Runs the scenarios named in bench/thresholds.toml (quick mode: 4 repeats
 per server interleaved across servers after a warm-up round, 1000 ranged
 requests; about 2-3 minutes on the 2-core machine, plus ~15 s to create the
 test images the first time), checks
@@ -89,7 +89,10 @@ def main(argv=None):
     _print(checks, "gate: first measurement (best repeat of each server)")
 
     failing = [c for c in checks if not c["ok"]]
-    if failing and not args.no_retry:
+    ours_ran = any(report.OURS in row for row in results.values())
+    if not ours_ran:
+        print(f"\ngate: {report.OURS} produced no measurement: not retrying")
+    if failing and ours_ran and not args.no_retry:
         again = list(dict.fromkeys(c["scenario"] for c in failing))
         print(f"\ngate: measuring again: {', '.join(again)}")
         retry_results, retry_skipped = _measure(os.path.join(out, "retry"),

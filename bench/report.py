@@ -206,9 +206,10 @@ def markdown(data, results, other, thresholds):
         "repeat one measured round after a warm-up. Values are medians over "
         "the repeats. Ratios compare the best repeat of each server (noise "
         "on a shared machine only slows a round down): ours/peer, for times "
-        "peer/ours, so > 1 means imageio is better. CPU is the server process's user+system time (children "
-        "included) per GiB moved (per 1000 requests for ranged GETs, per "
-        "run for checksum), median over the repeats. CPU ratio is ours/peer "
+        "peer/ours, so > 1 means imageio is better. CPU is the server "
+        "process's user+system time (children included) per GiB moved "
+        "(per 1000 requests for ranged GETs, per run for checksum), median "
+        "over the repeats. CPU ratio is ours/peer "
         "of the lowest repeat of each: < 1 means imageio uses less.",
         "",
     ]

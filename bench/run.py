@@ -6,8 +6,8 @@
 Writes under bench/results/<timestamp>/ (or DIR): benchmark.json (raw
 pytest-benchmark data), report.md (scenario, ours, each peer, ratios, CPU
 s/GiB, targets), report.png (ours vs each peer per scenario) and logs/ (the
-servers' logs), and prints the markdown. Exits with pytest's status (0 when everything ran or was
-skipped).
+servers' logs), and prints the markdown. Exits with pytest's status (0
+when everything ran or was skipped).
 """
 
 import argparse

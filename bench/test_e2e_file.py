@@ -15,8 +15,8 @@ import pytest
 
 from bench import clients, images
 from bench.e2e import *  # noqa: F401,F403 (fixtures)
-from bench.e2e import (MiB, REQUESTS, get_server, measure, servers_param,
-                       ticket)
+from bench.e2e import (MiB, ONLY, REQUESTS, get_server, measure,
+                       servers_param, ticket)
 
 GET_PEERS = ["imageio", "established", "nginx"]
 DAEMONS = ["imageio", "established"]
@@ -37,7 +37,7 @@ def checksum_image():
     return images.checksum_image()
 
 
-# --- bulk GET and PUT ------------------------------------------------------------
+# --- bulk GET and PUT --------------------------------------------------------
 
 @servers_param(GET_PEERS)
 def test_get_unix(benchmark, servers, server, rep, bulk):
@@ -105,6 +105,8 @@ class DirectRead:
 @pytest.fixture
 def disk_peer(request, servers):
     if request.param == "dd":
+        if ONLY and "dd" not in ONLY:
+            pytest.skip("dd not selected (IMAGEIO_BENCH_SERVERS)")
         return DirectRead()
     return get_server(servers, request.param)
 
@@ -128,7 +130,7 @@ def test_get_unix_disk(benchmark, servers, disk_peer, rep, disk):
     measure(benchmark, "get_unix_disk", server, rep, get, amount=size / MiB)
 
 
-# --- everything else -------------------------------------------------------------
+# --- everything else ---------------------------------------------------------
 
 @servers_param(GET_PEERS)
 def test_get_https_4conn(benchmark, servers, server, rep, bulk):
