@@ -83,8 +83,9 @@ def get_server(servers, kind):
         pytest.skip(f"{kind} unavailable: {e}")
 
 
-def ticket(server, name, image, ops=("read",), cacert=None):
-    """Give server access to image under name; check a read matches."""
+def ticket(server, name, image, ops=("read",), url=None):
+    """Give server access to image under name (through url when given: a
+    proxy ticket); check a read matches the image."""
     # name -> None when ready, or the reason it is not: a ticket that
     # failed once is skipped by the scenarios after it too.
     added = getattr(server, "_bench_tickets", None)
@@ -96,7 +97,7 @@ def ticket(server, name, image, ops=("read",), cacert=None):
         return server.path(name)
     added[name] = f"{server.kind}: ticket {name} not ready"
     try:
-        server.add_ticket(name, image, ops=ops)
+        server.add_ticket(name, image, ops=ops, url=url)
     except (peers.Unavailable, OSError) as e:
         added[name] = f"{server.kind}: cannot add ticket {name}: {e}"
         pytest.skip(added[name])

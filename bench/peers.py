@@ -182,6 +182,11 @@ enable = true
 key_file = {key}
 cert_file = {cert}
 
+[backend_http]
+# A proxy ticket's https:// URL points at another daemon on loopback, with
+# the same self-signed certificate.
+ca_file = {cert}
+
 [remote]
 host = 127.0.0.1
 port = {port}
@@ -219,11 +224,15 @@ class Daemon:
 
     LABELS = {"imageio": "imageio", "established": "established 2.5.1"}
 
-    def __init__(self, kind, workdir, key, cert):
+    def __init__(self, kind, workdir, key, cert, role=None):
         if kind not in self.LABELS:
             raise ValueError(f"unknown daemon kind {kind!r}")
         self.kind = kind
         self.label = self.LABELS[kind]
+        # A second instance of the same kind (the backend a proxy forwards
+        # to) has a role, e.g. "backend".
+        if role:
+            self.label += f" ({role})"
         self.workdir = workdir
         self.key = key
         self.cert = cert
@@ -311,15 +320,17 @@ class Daemon:
         finally:
             conn.close()
 
-    def add_ticket(self, name, image, size=None, ops=("read",)):
-        """Add a ticket for image (a file path); path(name) is its URL."""
+    def add_ticket(self, name, image, size=None, ops=("read",), url=None):
+        """Add a ticket for image (a file path), or for url (e.g. another
+        daemon's https://.../images/ID, making this daemon a proxy);
+        path(name) is its URL path."""
         if size is None:
             size = os.path.getsize(image)
         ticket_id = str(uuid.uuid4())
         ticket = {
             "uuid": ticket_id,
             "size": size,
-            "url": "file://" + image,
+            "url": url or "file://" + image,
             "timeout": 3600,
             "ops": list(ops),
         }
@@ -442,8 +453,8 @@ class Nginx:
     def stop(self):
         stop_process(self.proc)
 
-    def add_ticket(self, name, image, size=None, ops=("read",)):
-        if set(ops) - {"read"}:
+    def add_ticket(self, name, image, size=None, ops=("read",), url=None):
+        if set(ops) - {"read"} or url:
             raise Unavailable("nginx peer serves GET only")
         link = os.path.join(self.workdir, "images", name)
         if os.path.lexists(link):
@@ -467,6 +478,7 @@ class Servers:
     """
 
     KINDS = ("imageio", "established", "nginx")
+    # "KIND-backend": a second daemon of KIND, the backend of a proxy.
 
     def __init__(self, workdir=None):
         self._own_workdir = workdir is None
@@ -484,6 +496,9 @@ class Servers:
             os.makedirs(workdir, exist_ok=True)
             if kind == "nginx":
                 server = Nginx(workdir, self.key, self.cert)
+            elif kind.endswith("-backend"):
+                server = Daemon(kind[:-len("-backend")], workdir, self.key,
+                                self.cert, role="backend")
             else:
                 server = Daemon(kind, workdir, self.key, self.cert)
             try:

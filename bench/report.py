@@ -20,12 +20,13 @@ THRESHOLDS = os.path.join(HERE, "thresholds.toml")
 
 OURS = "imageio"
 # Column order of servers; unknown kinds follow in the order seen.
-KIND_ORDER = ["imageio", "established", "nginx", "dd"]
+KIND_ORDER = ["imageio", "established", "nginx", "direct", "dd"]
 LABELS = {
     "imageio": "imageio",
     "established": "established 2.5.1",
     "nginx": "nginx",
     "dd": "dd iflag=direct",
+    "direct": "imageio direct",
 }
 # Scenario order and descriptions.
 SCENARIOS = {
@@ -38,6 +39,8 @@ SCENARIOS = {
     "ranged_4k_https": "4 KiB ranged GETs, 1 keep-alive HTTPS conn",
     "ranged_64k_https": "64 KiB ranged GETs, 1 keep-alive HTTPS conn",
     "checksum_1g": "checksum 1 GiB half-sparse raw (time)",
+    "proxy_get_https": "GET 2 GiB, HTTPS, through a proxy daemon",
+    "proxy_put_https": "PUT 2 GiB, HTTPS, through a proxy daemon",
 }
 
 

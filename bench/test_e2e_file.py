@@ -15,7 +15,7 @@ import pytest
 
 from bench import clients, images
 from bench.e2e import *  # noqa: F401,F403 (fixtures)
-from bench.e2e import (MiB, ONLY, REQUESTS, get_server, measure,
+from bench.e2e import (MiB, ONLY, OURS, REQUESTS, get_server, measure,
                        servers_param, ticket)
 
 GET_PEERS = ["imageio", "established", "nginx"]
@@ -35,6 +35,25 @@ def disk():
 @pytest.fixture(scope="session")
 def checksum_image():
     return images.checksum_image()
+
+
+@pytest.fixture(scope="session")
+def put_target():
+    """Make upload targets (sparse, image size); remove them at the end:
+    after an upload each holds 2 GiB of memory on /dev/shm."""
+    made = set()
+
+    def make(name):
+        path = images.put_target(f"put-{name}.raw")
+        made.add(path)
+        return path
+
+    yield make
+    for path in made:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 # --- bulk GET and PUT --------------------------------------------------------
@@ -64,9 +83,9 @@ def test_get_https(benchmark, servers, server, rep, bulk):
 
 
 @servers_param(DAEMONS)
-def test_put_unix(benchmark, servers, server, rep, bulk):
+def test_put_unix(benchmark, servers, server, rep, bulk, put_target):
     """PUT the 2 GiB image over the unix socket (flush=y, the default)."""
-    target = images.put_target(f"put-{server.kind}.raw")
+    target = put_target(server.kind)
     path = ticket(server, "put", target, ops=("write",))
     size = os.path.getsize(bulk)
 
@@ -77,9 +96,9 @@ def test_put_unix(benchmark, servers, server, rep, bulk):
 
 
 @servers_param(DAEMONS)
-def test_put_https(benchmark, servers, server, rep, bulk):
+def test_put_https(benchmark, servers, server, rep, bulk, put_target):
     """PUT the 2 GiB image over HTTPS."""
-    target = images.put_target(f"put-{server.kind}.raw")
+    target = put_target(server.kind)
     path = ticket(server, "put", target, ops=("write",))
     size = os.path.getsize(bulk)
 
@@ -211,3 +230,86 @@ def test_checksum_1g(benchmark, servers, server, rep, checksum_image):
                 unit="s", cpu_per=(1, "s"))
     finally:
         conn.close()
+
+
+# --- proxy ---------------------------------------------------------------------
+
+class Proxy:
+    """A daemon whose ticket points at a second daemon of its kind over
+    HTTPS (the http backend). CPU is both daemons': the cost of the path."""
+
+    def __init__(self, front, backend):
+        self.front = front
+        self.backend = backend
+        self.kind = front.kind
+        self.label = front.label + " proxy"
+        self.https = front.https
+        self.unix_socket = front.unix_socket
+
+    def cpu_seconds(self):
+        return self.front.cpu_seconds() + self.backend.cpu_seconds()
+
+    def ticket(self, name, image, ops):
+        backend_path = ticket(self.backend, name, image, ops)
+        host, port = self.backend.https
+        return ticket(self.front, "proxy-" + name, image, ops,
+                      url=f"https://{host}:{port}{backend_path}")
+
+
+class Direct:
+    """Our daemon serving the file itself: what the proxy is compared to."""
+
+    kind = "direct"
+    label = "imageio direct"
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.https = daemon.https
+        self.unix_socket = daemon.unix_socket
+
+    def cpu_seconds(self):
+        return self.daemon.cpu_seconds()
+
+    def ticket(self, name, image, ops):
+        return ticket(self.daemon, name, image, ops)
+
+
+@pytest.fixture
+def proxy_peer(request, servers):
+    kind = request.param
+    if kind == "direct":
+        return Direct(get_server(servers, OURS))
+    return Proxy(get_server(servers, kind),
+                 get_server(servers, kind + "-backend"))
+
+
+@servers_param(["imageio", "direct", "established"], argname="proxy_peer")
+def test_proxy_get_https(benchmark, servers, proxy_peer, rep, bulk):
+    """GET the 2 GiB image over HTTPS through a proxy daemon."""
+    peer = proxy_peer
+    path = peer.ticket("bulk", bulk, ("read",))
+    size = os.path.getsize(bulk)
+
+    def get():
+        assert clients.curl_get(peer, path, "https", servers.cert) == size
+
+    measure(benchmark, "proxy_get_https", peer, rep, get, amount=size / MiB)
+
+
+@servers_param(["imageio", "direct", "established"], argname="proxy_peer")
+def test_proxy_put_https(benchmark, servers, proxy_peer, rep, bulk,
+                         put_target):
+    """PUT the 2 GiB image over HTTPS through a proxy daemon."""
+    peer = proxy_peer
+    if isinstance(peer, Proxy):
+        target = put_target(peer.kind + "-backend")
+    else:
+        target = put_target(OURS)
+    path = peer.ticket("put", target, ("write",))
+    size = os.path.getsize(bulk)
+
+    def put():
+        assert clients.curl_put(peer, path, "https", bulk,
+                                servers.cert) == size
+
+    measure(benchmark, "proxy_put_https", peer, rep, put, amount=size / MiB)
