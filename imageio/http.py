@@ -389,6 +389,10 @@ class Connection:
         except OSError as e:
             if e.errno not in (errno.EBADF, errno.ENOTCONN):
                 log.warning("%s: connection failed: %s", self.name, e)
+        except Exception:
+            # A bug; the daemon goes on serving everyone else.
+            log.exception("%s: unexpected error, closing connection",
+                          self.name)
         finally:
             self.close()
 

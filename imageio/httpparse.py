@@ -45,7 +45,12 @@ def parse_request_line(line):
         raise errors.BadRequest(
             "Invalid request target {!r}".format(target[:100]))
     path, _, qs = target.partition("?")
-    path = urllib.parse.unquote(path, errors="strict") if "%" in path else path
+    if "%" in path:
+        try:
+            path = urllib.parse.unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            raise errors.BadRequest(
+                "Invalid request target: bad percent-encoding")
     query = {}
     if qs:
         for name, value in urllib.parse.parse_qsl(qs, keep_blank_values=True):

@@ -74,3 +74,11 @@ def test_chunk_size():
     for bad in (b"\r\n", b"zz\r\n", b"-1\r\n", b"1" * 20 + b"\r\n"):
         with pytest.raises(errors.BadRequest):
             hp.parse_chunk_size(bad)
+
+
+def test_bad_percent_encoding():
+    # Found by tests/fuzz_http.py: crashed the connection thread.
+    with pytest.raises(errors.BadRequest):
+        hp.parse_request_line(b"PUT /images/%%%%%%%%%%%%%%%%abc HTTP/1.1\r\n")
+    with pytest.raises(errors.BadRequest):
+        hp.parse_request_line(b"GET /images/%ff%fe HTTP/1.1\r\n")
