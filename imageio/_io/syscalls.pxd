@@ -13,7 +13,6 @@ cdef extern from "<errno.h>" nogil:
     int errno
     enum:
         EAGAIN
-        EWOULDBLOCK
         EINTR
         EINVAL
         EOPNOTSUPP

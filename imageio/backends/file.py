@@ -1,0 +1,354 @@
+"""The file backend: a regular file or a block device, as raw bytes.
+
+Opened with O_DIRECT (no page cache pollution, no stale-cache surprises for
+the VM that owns the disk) and falling back to buffered I/O where the file
+system refuses it.  Bytes move in ``imageio._io``: ``sendfile`` or aligned
+reads to plain sockets, ``recv`` then O_DIRECT ``pwrite`` from them, and
+aligned reads/writes through the connection's buffer for TLS.
+"""
+
+import errno
+import logging
+import os
+import stat
+import threading
+import weakref
+
+from .. import errors
+from .._io import directio
+from .._io import stream
+from .._io.buffer import AlignedBuffer
+from . import Extent, parse_file_url
+
+log = logging.getLogger("backends.file")
+
+# O_DIRECT alignment: a multiple of every logical block size in use.
+ALIGN = 4096
+
+# Bounce buffer per backend: unaligned heads and tails, and aligned
+# middles of data that is not aligned in memory.
+BOUNCE_SIZE = 1024**2
+
+# Paths already logged as not supporting O_DIRECT (log once, not per
+# connection).
+_buffered_paths = set()
+
+# Serializes read-modify-write of partial blocks between the backends (one
+# per connection) of the same file: two clients writing neighbouring ranges
+# that share a block must not lose each other's bytes.
+_block_locks = weakref.WeakValueDictionary()
+_block_locks_lock = threading.Lock()
+
+
+class _BlockLock:
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        self._lock.acquire()
+
+    def release(self):
+        self._lock.release()
+
+
+def _block_lock(st):
+    key = (st.st_dev, st.st_ino, st.st_rdev)
+    with _block_locks_lock:
+        lock = _block_locks.get(key)
+        if lock is None:
+            lock = _block_locks[key] = _BlockLock()
+        return lock
+
+
+def open(ticket, cfg):
+    """Open the file or block device of ``ticket`` (``file:///path``) for
+    reading, or reading and writing when the ticket allows "write".
+
+    Raises errors.BadRequest for a bad url, OSError when the path cannot be
+    opened.
+    """
+    path = parse_file_url(ticket.url)
+    writable = "write" in ticket.ops
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+        direct = True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, flags)
+        direct = False
+        if path not in _buffered_paths:
+            _buffered_paths.add(path)
+            log.info("O_DIRECT not supported for %s, using buffered I/O",
+                     path)
+    try:
+        return FileBackend(fd, path, direct=direct, writable=writable)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class FileBackend:
+    """One open fd of a file or block device; see ``imageio.backends``."""
+
+    features = frozenset({"extents", "zero", "flush"})
+    max_readers = 8
+    max_writers = 8
+
+    def __init__(self, fd, path, direct=True, writable=True):
+        st = os.fstat(fd)
+        self._fd = fd
+        self._path = path
+        self._writable = writable
+        self._align = ALIGN if direct else 1
+        self._block = stat.S_ISBLK(st.st_mode)
+        self._device_size = directio.blkgetsize64(fd) if self._block else None
+        self._lock = _block_lock(st)
+        self._bounce = AlignedBuffer(BOUNCE_SIZE) if writable else None
+        self._zeroes = None
+        log.debug("Opened %s direct=%s writable=%s block_device=%s",
+                  path, direct, writable, self._block)
+
+    @property
+    def direct(self):
+        """Whether the fd uses O_DIRECT."""
+        return self._align > 1
+
+    def size(self):
+        if self._block:
+            return self._device_size
+        return os.fstat(self._fd).st_size
+
+    # Bulk transfer.
+
+    def read_to(self, sink, offset, length, buf, progress):
+        fd = self._fd
+        align = self._align
+        end = offset + length
+        while offset < end:
+            n = self._chunk(offset, end, len(buf))
+            if sink.fd >= 0:
+                count = stream.send_file(sink.fd, fd, offset, n, buf, align,
+                                         sink.timeout)
+                self._check_read(offset, n, count)
+            else:
+                start, count = directio.readinto(fd, buf, offset, n, align)
+                self._check_read(offset, n, count)
+                with memoryview(buf)[start:start + count] as view:
+                    sink.write(view)
+            offset += n
+            progress(n)
+
+    def write_from(self, source, offset, length, buf, progress):
+        fd = self._fd
+        align = self._align
+        end = offset + length
+        done = 0
+        while offset < end:
+            n = self._chunk(offset, end, len(buf))
+            sock = source.fd
+            if sock >= 0:
+                got = stream.recv_to_file(sock, fd, offset, n, buf,
+                                          self._bounce, align, source.timeout,
+                                          self._lock)
+            else:
+                # Same alignment in memory as in the file: only the head and
+                # tail blocks go through the bounce buffer.
+                skip = offset % align
+                with memoryview(buf)[skip:skip + n] as view:
+                    got = _read_full(source, view)
+                    directio.write(fd, view[:got], offset, self._bounce,
+                                   align, self._lock)
+            done += got
+            if got < n:
+                raise errors.PartialContent(length, done)
+            offset += n
+            progress(n)
+
+    def readinto(self, buf, offset, length):
+        start, count = directio.readinto(self._fd, buf, offset, length,
+                                         self._align)
+        self._check_read(offset, length, count)
+        return memoryview(buf)[start:start + count]
+
+    def _chunk(self, offset, end, bufsize):
+        """Length of the next chunk at ``offset``: its aligned superset fits
+        in the buffer, and chunks after the first start aligned."""
+        align = self._align
+        limit = offset - offset % align + bufsize - bufsize % align
+        return min(end, limit) - offset
+
+    def _check_read(self, offset, length, count):
+        if count < length:
+            raise errors.BackendError(
+                "Short read from {}: {} bytes at offset {}, got {} (end of "
+                "file at {})".format(self._path, length, offset, count,
+                                     self.size()))
+
+    # Zero and flush.
+
+    def zero(self, offset, length, punch_hole):
+        if length <= 0:
+            return
+        if self._block:
+            self._zero_block_device(offset, length, punch_hole)
+        else:
+            self._zero_file(offset, length, punch_hole)
+
+    def _zero_file(self, offset, length, punch_hole):
+        end = offset + length
+        if punch_hole:
+            try:
+                directio.fallocate(
+                    self._fd,
+                    directio.FALLOC_FL_PUNCH_HOLE |
+                    directio.FALLOC_FL_KEEP_SIZE,
+                    offset, length)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+            else:
+                # A hole punched past end of file does not grow it; one
+                # written byte does, leaving the rest a hole.
+                if os.fstat(self._fd).st_size < end:
+                    self._write(b"\0", end - 1)
+                return
+        # Allocated zeroes: ZERO_RANGE grows the file when needed.
+        try:
+            directio.fallocate(self._fd, directio.FALLOC_FL_ZERO_RANGE,
+                               offset, length)
+            return
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+        # Next best (tmpfs, NFS 4.2), as qemu does: punch a hole, then
+        # allocate it again.
+        try:
+            directio.fallocate(
+                self._fd,
+                directio.FALLOC_FL_PUNCH_HOLE | directio.FALLOC_FL_KEEP_SIZE,
+                offset, length)
+            directio.fallocate(self._fd, 0, offset, length)
+            return
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+        self._write_zeroes(offset, length)
+
+    def _zero_block_device(self, offset, length, punch_hole):
+        # The ioctls and fallocate need whole logical blocks: an unaligned
+        # head or tail is written.
+        end = offset + length
+        first = min(end, -(-offset // ALIGN) * ALIGN)
+        last = max(first, end - end % ALIGN)
+        if first > offset:
+            self._write_zeroes(offset, first - offset)
+        if last > first:
+            # fallocate on a block device guarantees zeroes: PUNCH_HOLE
+            # unmaps only where the device reads unmapped blocks as zero;
+            # ZERO_RANGE keeps blocks allocated.  BLKDISCARD guarantees
+            # nothing, so it is never used to zero.
+            mode = directio.FALLOC_FL_KEEP_SIZE | (
+                directio.FALLOC_FL_PUNCH_HOLE if punch_hole
+                else directio.FALLOC_FL_ZERO_RANGE)
+            try:
+                directio.fallocate(self._fd, mode, first, last - first)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV):
+                    raise
+                directio.blkzeroout(self._fd, first, last - first)
+        if end > last:
+            self._write_zeroes(last, end - last)
+
+    def _write_zeroes(self, offset, length):
+        if self._zeroes is None:
+            self._zeroes = AlignedBuffer(BOUNCE_SIZE)
+        end = offset + length
+        while offset < end:
+            # Aligned steps after the first keep writes direct.
+            n = min(end, offset - offset % ALIGN + BOUNCE_SIZE) - offset
+            with memoryview(self._zeroes)[:n] as view:
+                self._write(view, offset)
+            offset += n
+
+    def _write(self, data, offset):
+        directio.write(self._fd, data, offset, self._bounce, self._align,
+                       self._lock)
+
+    def flush(self):
+        directio.fdatasync(self._fd)
+
+    # Extents.
+
+    def extents(self, context="zero"):
+        if context != "zero":
+            raise errors.NotFound(
+                "Extents context {!r} is not available for file {}".format(
+                    context, self._path))
+        size = self.size()
+        if self._block:
+            return [Extent(0, size, False, False)] if size else []
+        result = []
+        for start, length, zero in self._holes_and_data(size):
+            if result and result[-1].zero == zero:
+                last = result.pop()
+                start, length = last.start, last.length + length
+            result.append(Extent(start, length, zero, False))
+        return result
+
+    def _holes_and_data(self, size):
+        """(start, length, zero) covering [0, size), from SEEK_DATA and
+        SEEK_HOLE."""
+        fd = self._fd
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    # No data after pos: the rest is a hole.
+                    data = size
+                elif e.errno == errno.EINVAL and pos == 0:
+                    # The file system cannot tell: all data.
+                    yield 0, size, False
+                    return
+                else:
+                    raise
+            data = min(data, size)
+            if data > pos:
+                yield pos, data - pos, True
+            if data >= size:
+                return
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            yield data, hole - data, False
+            pos = hole
+
+    def close(self):
+        if self._fd != -1:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "<FileBackend {} direct={} fd={}>".format(
+            self._path, self.direct, self._fd)
+
+
+def _read_full(source, view):
+    """Read into view until full or end of stream; return the count."""
+    done = 0
+    n = len(view)
+    while done < n:
+        got = source.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
