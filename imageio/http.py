@@ -34,6 +34,9 @@ REASONS = {
 MAX_JSON_BODY = 64 * 1024
 # Receive size for the line reader.
 READ_SIZE = 64 * 1024
+# After an error, unread request bodies up to this size are read and
+# dropped so the connection survives; larger ones close the connection.
+DRAIN_LIMIT = 1024**2
 # Once a request starts arriving, its request line and headers must be
 # complete within this time, however slowly a client trickles them in.
 HEADERS_TIMEOUT = 30
@@ -532,11 +535,29 @@ class Connection:
                         "closing connection", self.name)
             self.closing = True
             return
-        if req.body_left():
+        if req.body_left() and not self._drain(req):
             resp.close = True
         resp.headers.clear()
         resp.headers.update(self.error_headers)
         resp.send_error(status, message, headers)
+
+    def _drain(self, req):
+        """Read and drop a small unread body after an error, so the client
+        gets our answer instead of a reset and the connection can go on.
+        Return True if the body was read completely."""
+        if req.chunked:
+            return False
+        body = req.body()
+        if body.remaining > DRAIN_LIMIT:
+            return False
+        scratch = memoryview(bytearray(min(body.remaining, 65536)))
+        try:
+            while body.remaining:
+                if body.readinto(scratch) == 0:
+                    return False
+        except OSError:
+            return False
+        return True
 
     # Handlers may add headers that every error response of this
     # connection carries (CORS on the images service).

@@ -16,6 +16,10 @@ log = logging.getLogger("tickets")
 
 VALID_OPS = ("read", "write")
 
+# Longest time cancel() lets a running operation reach its next chunk
+# before shutting its connection down.
+CANCEL_GRACE = 5.0
+
 # field -> (type, required, default)
 FIELDS = {
     "uuid": (str, True, None),
@@ -238,8 +242,9 @@ class Ticket:
     # Connections
 
     def add_connection(self, conn_id, closer):
-        """Register a client connection; ``closer()`` shuts it down when the
-        ticket is canceled.  Raises Forbidden beyond ``max_connections``."""
+        """Register a client connection; ``closer(force)`` shuts it down
+        when the ticket is canceled: an idle one always, a busy one only
+        with ``force``."""
         with self._lock:
             self._connections[conn_id] = closer
 
@@ -264,26 +269,49 @@ class Ticket:
 
     def cancel(self, timeout):
         """Cancel the ticket and wait up to ``timeout`` seconds for running
-        operations to stop.  Idle connections are shut down at once.
-        Raise Conflict if operations are still running."""
+        operations to stop.
+
+        Idle connections are shut down at once; running operations stop at
+        their next chunk.  An operation that does not get there (a client
+        that stopped reading, so the daemon is blocked sending to it) has
+        its connection shut down after half the timeout (at most
+        ``CANCEL_GRACE`` seconds).  Raise Conflict if operations are still
+        running at the end.
+        """
         with self._lock:
             self._canceled = True
-            closers = list(self._connections.values())
-        for close in closers:
-            try:
-                close()
-            except OSError:
-                pass
+        self._close_connections(force=False)
         deadline = self._clock() + timeout
+        grace = self._clock() + min(timeout / 2, CANCEL_GRACE)
+        forced = False
         with self._lock:
             while self._ops:
-                remaining = deadline - self._clock()
+                now = self._clock()
+                if not forced and now >= grace:
+                    forced = True
+                    self._lock.release()
+                    try:
+                        self._close_connections(force=True)
+                    finally:
+                        self._lock.acquire()
+                    continue
+                remaining = deadline - now
                 if remaining <= 0:
                     raise errors.Conflict(
                         "Timeout cancelling ticket {}: {} operations still "
                         "running; try again".format(
                             short_id(self.uuid), len(self._ops)))
-                self._idle.wait(min(remaining, 1.0))
+                wait = remaining if forced else grace - now
+                self._idle.wait(max(0.01, min(wait, 0.5)))
+
+    def _close_connections(self, force):
+        with self._lock:
+            closers = list(self._connections.values())
+        for close in closers:
+            try:
+                close(force)
+            except OSError:
+                pass
 
     def info(self):
         with self._lock:

@@ -292,15 +292,14 @@ def raw_request(daemon, service, data, read_timeout=30):
     s.settimeout(read_timeout)
     with s:
         s.sendall(data)
-        try:
+        if service == "local":
+            # (SSLSocket.shutdown drops TLS: then we could not read.)
             s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         out = b""
         while True:
             try:
                 chunk = s.recv(65536)
-            except (ConnectionResetError, OSError):
+            except (ConnectionResetError, OSError, socket.timeout):
                 break
             if not chunk:
                 break
@@ -311,9 +310,12 @@ def raw_request(daemon, service, data, read_timeout=30):
 def test_put_short_body(daemon, service, image):
     path, data = image
     t = add(daemon, path, len(data))
+    # Over TLS the client cannot half-close: the daemon waits for the rest
+    # of the body and we give up reading first.
     out = raw_request(daemon, service, (
         "PUT /images/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-        "\r\n".format(t["uuid"])).encode() + b"x" * 1000)
+        "\r\n".format(t["uuid"])).encode() + b"x" * 1000,
+        read_timeout=30 if service == "local" else 2)
     # Never reported as success.
     assert not out.startswith(b"HTTP/1.1 200")
     if out:

@@ -169,7 +169,7 @@ def test_cancel_conflict_when_operation_does_not_stop(store):
     started.wait()
     try:
         with pytest.raises(errors.Conflict):
-            store.remove(t.uuid, timeout=0.2)
+            store.remove(t.uuid, timeout=0.4)
         # Still there: the caller retries.
         assert store.get(t.uuid).info()["canceled"] is True
     finally:
@@ -183,9 +183,37 @@ def test_cancel_conflict_when_operation_does_not_stop(store):
 def test_cancel_closes_idle_connections(store):
     t = store.add(ticket_dict())
     closed = []
-    t.add_connection(1, lambda: closed.append(1))
+    t.add_connection(1, lambda force: closed.append(force))
     store.remove(t.uuid, timeout=1)
-    assert closed == [1]
+    assert closed == [False]
+
+
+def test_cancel_forces_stuck_connections(store):
+    t = store.add(ticket_dict())
+    released = threading.Event()
+    started = threading.Event()
+    forced = []
+
+    def close(force):
+        if force:
+            forced.append(True)
+            released.set()
+
+    t.add_connection(1, close)
+
+    def blocked_send():
+        with t.operation(0, 1):
+            started.set()
+            released.wait(10)
+
+    th = threading.Thread(target=blocked_send)
+    th.start()
+    started.wait()
+    start = time.monotonic()
+    store.remove(t.uuid, timeout=2)
+    th.join()
+    assert forced == [True]
+    assert time.monotonic() - start < 2
 
 
 def test_transferred_counts_overlaps_once():

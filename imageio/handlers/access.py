@@ -61,7 +61,7 @@ def _bind(conn, ticket, cfg):
             "Cannot open image for ticket {}: {}".format(
                 ticket.name, e.strerror or e))
     binding = Binding(ticket, backend)
-    ticket.add_connection(id(conn), lambda: _shutdown_if_idle(conn))
+    ticket.add_connection(id(conn), lambda force: _close(conn, force))
     conn.on_close(lambda: _unbind(conn, binding))
     conn.set_timeout(ticket.inactivity_timeout or None)
     log.debug("%s: bound to ticket %s", conn.name, ticket.name)
@@ -76,11 +76,12 @@ def _unbind(conn, binding):
     binding.backend.close()
 
 
-def _shutdown_if_idle(conn):
+def _close(conn, force):
     # A busy connection stops at its next chunk (Ticket.check) and answers
     # the client; an idle one is closed now so it does not hold the
-    # ticket's backend open.
-    if not conn.busy:
+    # ticket's backend open.  A busy one that does not reach its next
+    # chunk in time is closed too (force).
+    if force or not conn.busy:
         conn.shutdown()
 
 
