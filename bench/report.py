@@ -206,48 +206,50 @@ def markdown(data, results, other, thresholds):
         "",
         "Each scenario runs our daemon and its peers in the same run, "
         "interleaved (imageio, established, nginx, imageio, ...), each "
-        "repeat one measured round after a warm-up. Values are medians over "
-        "the repeats. Ratios compare the best repeat of each server (noise "
-        "on a shared machine only slows a round down): ours/peer, for times "
-        "peer/ours, so > 1 means imageio is better. CPU is the server "
-        "process's user+system time (children included) per GiB moved "
-        "(per 1000 requests for ranged GETs, per run for checksum), median "
-        "over the repeats. CPU ratio is ours/peer "
-        "of the lowest repeat of each: < 1 means imageio uses less.",
+        "repeat one measured round after a warm-up. Figures are the best "
+        "repeat of each server (noise on a shared machine only slows a "
+        "round down; every repeat is in benchmark.json). Ratios are "
+        "ours/peer, for times peer/ours, so > 1 means imageio is better. "
+        "CPU is the server process's user+system time (children included) "
+        "per GiB moved (per 1000 requests for ranged GETs, per run for "
+        "checksum), the lowest repeat; CPU ratio ours/peer < 1 means "
+        "imageio uses less.",
         "",
     ]
-    head = ["scenario", "unit"] + [LABELS.get(k, k) for k in kinds]
-    head += [f"ours/{LABELS.get(p, p)}" for p in peers_]
-    head += [f"CPU {LABELS.get(k, k)}" for k in kinds]
-    head += [f"CPU ours/{LABELS.get(p, p)}" for p in peers_ if p != "dd"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    lines.append("| scenario | unit | imageio | peer | peer's | ours/peer "
+                 "| CPU imageio | CPU peer | CPU ours/peer | CPU unit |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for scenario in _scenarios(results):
         row = results[scenario]
         any_info = next(iter(row.values()))
         unit = any_info["unit"]
-        cells = [SCENARIOS.get(scenario, scenario),
-                 "s (time)" if unit == "s" else unit]
-        cells += [_fmt(row[k]["value"], unit) if k in row else "—"
-                  for k in kinds]
-        for p in peers_:
-            r = None
-            if OURS in row and p in row:
-                r = throughput_ratio(row[OURS], row[p])
-            cells.append(f"{r:.2f}×" if r is not None else "—")
-        cells += [f"{row[k]['cpu']:.3g}" if k in row else "—"
-                  for k in kinds]
-        for p in peers_:
-            if p == "dd":
-                continue
-            r = None
-            if OURS in row and p in row:
-                r = cpu_ratio(row[OURS], row[p])
-            cells.append(f"{r:.2f}×" if r is not None else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    cpu_units = sorted({i["cpu_unit"] for r in results.values()
-                        for i in r.values()})
-    lines += ["", f"CPU units: {', '.join(cpu_units)}.", ""]
+        ours = row.get(OURS)
+        name = SCENARIOS.get(scenario, scenario)
+        shown_unit = "s (time)" if unit == "s" else unit
+        row_peers = [p for p in peers_ if p in row] or [None]
+        for n, p in enumerate(row_peers):
+            peer = row.get(p) if p else None
+            ratio = cpu_r = None
+            if ours and peer:
+                ratio = throughput_ratio(ours, peer)
+                if p != "dd":
+                    cpu_r = cpu_ratio(ours, peer)
+            cells = [
+                name if n == 0 else "",
+                shown_unit if n == 0 else "",
+                (_fmt(ours["best"], unit) if ours else "—") if n == 0
+                else "",
+                LABELS.get(p, p) if p else "—",
+                _fmt(peer["best"], unit) if peer else "—",
+                f"**{ratio:.2f}×**" if ratio is not None else "—",
+                (f"{ours['cpu_best']:.3g}" if ours else "—") if n == 0
+                else "",
+                f"{peer['cpu_best']:.3g}" if peer else "—",
+                f"{cpu_r:.2f}×" if cpu_r is not None else "—",
+                any_info["cpu_unit"] if n == 0 else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
 
     checks = evaluate(results, thresholds)
     lines += [
