@@ -232,7 +232,7 @@ def test_checksum_1g(benchmark, servers, server, rep, checksum_image):
         conn.close()
 
 
-# --- proxy ---------------------------------------------------------------------
+# --- proxy -------------------------------------------------------------------
 
 class Proxy:
     """A daemon whose ticket points at a second daemon of its kind over
