@@ -104,7 +104,8 @@ def test_put_zero_flush(storage, proxy, tmp_path, con):
 
 def test_extents_and_checksum(storage, proxy, tmp_path, con):
     data = b"\0" * (4 * MiB) + os.urandom(MiB)
-    path, remote, t = make_pair(storage, proxy, tmp_path, b"")
+    path, remote, t = make_pair(storage, proxy, tmp_path, data)
+    # Rewrite it sparse: the zero part becomes a hole.
     with open(path, "wb") as f:
         f.truncate(4 * MiB)
         f.write(data[4 * MiB:])

@@ -111,20 +111,25 @@ class HTTPBackend:
         except ValueError:
             return False
 
-    def _request(self, method, path, body=None, headers=None,
-                 expect_body=True):
+    def _request(self, method, path, body=None, headers=None):
         """Send a request (``body`` bytes or None) and return the response
-        with an OK status; the caller reads its body."""
+        with an OK status; the caller reads its body.
+
+        A kept-alive connection the remote closed meanwhile is reopened
+        once: these requests are idempotent.
+        """
         try:
-            self._con.request(method, path, body=body,
-                              headers=headers or {})
-            resp = self._con.getresponse()
+            try:
+                resp = self._roundtrip(method, path, body, headers)
+            except (ConnectionError, http.client.RemoteDisconnected):
+                self._con.close()
+                resp = self._roundtrip(method, path, body, headers)
         except ssl.SSLCertVerificationError as e:
             self._con.close()
             raise errors.BadGateway(
                 "Cannot verify the remote imageio daemon {}: {}; check "
-                "[backend_http] ca_file".format(self._where(), e.verify_message
-                                                or e))
+                "[backend_http] ca_file".format(
+                    self._where(), e.verify_message or e))
         except (OSError, http.client.HTTPException) as e:
             self._con.close()
             raise errors.BadGateway(
@@ -132,6 +137,10 @@ class HTTPBackend:
                     self._where(), e or type(e).__name__))
         self._check(resp)
         return resp
+
+    def _roundtrip(self, method, path, body, headers):
+        self._con.request(method, path, body=body, headers=headers or {})
+        return self._con.getresponse()
 
     def _where(self):
         return "{}:{}".format(self._url.hostname, self._url.port or 443)
@@ -213,12 +222,19 @@ class HTTPBackend:
 
     def write_from(self, source, offset, length, buf, progress):
         con = self._con
+        headers = {
+            "Content-Range": "bytes {}-{}/*".format(
+                offset, offset + length - 1),
+            "Content-Length": str(length),
+        }
         try:
-            con.putrequest("PUT", self._path + "?flush=n")
-            con.putheader("Content-Range", "bytes {}-{}/*".format(
-                offset, offset + length - 1))
-            con.putheader("Content-Length", str(length))
-            con.endheaders()
+            try:
+                self._put_headers(headers)
+            except ConnectionError:
+                # A kept-alive connection the remote closed meanwhile;
+                # nothing of the body was sent yet.
+                con.close()
+                self._put_headers(headers)
         except (OSError, http.client.HTTPException) as e:
             con.close()
             raise errors.BadGateway(
@@ -249,6 +265,12 @@ class HTTPBackend:
                     self._where(), e))
         self._check(resp)
         resp.read()
+
+    def _put_headers(self, headers):
+        self._con.putrequest("PUT", self._path + "?flush=n")
+        for name, value in headers.items():
+            self._con.putheader(name, value)
+        self._con.endheaders()
 
     def _patch(self, msg):
         body = json.dumps(msg).encode()
