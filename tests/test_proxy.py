@@ -108,6 +108,7 @@ def test_extents_and_checksum(storage, proxy, tmp_path, con):
     # Rewrite it sparse: the zero part becomes a hole.
     with open(path, "wb") as f:
         f.truncate(4 * MiB)
+        f.seek(4 * MiB)
         f.write(data[4 * MiB:])
     resp, body = request(con, "GET", "/images/{}/extents".format(t["uuid"]))
     assert resp.status == 200
