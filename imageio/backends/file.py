@@ -107,10 +107,17 @@ class FileBackend:
         self._block = stat.S_ISBLK(st.st_mode)
         self._device_size = directio.blkgetsize64(fd) if self._block else None
         self._lock = _block_lock(st)
-        self._bounce = AlignedBuffer(BOUNCE_SIZE) if writable else None
+        self._bounce_buffer = None
         self._zeroes = None
         log.debug("Opened %s direct=%s writable=%s block_device=%s",
                   path, direct, writable, self._block)
+
+    @property
+    def _bounce(self):
+        # Allocated on first write: read-only backends never need it.
+        if self._bounce_buffer is None:
+            self._bounce_buffer = AlignedBuffer(BOUNCE_SIZE)
+        return self._bounce_buffer
 
     @property
     def direct(self):
