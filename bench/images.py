@@ -84,14 +84,20 @@ def data_size(size, segment=SEGMENT):
     return total
 
 
+def _bulk_name():
+    # The size is in the name so that runs of different sizes (the gate
+    # uses a smaller image) do not rewrite each other's image.
+    return f"bulk-{BULK_SIZE // MiB}M.raw"
+
+
 def bulk_image():
     """The 2 GiB half-sparse image on /dev/shm."""
-    return make_image(os.path.join(SHM_DIR, "bulk.raw"), BULK_SIZE)
+    return make_image(os.path.join(SHM_DIR, _bulk_name()), BULK_SIZE)
 
 
 def disk_image():
     """The same image on /var/tmp (a real disk)."""
-    return make_image(os.path.join(DISK_DIR, "bulk.raw"), BULK_SIZE)
+    return make_image(os.path.join(DISK_DIR, _bulk_name()), BULK_SIZE)
 
 
 def checksum_image():

@@ -30,17 +30,17 @@ LABELS = {
 }
 # Scenario order and descriptions.
 SCENARIOS = {
-    "get_unix": "GET 2 GiB, unix socket",
-    "get_https": "GET 2 GiB, HTTPS",
-    "put_unix": "PUT 2 GiB, unix socket",
-    "put_https": "PUT 2 GiB, HTTPS",
-    "get_unix_disk": "GET 2 GiB from /var/tmp, unix socket",
-    "get_https_4conn": "GET 2 GiB, HTTPS, 4 connections",
+    "get_unix": "GET image, unix socket",
+    "get_https": "GET image, HTTPS",
+    "put_unix": "PUT image, unix socket",
+    "put_https": "PUT image, HTTPS",
+    "get_unix_disk": "GET image from /var/tmp, unix socket",
+    "get_https_4conn": "GET image, HTTPS, 4 connections",
     "ranged_4k_https": "4 KiB ranged GETs, 1 keep-alive HTTPS conn",
     "ranged_64k_https": "64 KiB ranged GETs, 1 keep-alive HTTPS conn",
     "checksum_1g": "checksum 1 GiB half-sparse raw (time)",
-    "proxy_get_https": "GET 2 GiB, HTTPS, through a proxy daemon",
-    "proxy_put_https": "PUT 2 GiB, HTTPS, through a proxy daemon",
+    "proxy_get_https": "GET image, HTTPS, through a proxy daemon",
+    "proxy_put_https": "PUT image, HTTPS, through a proxy daemon",
 }
 
 
@@ -183,6 +183,7 @@ def machine_lines(data):
     commit = data.get("commit_info", {}).get("id") or _cmd(
         ["git", "-C", HERE, "rev-parse", "--short", "HEAD"])
     curl = " ".join(_cmd(["curl", "--version"]).split()[:2])
+    size = int(os.environ.get("IMAGEIO_BENCH_SIZE", 2 * 1024**3))
     nginx = _cmd([peers.NGINX, "-v"]) or subprocess.run(
         [peers.NGINX, "-v"], capture_output=True, text=True).stderr.strip()
     return [
@@ -194,6 +195,9 @@ def machine_lines(data):
         f"- peers: ovirt-imageio {peers.ESTABLISHED_VERSION} (PyPI, own "
         f"virtualenv), {nginx}",
         f"- client: {curl}; Python http.client for ranged GETs and checksum",
+        f"- image: raw, {size / 1024**3:g} GiB, random data and holes "
+        "alternating in 64 MiB segments, on /dev/shm (and /var/tmp for the "
+        "disk scenario)",
     ]
 
 

@@ -116,7 +116,7 @@ def test_report_files(tmp_path):
         _bench("get_unix", "nginx", 0, 4000, 0.05),
     ])
     md_path, png_path, md = report.write(path, skipped=["x: why"])
-    assert ("| GET 2 GiB, unix socket | MiB/s | 3,000 | established 2.5.1 "
+    assert ("| GET image, unix socket | MiB/s | 3,000 | established 2.5.1 "
             "| 2,000 | **1.50×** | 0.1 | 0.2 | 0.50× | s/GiB |") in md, md
     assert "| nginx | 4,000 | **0.75×** |" in md
     assert "- x: why" in md
