@@ -355,3 +355,15 @@ def test_block_ioctls_on_regular_file(storage):
             assert e.value.errno == errno.ENOTTY
     finally:
         os.close(fd)
+
+
+def test_negative_offset(storage, buf, bounce):
+    fd = storage.create(b"x" * 8192)
+    try:
+        with pytest.raises(ValueError):
+            directio.readinto(fd, buf, -1, 10, storage.align)
+        with pytest.raises(ValueError):
+            directio.write(fd, b"y", -4096, bounce, storage.align)
+        assert storage.content() == b"x" * 8192
+    finally:
+        os.close(fd)

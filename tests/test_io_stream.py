@@ -408,3 +408,13 @@ def test_gil_released_recv_to_file(tmp_path):
         os.unlink(path)
         a.close()
         b.close()
+
+
+def test_negative_offset(image, pair):
+    a, b = pair
+    with pytest.raises(ValueError):
+        stream.send_file(a.fileno(), image.fd, -1, 10, AlignedBuffer(MiB),
+                         image.align, 5)
+    with pytest.raises(ValueError):
+        stream.recv_to_file(a.fileno(), image.fd, -1, 10, AlignedBuffer(MiB),
+                            AlignedBuffer(ALIGN), image.align, 5)

@@ -18,3 +18,4 @@ cdef int write_data(int fd, const char *p, size_t n, off_t off,
                     AlignedBuffer bounce, size_t align, object lock) except -1
 
 cdef int raise_errno(ssize_t err) except -1
+cdef int check_offset(off_t offset) except -1

@@ -51,6 +51,12 @@ cdef int check_align(size_t align) except -1:
     return 0
 
 
+cdef int check_offset(off_t offset) except -1:
+    if offset < 0:
+        raise ValueError("Invalid offset: {}".format(offset))
+    return 0
+
+
 cdef ssize_t pread_full(int fd, char *p, size_t n, off_t off,
                         size_t align) noexcept nogil:
     cdef size_t done = 0
@@ -146,6 +152,7 @@ cdef int write_data(int fd, const char *p, size_t n, off_t off,
     cdef off_t block
     cdef size_t piece
     check_align(align)
+    check_offset(off)
     if align <= 1:
         with nogil:
             r = pwrite_all(fd, p, n, off)
@@ -161,7 +168,7 @@ cdef int write_data(int fd, const char *p, size_t n, off_t off,
     # lock so concurrent writers to the same block do not lose updates.
     if off % align and n:
         block = align_down(off, align)
-        piece = min(end, block + align) - off
+        piece = min(end, block + <off_t>align) - off
         if lock is not None:
             lock.acquire()
         try:
@@ -215,6 +222,7 @@ def readinto(int fd, AlignedBuffer buf not None, off_t offset, size_t length,
     cdef size_t start, n
     cdef ssize_t got
     check_align(align)
+    check_offset(offset)
     if align > 1:
         first = align_down(offset, align)
         end = align_up(offset + length, align)

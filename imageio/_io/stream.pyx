@@ -21,7 +21,7 @@ from imageio._io.buffer cimport AlignedBuffer
 from imageio._io cimport syscalls as sc
 from imageio._io.syscalls cimport off_t
 from imageio._io.directio cimport (
-    pread_full, raise_errno, write_data)
+    check_offset, pread_full, raise_errno, write_data)
 
 cdef enum:
     # Not an errno: poll ran out of time.
@@ -89,7 +89,7 @@ cdef ssize_t sendfile_loop(int sock, int fd, off_t offset, size_t length,
     cdef size_t sent = 0
     cdef ssize_t r
     while sent < length:
-        r = sc.sendfile(sock, fd, &off, min(length - sent, SENDFILE_MAX))
+        r = sc.sendfile(sock, fd, &off, min(length - sent, <size_t>SENDFILE_MAX))
         if r > 0:
             sent += r
         elif r == 0:
@@ -173,6 +173,7 @@ def send_file(int sock_fd, int file_fd, off_t offset, size_t length,
     """
     cdef int ms = timeout_ms(timeout)
     cdef ssize_t r
+    check_offset(offset)
     if align > 1:
         if align & (align - 1) or buf.align % align or buf.size < align:
             raise ValueError("Invalid alignment {} for {!r}".format(align, buf))
@@ -202,6 +203,7 @@ def recv_to_file(int sock_fd, int file_fd, off_t offset, size_t length,
     cdef int ms = timeout_ms(timeout)
     cdef size_t skip = 0
     cdef ssize_t r
+    check_offset(offset)
     if length > buf.size:
         raise ValueError("Cannot receive {} bytes into a buffer of {} bytes"
                          .format(length, buf.size))

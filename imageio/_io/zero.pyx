@@ -14,10 +14,10 @@ cdef enum:
 
 cdef bint _is_zero(const unsigned char *p, size_t n) noexcept nogil:
     cdef size_t i
-    for i in range(min(n, HEAD)):
+    for i in range(min(n, <size_t>HEAD)):
         if p[i]:
             return False
-    if n <= HEAD:
+    if n <= <size_t>HEAD:
         return True
     # The first HEAD bytes are zero; if every byte equals the one HEAD
     # before it, all are zero.  memcmp is vectorized, so this runs at
