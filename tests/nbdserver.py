@@ -67,6 +67,8 @@ class Server:
         # that some servers log as a failed handshake; a bound unix socket
         # path, or a port in LISTEN state, is enough.
         if self.sock:
+            if not os.path.exists(self.sock):
+                return False
             # Listening sockets have __SO_ACCEPTCON (0x10000) in Flags.
             with open("/proc/net/unix") as f:
                 for line in f.readlines()[1:]:

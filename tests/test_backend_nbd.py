@@ -182,6 +182,11 @@ def test_redact():
     assert "socket=/s" in r
     assert "tls-certificates=/pki" in r
     assert "alice" in r
+    assert r.startswith("nbds+unix://alice@/x?")
+    assert nbd_backend.redact("nbd+unix:///x?socket=/s") == \
+        "nbd+unix:///x?socket=/s"
+    assert nbd_backend.redact("nbd:unix:/s:exportname=x") == \
+        "nbd:unix:/s:exportname=x"
 
 
 # Connecting with every URL form.
@@ -519,12 +524,14 @@ def test_server_dies_then_reconnect(tmp_path, buf):
                          filters=["delay"]).start()
     backend = open_backend(s.url())
     try:
-        threading.Timer(0.3, s.kill).start()
+        killer = threading.Timer(0.3, s.kill)
+        killer.start()
         a, b = socket.socketpair()
         with a, b:
             Drain(b)
             with pytest.raises(OSError):
                 backend.read_to(backends.Sink(a), 0, 256 * MiB, buf, None)
+        killer.join()
         # While the server is down: a clear error.
         os.unlink(sock)
         with pytest.raises(errors.BackendError):

@@ -60,15 +60,31 @@ DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 STATE_HOLE = lib.LIBNBD_STATE_HOLE
 STATE_ZERO = lib.LIBNBD_STATE_ZERO
 
-# Bulk transfers: requests of REQUEST_SIZE bytes, at most MAX_DEPTH of them
-# in flight.  2 MiB x 4-8 keeps qemu-nbd busy without hurting latency.
-DEF REQUEST_SIZE = 2 * 1024 * 1024
+# Bulk transfers: requests of request_size bytes, at most depth_limit of
+# them in flight (tune() changes both, for benchmarks).  2 MiB x 4-8 keeps
+# qemu-nbd busy without hurting latency.
 DEF MIN_REQUEST_SIZE = 64 * 1024
-DEF MAX_DEPTH = 16
-DEF DEFAULT_DEPTH = 8
-
 # NBD's default maximum payload when the server says nothing.
 DEF DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+DEF MAX_DEPTH = 32
+cdef size_t request_size = 2 * 1024 * 1024
+cdef int depth_limit = 8
+
+
+def tune(size_t request_size_=0, int depth=0):
+    """Set the bulk request size (bytes) and requests in flight; 0 keeps
+    the current value.  Returns the (request_size, depth) in effect."""
+    global request_size, depth_limit
+    if request_size_:
+        if request_size_ < 4096 or request_size_ > DEFAULT_MAX_PAYLOAD:
+            raise ValueError("Invalid request size {}".format(request_size_))
+        request_size = request_size_
+    if depth:
+        if depth < 1 or depth > MAX_DEPTH:
+            raise ValueError("Invalid depth {}".format(depth))
+        depth_limit = depth
+    return request_size, depth_limit
+
 
 # Largest block status request: the protocol's count is 32 bits.
 cdef uint64_t MAX_BLOCK_STATUS = 0x100000000 - 0x100000
@@ -190,22 +206,22 @@ cdef struct Pipe:
 cdef void _pipe_init(Pipe *p, lib.nbd_handle *h, int fd, char *buf,
                      size_t buflen, uint64_t offset, uint64_t length,
                      size_t max_req, int timeout_ms) noexcept nogil:
-    cdef size_t req = REQUEST_SIZE
+    cdef size_t req = request_size
     cdef int depth
     if req > max_req:
         req = max_req
     depth = <int>(buflen // req)
-    if depth > DEFAULT_DEPTH:
-        depth = DEFAULT_DEPTH
-    if depth < 4:
+    if depth > depth_limit:
+        depth = depth_limit
+    if depth < 4 and depth < depth_limit:
         # A small buffer: smaller requests, still several in flight.
         req = buflen // 4
         req -= req % 4096
         if req < MIN_REQUEST_SIZE:
             req = MIN_REQUEST_SIZE if buflen >= MIN_REQUEST_SIZE else buflen
         depth = <int>(buflen // req)
-        if depth > MAX_DEPTH:
-            depth = MAX_DEPTH
+        if depth > depth_limit:
+            depth = depth_limit
     p.h = h
     p.fd = fd
     p.buf = buf
@@ -971,8 +987,8 @@ cdef class Handle:
                    self.max_request, _timeout_ms(timeout))
         # Memory transfers: a request size that splits the buffer evenly.
         p.linear = True
-        p.req = min(self.max_request, REQUEST_SIZE)
-        p.depth = DEFAULT_DEPTH
+        p.req = min(self.max_request, request_size)
+        p.depth = depth_limit
         with nogil:
             r = _pump_mem(&p, False)
         if r < 0:
@@ -997,8 +1013,8 @@ cdef class Handle:
         _pipe_init(&p, h, -1, <char *>&buf[0], length, offset, length,
                    self.max_request, _timeout_ms(timeout))
         p.linear = True
-        p.req = min(self.max_request, REQUEST_SIZE)
-        p.depth = DEFAULT_DEPTH
+        p.req = min(self.max_request, request_size)
+        p.depth = depth_limit
         with nogil:
             r = _pump_mem(&p, True)
         if r < 0:

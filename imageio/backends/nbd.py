@@ -13,6 +13,7 @@ One backend holds one libnbd handle; bulk bytes move in
 ``imageio._io.nbd`` with several requests in flight and the GIL released.
 """
 
+import concurrent.futures
 import logging
 import os
 import pwd
@@ -141,6 +142,9 @@ def _login_name():
 
 def redact(url):
     """``url`` fit for messages and logs: no password, no secret query values."""
+    if "://" not in url:
+        # Legacy nbd:unix:/path and nbd:host:port forms carry no secrets.
+        return url
     try:
         u = urllib.parse.urlsplit(url)
     except ValueError:
@@ -160,8 +164,11 @@ def redact(url):
         query = "&".join(params)
     else:
         query = ""
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, query,
-                                    u.fragment))
+    # Not urlunsplit(): it drops the "//" of "nbd+unix:///".
+    out = "{}://{}{}".format(u.scheme, netloc, u.path)
+    if query:
+        out += "?" + query
+    return out
 
 
 def validate_url(url):
@@ -200,6 +207,8 @@ class NbdBackend:
             MAX_CONNECTIONS)
         self._h = None
         self._zero_buf = None
+        # A helper thread overlapping NBD I/O with TLS, started on demand.
+        self._executor = None
 
     # Connection.
 
@@ -242,6 +251,9 @@ class NbdBackend:
                 log.debug("Error closing NBD handle: %s", e)
 
     def close(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self._close_handle()
 
     # Properties.
@@ -275,58 +287,113 @@ class NbdBackend:
         self._check_range(offset, length)
         h = self._handle()
         if sink.fd != -1:
+            # Plain socket: NBD -> socket in C, requests in flight.
             h.send_to_socket(sink.fd, offset, length, buf, sink.timeout,
                              progress)
             return
-        # TLS: Python drives the socket; fill the buffer with requests in
-        # flight, send it with the GIL released by ssl.
-        view = memoryview(buf)
-        step = min(len(buf), self._buffer_size)
-        while length:
-            n = min(step, length)
-            h.pread_pipelined(buf, offset, n, sink.timeout)
-            sink.write(view[:n])
-            offset += n
-            length -= n
-            if progress:
-                progress(n)
+        # TLS: Python drives the socket.  Halves of the buffer take turns:
+        # the helper thread fills one with requests in flight while this
+        # thread sends the other (ssl releases the GIL).
+        halves = self._halves(buf)
+        worker = self._worker()
+        pending = None
+        try:
+            n = min(len(halves[0]), length)
+            pending = worker.submit(h.pread_pipelined, halves[0], offset, n)
+            turn = 0
+            while length:
+                pending.result()
+                pending = None
+                cur = n
+                offset += cur
+                length -= cur
+                if length:
+                    n = min(len(halves[turn ^ 1]), length)
+                    pending = worker.submit(h.pread_pipelined,
+                                            halves[turn ^ 1], offset, n)
+                sink.write(halves[turn][:cur])
+                if progress:
+                    progress(cur)
+                turn ^= 1
+        finally:
+            # Never return while libnbd may still write into buf.
+            self._wait_quietly(pending)
 
     def write_from(self, source, offset, length, buf, progress):
         self._check_range(offset, length)
         h = self._handle()
-        view = memoryview(buf)
-        step = min(len(buf), self._buffer_size)
         requested = length
-        while length:
-            fd = source.fd
-            if fd != -1:
-                # Plain socket, nothing buffered: receive and write in C.
-                received = h.recv_from_socket(fd, offset, length, buf,
-                                              source.timeout, progress)
-                consumed = getattr(source, "consumed", None)
-                if consumed:
-                    consumed(received)
-                if received < length:
-                    raise errors.PartialContent(
-                        requested, requested - length + received)
-                return
-            # Bytes the HTTP reader buffered, or TLS: fill the buffer, then
-            # write it with requests in flight.
-            n = min(step, length)
-            got = 0
-            while got < n:
-                r = source.readinto(view[got:n])
-                if not r:
-                    raise errors.PartialContent(
-                        requested, requested - length + got)
-                got += r
-                if source.fd != -1:
-                    break  # The buffered bytes are used up.
-            h.pwrite_pipelined(buf, offset, got, source.timeout)
-            offset += got
-            length -= got
-            if progress:
-                progress(got)
+        halves = self._halves(buf)
+        pending = None
+        turn = 0
+        try:
+            while length:
+                fd = source.fd
+                if fd != -1:
+                    # Plain socket, nothing buffered: socket -> NBD in C.
+                    self._wait(pending)
+                    pending = None
+                    received = h.recv_from_socket(fd, offset, length, buf,
+                                                  source.timeout, progress)
+                    consumed = getattr(source, "consumed", None)
+                    if consumed:
+                        consumed(received)
+                    if received < length:
+                        raise errors.PartialContent(
+                            requested, requested - length + received)
+                    return
+                # Bytes the HTTP reader buffered, or TLS: receive into one
+                # half while the helper thread writes the other.
+                view = halves[turn]
+                n = min(len(view), length)
+                got = 0
+                while got < n:
+                    r = source.readinto(view[got:n])
+                    if not r:
+                        raise errors.PartialContent(
+                            requested, requested - length + got)
+                    got += r
+                    if source.fd != -1:
+                        break  # The buffered bytes are used up.
+                self._wait(pending)
+                pending = self._worker().submit(
+                    h.pwrite_pipelined, view, offset, got, source.timeout)
+                offset += got
+                length -= got
+                if progress:
+                    progress(got)
+                turn ^= 1
+            self._wait(pending)
+            pending = None
+        finally:
+            self._wait_quietly(pending)
+
+    def _halves(self, buf):
+        view = memoryview(buf)
+        half = min(len(view) // 2, self._buffer_size)
+        half -= half % 4096
+        if half < 4096:
+            return view, view
+        return view[:half], view[half:2 * half]
+
+    def _worker(self):
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="nbd-io")
+        return self._executor
+
+    @staticmethod
+    def _wait(pending):
+        if pending is not None:
+            pending.result()
+
+    @staticmethod
+    def _wait_quietly(pending):
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:
+                pass  # The first error is already propagating.
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)
