@@ -567,3 +567,120 @@ def test_injected_errors(tmp_path, buf):
         backend.close()
     finally:
         s.stop()
+
+
+# Through the real daemon.
+
+def _nbd_target(tmp_path, size=64 * MiB, **kw):
+    image = tmp_path / "target.qcow2"
+    nbdserver.qemu_img("create", "-f", "qcow2", image, size)
+    s = nbdserver.qemu_nbd(image, "qcow2", sock=tmp_path / "target.sock",
+                           allocation_depth=True, **kw).start()
+    s.image = image
+    return s
+
+
+@pytest.mark.parametrize("service", ["https", "unix"])
+def test_daemon_get_put_extents(daemon, tmp_path, service):
+    import json
+    from conftest import new_ticket
+    s = _nbd_target(tmp_path)
+    try:
+        t = daemon.add_ticket(new_ticket(s.url("legacy"), 64 * MiB))
+        path = "/images/" + t["uuid"]
+        data = os.urandom(5 * MiB)
+        conn = getattr(daemon, service)()
+        conn.request("PUT", path, body=data,
+                      headers={"Content-Range": "bytes {}-{}/*".format(
+                          MiB, MiB + len(data) - 1)})
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        r.read()
+        conn.request("GET", path, headers={"Range": "bytes={}-{}".format(
+            MiB, MiB + len(data) - 1)})
+        r = conn.getresponse()
+        assert r.status == 206
+        assert r.read() == data
+        conn.request("PATCH", path, body=json.dumps(
+            {"op": "zero", "offset": 2 * MiB, "size": MiB}))
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        r.read()
+        conn.request("GET", path + "/extents")
+        r = conn.getresponse()
+        assert r.status == 200
+        extents = json.loads(r.read())
+        assert extents[0] == {"start": 0, "length": MiB, "zero": True,
+                              "hole": True}
+        assert extents[1] == {"start": MiB, "length": MiB, "zero": False,
+                              "hole": False}
+        assert extents[2]["start"] == 2 * MiB and extents[2]["zero"]
+        assert not extents[2]["hole"]
+        assert extents[-1]["hole"]
+        conn.request("OPTIONS", path)
+        r = conn.getresponse()
+        options = json.loads(r.read())
+        assert set(options["features"]) >= {"extents", "zero", "flush"}
+        conn.close()
+    finally:
+        s.stop()
+
+
+def test_daemon_nbd_server_unreachable(daemon, tmp_path):
+    from conftest import new_ticket
+    url = "nbd+unix:///x?socket={}".format(tmp_path / "missing.sock")
+    t = daemon.add_ticket(new_ticket(url, MiB))
+    conn = daemon.https()
+    conn.request("GET", "/images/" + t["uuid"])
+    r = conn.getresponse()
+    body = r.read().decode()
+    assert r.status >= 500
+    assert "missing.sock" in body
+    conn.close()
+
+
+SCRIPT = """
+import sys
+from ovirt_imageio import client
+op, url, path, cafile = sys.argv[1:5]
+if op == "upload":
+    client.upload(path, url, cafile)
+else:
+    client.download(url, path, cafile, fmt=sys.argv[5])
+"""
+
+
+def test_established_client_round_trip(daemon, tmp_path):
+    """ovirt-imageio 2.5.1's client uploads a qcow2 to an NBD target through
+    the daemon and downloads it back."""
+    import subprocess
+    from conftest import new_ticket
+    from bench import peers
+    try:
+        python = os.path.join(os.path.dirname(peers.ensure_established()),
+                              "python")
+    except peers.Unavailable as e:
+        pytest.skip(str(e))
+    source = tmp_path / "source.qcow2"
+    nbdserver.qemu_img("create", "-f", "qcow2", source, "64M")
+    nbdserver.qemu_io(source, "qcow2", "write -P 0x55 0 1M",
+                      "write -P 0xaa 10M 3M", "write -z 20M 1M",
+                      "write -P 0x11 63M 1M")
+    s = _nbd_target(tmp_path)
+    try:
+        t = daemon.add_ticket(new_ticket(s.url(), 64 * MiB))
+        url = "https://localhost:{}/images/{}".format(daemon.remote_port,
+                                                       t["uuid"])
+
+        def run(*args):
+            r = subprocess.run([python, "-c", SCRIPT] + [str(a) for a in args],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+
+        run("upload", url, source, daemon.ca_file)
+        nbdserver.qemu_img("compare", "-U", source, s.image)
+        download = tmp_path / "download.qcow2"
+        run("download", url, download, daemon.ca_file, "qcow2")
+        nbdserver.qemu_img("compare", source, download)
+    finally:
+        s.stop()
