@@ -555,3 +555,19 @@ def test_concurrent_write_from_sharing_blocks(image, buf):
         t.join()
     assert not errors_seen
     assert image.content() == ref
+
+
+def test_write_from_reports_consumed(image, reference, buf):
+    """Bytes read from the socket fd by C code are reported to the source,
+    so the HTTP layer knows the body was read."""
+    image.write(reference)
+    a, b = socket.socketpair()
+    with image.open() as backend, a, b:
+        t = send_request(b, os.urandom(2 * MiB))
+        source = request_source(a)
+        seen = []
+        source.consumed = seen.append
+        backend.write_from(source, 100, 2 * MiB, buf, Progress())
+        t.join()
+        # The reader buffered part of the body; the rest came through fd.
+        assert seen and sum(seen) < 2 * MiB

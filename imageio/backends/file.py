@@ -161,6 +161,7 @@ class FileBackend:
                 got = stream.recv_to_file(sock, fd, offset, n, buf,
                                           self._bounce, align, source.timeout,
                                           self._lock)
+                source.consumed(got)
             else:
                 # Same alignment in memory as in the file: only the head and
                 # tail blocks go through the bounce buffer.
