@@ -353,8 +353,9 @@ cdef void _pop(Pipe *p) noexcept nogil:
 cdef int _drain(Pipe *p) noexcept nogil:
     """After a failure: wait until libnbd no longer touches our buffer.
 
-    Returns 0 when every request was retired, -1 if the server did not
-    answer in time; the caller must then close the handle.
+    Returns 0 when every request was retired, -1 if that cannot be known in
+    time (server hung, handle dead with requests not retired); the caller
+    must then close the handle, which frees them.
     """
     cdef int64_t deadline = _now_ms() + DRAIN_TIMEOUT_MS
     cdef int i, r
@@ -365,14 +366,11 @@ cdef int _drain(Pipe *p) noexcept nogil:
                 p.cookie[i] = 0
                 break
             if lib.nbd_aio_is_dead(p.h) or lib.nbd_aio_is_closed(p.h):
-                # libnbd retired everything in flight with an error; the
-                # loop above collects them.
-                continue
+                return -1
             if _now_ms() > deadline:
                 return -1
-            if lib.nbd_poll(p.h, 1000) == -1 and lib.nbd_aio_in_flight(p.h) > 0:
-                if not lib.nbd_aio_is_dead(p.h):
-                    return -1
+            if lib.nbd_poll(p.h, 1000) == -1:
+                return -1
     return 0
 
 
