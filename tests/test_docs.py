@@ -341,6 +341,8 @@ def test_runnable_blocks(path):
         ws.start_daemon()
         for block in blocks:
             rc, out = ws.run(block)
+            # Shown with pytest -s, or on failure.
+            print("=== {} (exit {})\n{}".format(block.where(), rc, out))
             if rc != 0:
                 pytest.fail(
                     "{}: block {} (exit {}):\n--- block ---\n{}"
