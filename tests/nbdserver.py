@@ -56,7 +56,11 @@ class Server:
                 raise RuntimeError("{} exited with {}: {}".format(
                     self.argv[0], self.proc.returncode, self._log_text()))
             if self._listening():
-                return self
+                # qemu-nbd listens before opening the image: a locked or
+                # missing image makes it exit right after.
+                time.sleep(0.05)
+                if self.proc.poll() is None:
+                    return self
             time.sleep(0.02)
         self.stop()
         raise RuntimeError("{} did not start in {} seconds: {}".format(
