@@ -367,3 +367,14 @@ def test_negative_offset(storage, buf, bounce):
         assert storage.content() == b"x" * 8192
     finally:
         os.close(fd)
+
+
+def test_fs_type(storage):
+    fd = storage.create(b"")
+    try:
+        on_tmpfs = storage.path.startswith("/dev/shm/")
+        assert (directio.fs_type(fd) == directio.TMPFS_MAGIC) == on_tmpfs
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        directio.fs_type(-1)

@@ -349,3 +349,16 @@ def supports_direct(path):
         raise
     os.close(fd)
     return True
+
+
+# statfs(2) f_type of tmpfs.
+TMPFS_MAGIC = 0x01021994
+
+
+def fs_type(int fd):
+    """The file system type (statfs(2) ``f_type``, e.g. TMPFS_MAGIC) of the
+    file system holding ``fd``.  Raises OSError."""
+    cdef sc.statfs st
+    if sc.fstatfs(fd, &st) < 0:
+        raise_errno(-sc.errno)
+    return st.f_type

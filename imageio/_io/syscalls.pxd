@@ -80,3 +80,9 @@ cdef extern from "<poll.h>" nogil:
     enum:
         POLLIN
         POLLOUT
+
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf)
