@@ -2,16 +2,22 @@
 
 Split the image into ``block_size`` blocks (the last may be shorter); each
 block's digest is H(block); the image digest is H over the concatenated
-block digests.  Zero extents are never read: the digest of a zero block is
-computed once per length and reused, so sparse images cost almost nothing,
-and the result is the same as hashing the zeroes.
+block digests.  The result is the same as hashing every byte, but:
 
-hashlib releases the GIL while hashing large buffers, so hashing a block
-overlaps reading the next one in another thread.
+- zero extents are never read: their bytes are hashed from a static zero
+  buffer, and a block that is all zero reuses one digest per length;
+- the zero prefix of a block (common in sparse images: one small data
+  cluster somewhere in a block) costs nothing: the hash state after N zero
+  bytes is computed once and copied;
+- blocks are hashed on all cores: hashlib releases the GIL while hashing,
+  and each worker reads its own block into its own buffer.
 """
 
+import bisect
 import concurrent.futures
 import hashlib
+import os
+import threading
 
 from . import errors
 
@@ -19,6 +25,13 @@ DEFAULT_ALGORITHM = "blake2b"
 DEFAULT_BLOCK_SIZE = 4 * 1024**2
 MIN_BLOCK_SIZE = 1024**2
 MAX_BLOCK_SIZE = 16 * 1024**2
+
+# Bytes read per backend call, and the granularity of cached zero-prefix
+# hash states.
+CHUNK = 4 * 1024**2
+ZERO_STEP = 64 * 1024
+
+_ZEROS = memoryview(bytes(CHUNK))
 
 
 def algorithms():
@@ -46,94 +59,155 @@ def validate_block_size(block_size):
             "and {}".format(block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE))
 
 
-class _ZeroDigests:
+def _hash_zeros(h, length):
+    while length:
+        n = min(length, len(_ZEROS))
+        h.update(_ZEROS[:n])
+        length -= n
+
+
+class _ZeroStates:
+    """Hash states after N zero bytes (N a multiple of ZERO_STEP), and
+    digests of all-zero blocks, computed once per request."""
 
     def __init__(self, algorithm):
         self._algorithm = algorithm
-        self._cache = {}
+        self._lock = threading.Lock()
+        self._states = {0: new_hash(algorithm)}
+        self._digests = {}
 
-    def get(self, length):
-        digest = self._cache.get(length)
-        if digest is None:
+    def state(self, length):
+        """A new hash object that has hashed ``length`` zero bytes."""
+        step = length - length % ZERO_STEP
+        with self._lock:
+            h = self._states.get(step)
+            if h is None:
+                # Extend from the longest cached prefix below.
+                base = max(k for k in self._states if k <= step)
+                h = self._states[base].copy()
+                for k in range(base + ZERO_STEP, step + 1, ZERO_STEP):
+                    _hash_zeros(h, ZERO_STEP)
+                    self._states[k] = h.copy()
+            h = h.copy()
+        _hash_zeros(h, length - step)
+        return h
+
+    def digest(self, length):
+        with self._lock:
+            d = self._digests.get(length)
+        if d is None:
             h = new_hash(self._algorithm)
-            zeros = bytes(min(length, 1024**2))
-            left = length
-            while left:
-                n = min(left, len(zeros))
-                h.update(zeros[:n] if n < len(zeros) else zeros)
-                left -= n
-            digest = self._cache[length] = h.digest()
-        return digest
+            _hash_zeros(h, length)
+            d = h.digest()
+            with self._lock:
+                self._digests[length] = d
+        return d
 
 
-CHUNK = 4 * 1024**2
+class _ZeroMap:
+    """Zero extents of the image, for asking which parts of a block are
+    zero."""
+
+    def __init__(self, backend):
+        self._starts = []
+        self._ends = []
+        if "extents" not in backend.features:
+            return
+        try:
+            extents = backend.extents("zero")
+        except errors.Error:
+            return
+        for e in extents:
+            if not e.zero:
+                continue
+            if self._ends and self._ends[-1] == e.start:
+                self._ends[-1] = e.start + e.length
+            else:
+                self._starts.append(e.start)
+                self._ends.append(e.start + e.length)
+
+    def pieces(self, start, end):
+        """Split [start, end) into (offset, length, zero) pieces."""
+        out = []
+        pos = start
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i < 0:
+            i = 0
+        while pos < end:
+            while i < len(self._starts) and self._ends[i] <= pos:
+                i += 1
+            if i < len(self._starts) and self._starts[i] <= pos:
+                stop = min(end, self._ends[i])
+                out.append((pos, stop - pos, True))
+            else:
+                stop = end
+                if i < len(self._starts):
+                    stop = min(end, self._starts[i])
+                out.append((pos, stop - pos, False))
+            pos = stop
+        return out
 
 
 def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
-            block_size=DEFAULT_BLOCK_SIZE, progress=None):
+            block_size=DEFAULT_BLOCK_SIZE, progress=None, workers=None):
     """Return the block hash of the first ``size`` bytes of ``backend`` as
-    a hex string.  ``progress(n)`` is called per block (it may raise
-    Canceled)."""
+    a hex string.  ``progress(n)`` is called per block in order (it may
+    raise Canceled, which stops the computation)."""
     from ._io.buffer import AlignedBuffer
     validate_block_size(block_size)
     new_hash(algorithm)
+    workers = workers or os.cpu_count() or 1
+    zeros = _ZeroStates(algorithm)
+    zmap = _ZeroMap(backend)
+    local = threading.local()
+
+    def hash_block(start, length):
+        pieces = zmap.pieces(start, start + length)
+        if len(pieces) == 1 and pieces[0][2]:
+            return zeros.digest(length)
+        # A zero prefix costs nothing.
+        if pieces[0][2]:
+            h = zeros.state(pieces[0][1])
+            pieces = pieces[1:]
+        else:
+            h = new_hash(algorithm)
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = AlignedBuffer(CHUNK + 8192)
+        for offset, n, zero in pieces:
+            if zero:
+                _hash_zeros(h, n)
+                continue
+            end = offset + n
+            while offset < end:
+                k = min(CHUNK, end - offset)
+                h.update(backend.readinto(buf, offset, k))
+                offset += k
+        return h.digest()
+
     outer = new_hash(algorithm)
-    zero = _ZeroDigests(algorithm)
-    # Two buffers: one is hashed in a worker thread while the next chunk
-    # is read into the other.
-    chunk = CHUNK
-    halves = (AlignedBuffer(chunk + 8192), AlignedBuffer(chunk + 8192))
-    zero_ranges = _zero_ranges(backend, size)
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = None
-        turn = 0
-        for start in range(0, size, block_size):
-            length = min(block_size, size - start)
-            if _covered(zero_ranges, start, length):
-                if pending:
-                    pending.result()
-                    pending = None
-                outer.update(zero.get(length))
-            else:
-                h = new_hash(algorithm)
-                pos = start
-                end = start + length
-                while pos < end:
-                    n = min(chunk, end - pos)
-                    view = _read(backend, halves[turn], pos, n)
-                    if pending:
-                        pending.result()
-                    pending = pool.submit(h.update, view)
-                    turn ^= 1
-                    pos += n
-                pending.result()
-                pending = None
-                outer.update(h.digest())
-            if progress:
-                progress(length)
+    blocks = [(start, min(block_size, size - start))
+              for start in range(0, size, block_size)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = []
+        it = iter(blocks)
+        try:
+            for start, length in it:
+                pending.append((length, pool.submit(hash_block, start,
+                                                    length)))
+                # Bounded in flight: a few blocks per worker.
+                while len(pending) >= 2 * workers:
+                    length, f = pending.pop(0)
+                    outer.update(f.result())
+                    if progress:
+                        progress(length)
+            while pending:
+                length, f = pending.pop(0)
+                outer.update(f.result())
+                if progress:
+                    progress(length)
+        except BaseException:
+            for _, f in pending:
+                f.cancel()
+            raise
     return outer.hexdigest()
-
-
-def _read(backend, half, offset, length):
-    return backend.readinto(half, offset, length)
-
-
-def _zero_ranges(backend, size):
-    """Sorted (start, end) of zero extents, or [] if unknown."""
-    if "extents" not in backend.features:
-        return []
-    try:
-        return [(e.start, e.start + e.length)
-                for e in backend.extents("zero") if e.zero]
-    except errors.Error:
-        return []
-
-
-def _covered(ranges, start, length):
-    """Whether [start, start+length) lies inside one zero range.  Ranges
-    are merged, so one range covers it or none does."""
-    import bisect
-    i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
-    return i >= 0 and ranges[i][0] <= start and \
-        ranges[i][1] >= start + length

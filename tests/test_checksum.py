@@ -1,0 +1,130 @@
+"""Block hash: the same digest as hashing every byte, whatever the
+zero/data layout, the algorithm, the block size and the worker count."""
+
+import hashlib
+import os
+
+import pytest
+
+from imageio import checksum
+from imageio import errors
+from imageio.backends import Extent
+
+MiB = 1024**2
+
+
+class MemoryBackend:
+    """An image in memory with given extents (a test double for the
+    backend's read and extents calls only)."""
+
+    features = frozenset({"extents"})
+
+    def __init__(self, data, extents=None):
+        self.data = data
+        self._extents = extents
+        self.reads = []
+
+    def extents(self, context="zero"):
+        if self._extents is None:
+            return [Extent(0, len(self.data), False, False)]
+        return self._extents
+
+    def readinto(self, buf, offset, length):
+        self.reads.append((offset, length))
+        view = memoryview(buf)[:length]
+        view[:] = self.data[offset:offset + length]
+        return view
+
+
+def reference(data, algorithm="blake2b", block_size=4 * MiB):
+    def new():
+        return hashlib.blake2b(digest_size=32) if algorithm == "blake2b" \
+            else hashlib.new(algorithm)
+    outer = new()
+    for i in range(0, len(data), block_size):
+        h = new()
+        h.update(data[i:i + block_size])
+        outer.update(h.digest())
+    return outer.hexdigest()
+
+
+def sparse(size, clusters):
+    """Data at ``clusters`` [(offset, length)], zero elsewhere, and the
+    matching extents."""
+    data = bytearray(size)
+    extents = []
+    pos = 0
+    for offset, length in sorted(clusters):
+        data[offset:offset + length] = os.urandom(length)
+        if offset > pos:
+            extents.append(Extent(pos, offset - pos, True, False))
+        extents.append(Extent(offset, length, False, False))
+        pos = offset + length
+    if pos < size:
+        extents.append(Extent(pos, size - pos, True, False))
+    return bytes(data), extents
+
+
+@pytest.mark.parametrize("clusters", [
+    [],
+    [(0, 64 * 1024)],
+    [(4 * MiB - 4096, 8192)],
+    [(5 * MiB + 12345, 100)],
+    [(0, 10 * MiB + 7)],
+    [(MiB, 64 * 1024), (3 * MiB, 4096), (9 * MiB, MiB)],
+])
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_same_as_hashing_every_byte(clusters, workers):
+    data, extents = sparse(10 * MiB + 7, clusters)
+    backend = MemoryBackend(data, extents)
+    assert checksum.compute(backend, len(data), workers=workers) == \
+        reference(data)
+
+
+def test_zero_extents_are_not_read():
+    data, extents = sparse(16 * MiB, [(5 * MiB, 64 * 1024)])
+    backend = MemoryBackend(data, extents)
+    checksum.compute(backend, len(data))
+    assert backend.reads == [(5 * MiB, 64 * 1024)]
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5", "blake2s"])
+@pytest.mark.parametrize("block_size", [MiB, 16 * MiB])
+def test_algorithms_and_block_sizes(algorithm, block_size):
+    data, extents = sparse(20 * MiB + 1, [(MiB + 3, 2 * MiB), (19 * MiB, 5)])
+    backend = MemoryBackend(data, extents)
+    assert checksum.compute(backend, len(data), algorithm, block_size) == \
+        reference(data, algorithm, block_size)
+
+
+def test_without_extents():
+    data = os.urandom(5 * MiB)
+    backend = MemoryBackend(data)
+    backend.features = frozenset()
+    assert checksum.compute(backend, len(data)) == reference(data)
+
+
+def test_progress_and_cancel():
+    data, extents = sparse(40 * MiB, [(0, 40 * MiB)])
+    backend = MemoryBackend(data, extents)
+    seen = []
+
+    def progress(n):
+        seen.append(n)
+        if len(seen) == 3:
+            raise errors.Canceled("stop")
+
+    with pytest.raises(errors.Canceled):
+        checksum.compute(backend, len(data), progress=progress)
+    assert seen == [4 * MiB] * 3
+
+
+@pytest.mark.parametrize("block_size", [0, 4095, MiB + 1, 32 * MiB])
+def test_bad_block_size(block_size):
+    with pytest.raises(errors.BadRequest):
+        checksum.compute(MemoryBackend(b""), 0, block_size=block_size)
+
+
+def test_bad_algorithm():
+    with pytest.raises(errors.BadRequest):
+        checksum.compute(MemoryBackend(b""), 0, "md42")
