@@ -43,8 +43,8 @@ DOCS = os.path.join(TOP, "docs")
 EXAMPLES = os.path.join(TOP, "examples")
 
 # Ports the guide uses: the remote service of the example daemon, a second
-# daemon's remote service, NBD servers.
-PORTS = ("54322", "54323", "10809", "10810")
+# daemon's remote service and control service, NBD servers.
+PORTS = ("54322", "54323", "54324", "10809", "10810")
 
 # Bound for one block (some copy a 1 GiB sparse image over HTTPS).
 BLOCK_TIMEOUT = 240
