@@ -164,6 +164,49 @@ def test_json_blocks(path):
                 pytest.fail("{}: invalid ticket: {}".format(block.where(), e))
 
 
+# Links between the pages, and to files of the tree.
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(path):
+    """GitHub's anchors for the headings of a markdown file."""
+    result = set()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    # Headings inside code blocks are not headings.
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for line in text.splitlines():
+        m = re.match(r"#{1,6} (.*)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower())
+            result.add(slug.replace(" ", "-"))
+    return result
+
+
+def test_anchors():
+    assert anchors(os.path.join(DOCS, "urls.md")) >= {
+        "holes---allocation-depth", "https-proxying", "nbd"}
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=_ids(doc_files()))
+def test_links(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for target in _LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # External.
+        file, _, anchor = target.partition("#")
+        dest = os.path.normpath(os.path.join(os.path.dirname(path), file)) \
+            if file else path
+        assert os.path.exists(dest), "{}: broken link {}".format(
+            os.path.basename(path), target)
+        if anchor:
+            assert anchor in anchors(dest), "{}: no anchor {}".format(
+                os.path.basename(path), target)
+
+
 # Runnable blocks.
 
 def free_port():
