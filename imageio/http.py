@@ -507,8 +507,10 @@ class Connection:
             headers = {}
             if isinstance(e, errors.RangeNotSatisfiable) and e.size is not None:
                 headers["Content-Range"] = "bytes */{}".format(e.size)
+            # Forbidden: SPEC says close.  The others: the rest of the body
+            # cannot be found, so neither can the next request.
             if isinstance(e, (errors.Forbidden, errors.Canceled,
-                              errors.PartialContent)):
+                              errors.PartialContent, errors.LengthRequired)):
                 resp.close = True
             level = logging.WARNING if status >= 500 else logging.INFO
             log.log(level, "%s: %s %s: %d %s", self.name, req.method,
