@@ -287,9 +287,7 @@ class Response:
         self.started = False
         self.close = False
 
-    def send_headers(self, status, length, headers=None):
-        """Send the status line and headers for a body of ``length``
-        bytes."""
+    def _head(self, status, length, headers):
         if self.started:
             raise RuntimeError("Response already started")
         self.status = status
@@ -302,8 +300,30 @@ class Response:
         for name, value in self.headers.items():
             lines.append("{}: {}".format(name, value))
         lines.append("\r\n")
-        self.conn.sock.sendall("\r\n".join(lines).encode("latin-1"))
         self.started = True
+        return "\r\n".join(lines).encode("latin-1")
+
+    def send_headers(self, status, length, headers=None):
+        """Send the status line and headers for a body of ``length``
+        bytes."""
+        self.conn.sock.sendall(self._head(status, length, headers))
+
+    def send_with_body(self, status, body, headers=None):
+        """Send headers and a small body (bytes-like) together: one TLS
+        record and one syscall where there would be two."""
+        head = self._head(status, len(body), headers)
+        sock = self.conn.sock
+        if type(sock).__name__ == "SSLSocket":
+            sock.sendall(head + body)
+            return
+        parts = [memoryview(head), memoryview(body)]
+        while parts:
+            n = sock.sendmsg(parts)
+            while parts and n >= len(parts[0]):
+                n -= len(parts[0])
+                parts.pop(0)
+            if parts and n:
+                parts[0] = parts[0][n:]
 
     def send(self, status, body=b"", content_type=None, headers=None):
         """Send a whole response."""
@@ -311,9 +331,7 @@ class Response:
             body = body.encode("utf-8")
         if content_type and body:
             self.headers["Content-Type"] = content_type
-        self.send_headers(status, len(body), headers)
-        if body and self.request is not None and self.request.method != "HEAD":
-            self.conn.sock.sendall(body)
+        self.send_with_body(status, body, headers)
 
     def send_json(self, obj, status=200, headers=None):
         body = json.dumps(obj).encode("utf-8") + b"\n"

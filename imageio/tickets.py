@@ -5,6 +5,7 @@ memory only.  Every method is thread-safe: connection threads use tickets
 while the control service adds, changes and deletes them.
 """
 
+import bisect
 import logging
 import threading
 import time
@@ -104,40 +105,43 @@ def _type_name(kind):
 
 class RangeSet:
     """Byte ranges as sorted, merged [start, end) pairs: counts overlapping
-    transfers once."""
+    transfers once.  Adding a range costs O(log n) plus the ranges it
+    merges, so millions of small random reads stay cheap."""
 
     def __init__(self):
-        self._ranges = []
+        self._starts = []
+        self._ends = []
+        self._total = 0
 
     def add(self, start, end):
         if end <= start:
             return
-        out = []
-        placed = False
-        for s, e in self._ranges:
-            if e < start:
-                out.append((s, e))
-            elif end < s:
-                if not placed:
-                    out.append((start, end))
-                    placed = True
-                out.append((s, e))
-            else:
-                start, end = min(s, start), max(e, end)
-        if not placed:
-            out.append((start, end))
-        out.sort()
-        self._ranges = out
+        # Ranges i..j-1 overlap or touch [start, end).
+        i = bisect.bisect_left(self._ends, start)
+        j = bisect.bisect_right(self._starts, end)
+        if i < j:
+            start = min(start, self._starts[i])
+            end = max(end, self._ends[j - 1])
+            for k in range(i, j):
+                self._total -= self._ends[k] - self._starts[k]
+        self._starts[i:j] = [start]
+        self._ends[i:j] = [end]
+        self._total += end - start
+
+    def ranges(self):
+        return list(zip(self._starts, self._ends))
 
     def total(self, extra=()):
         """Bytes covered, including ``extra`` ranges not yet added."""
         if not extra:
-            return sum(e - s for s, e in self._ranges)
+            return self._total
         tmp = RangeSet()
-        tmp._ranges = list(self._ranges)
+        tmp._starts = list(self._starts)
+        tmp._ends = list(self._ends)
+        tmp._total = self._total
         for s, e in extra:
             tmp.add(s, e)
-        return tmp.total()
+        return tmp._total
 
 
 class Operation:
