@@ -159,11 +159,31 @@ def load(confdir=None, files=None):
     Raises errors.ConfigError naming the file, section and option.
     """
     if files is None:
+        if confdir and not os.path.isdir(confdir):
+            raise errors.ConfigError(
+                "Configuration directory {} does not exist (use -c to "
+                "choose another)".format(confdir))
         files = conf_files(confdir) if confdir else []
     sections = {name: dict(values) for name, values in DEFAULTS.items()}
     for path in files:
         _apply_file(sections, path)
+    _check(sections, files)
     return Config(sections, files)
+
+
+def _check(sections, files):
+    """Checks across options."""
+    control = sections["control"]
+    if control["enable"] and control["transport"] == "tcp" and \
+            not 0 < control["port"] < 65536:
+        raise errors.ConfigError(
+            "{}: [control] transport = tcp needs [control] port set to a "
+            "port number (got {}); clients find the daemon by it".format(
+                ", ".join(files) or "defaults", control["port"]))
+    if control["transport"] not in ("unix", "tcp"):
+        raise errors.ConfigError(
+            "{}: [control] transport = {!r}: expected 'unix' or 'tcp'"
+            .format(", ".join(files) or "defaults", control["transport"]))
 
 
 def _apply_file(sections, path):

@@ -134,12 +134,21 @@ class Daemon:
         if self.cfg.daemon.systemd_enable:
             notify_systemd("STOPPING=1")
         # Cancel transfers first so running operations stop at their next
-        # chunk, then close all connections.
-        for ticket_id in self.store.ids():
+        # chunk, then close all connections.  Tickets are canceled together
+        # so stopping takes STOP_TIMEOUT at most, however many there are.
+        def cancel(ticket_id):
             try:
                 self.store.remove(ticket_id, timeout=STOP_TIMEOUT)
             except errors.Error as e:
                 log.warning("Stopping: %s", e)
+
+        workers = [threading.Thread(target=cancel, args=(ticket_id,),
+                                    daemon=True)
+                   for ticket_id in self.store.ids()]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(STOP_TIMEOUT + 1)
         for service in self.services:
             service.stop()
         for service in self.services:

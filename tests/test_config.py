@@ -144,3 +144,23 @@ handlers = stderr
         "logging.handlers.SysLogHandler"
     assert p.get("handlers", "keys") == "stderr, syslog"
     assert p.get("logger_root", "level") == "INFO"
+
+
+def test_missing_confdir(tmp_path):
+    with pytest.raises(errors.ConfigError) as e:
+        config.load(str(tmp_path / "nosuch"))
+    assert "does not exist" in str(e.value)
+
+
+def test_tcp_control_needs_port(tmp_path):
+    write(tmp_path, "50.conf", "[control]\ntransport = tcp\n")
+    with pytest.raises(errors.ConfigError) as e:
+        config.load(str(tmp_path))
+    assert "[control] port" in str(e.value)
+
+
+def test_bad_control_transport(tmp_path):
+    write(tmp_path, "50.conf", "[control]\ntransport = pigeon\n")
+    with pytest.raises(errors.ConfigError) as e:
+        config.load(str(tmp_path))
+    assert "pigeon" in str(e.value)

@@ -30,7 +30,7 @@ def build_parser():
     # use their own names so one never resets the other.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--conf-dir", dest="sub_conf_dir",
+        "-c", "--conf-dir", dest="sub_conf_dir", metavar="CONFDIR",
         help="daemon configuration directory (default {})".format(
             DEFAULT_CONFDIR))
 
@@ -38,7 +38,7 @@ def build_parser():
         prog="ovirt-imageioctl",
         description="Manage ovirt-imageio tickets.")
     parser.add_argument(
-        "-c", "--conf-dir", dest="main_conf_dir",
+        "-c", "--conf-dir", dest="main_conf_dir", metavar="CONFDIR",
         help="daemon configuration directory (default {})".format(
             DEFAULT_CONFDIR))
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
