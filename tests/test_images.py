@@ -668,3 +668,45 @@ def test_concurrent_clients(daemon, service, image):
     for th in threads:
         th.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("offset,length", [
+    (4097, 20 * MiB + 3),   # several buffers, unaligned head and tail
+    (0, 2 * MiB),           # the smallest pipelined transfer
+    (1, 8 * MiB),           # exactly one buffer, shifted
+])
+def test_large_unaligned_roundtrip(daemon, service, tmp_path, offset, length):
+    size = offset + length + 4096 * 3 + 1
+    base = os.urandom(size)
+    path = make_image(tmp_path, size, base, name="large.raw")
+    t = add(daemon, path, size)
+    payload = os.urandom(length)
+    con = connect(daemon, service)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=payload,
+                         headers={"Content-Range": "bytes {}-{}/*".format(
+                             offset, offset + length - 1)})
+    assert resp.status == 200, body
+    expected = base[:offset] + payload + base[offset + length:]
+    assert open(path, "rb").read() == expected
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes={}-{}".format(offset - 1 if offset else 0,
+                                      offset + length)})
+    start = offset - 1 if offset else 0
+    assert body == expected[start:offset + length + 1]
+
+
+def test_large_put_short_body(daemon, service, tmp_path):
+    size = 16 * MiB
+    base = os.urandom(size)
+    path = make_image(tmp_path, size, base, name="short.raw")
+    t = add(daemon, path, size)
+    out = raw_request(daemon, service, (
+        "PUT /images/{} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n"
+        "\r\n".format(t["uuid"], size)).encode() + b"x" * (5 * MiB + 7),
+        read_timeout=30 if service == "local" else 2)
+    assert not out.startswith(b"HTTP/1.1 200")
+    # The daemon serves on, and what it did not receive is untouched.
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes={}-{}".format(6 * MiB, size - 1)})
+    assert body == base[6 * MiB:]

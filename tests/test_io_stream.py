@@ -418,3 +418,27 @@ def test_negative_offset(image, pair):
     with pytest.raises(ValueError):
         stream.recv_to_file(a.fileno(), image.fd, -1, 10, AlignedBuffer(MiB),
                             AlignedBuffer(ALIGN), image.align, 5)
+
+
+def test_recv_into_offset_and_eof():
+    a, b = socket.socketpair()
+    data = os.urandom(3 * 1024**2 + 5)
+
+    def send():
+        b.sendall(data)
+        b.close()
+
+    t = threading.Thread(target=send)
+    t.start()
+    buf = AlignedBuffer(4 * 1024**2)
+    n = stream.recv_into(a.fileno(), buf, 100, 2 * 1024**2, 10)
+    assert n == 2 * 1024**2
+    assert bytes(memoryview(buf)[100:100 + n]) == data[:n]
+    # The peer closes before the rest: fewer bytes, no error.
+    m = stream.recv_into(a.fileno(), buf, 0, 2 * 1024**2, 10)
+    assert m == len(data) - n
+    assert bytes(memoryview(buf)[:m]) == data[n:]
+    t.join()
+    a.close()
+    with pytest.raises(ValueError):
+        stream.recv_into(0, buf, 4 * 1024**2, 1)

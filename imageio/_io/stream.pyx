@@ -215,3 +215,24 @@ def recv_to_file(int sock_fd, int file_fd, off_t offset, size_t length,
     if r:
         write_data(file_fd, buf.data + skip, r, offset, bounce, align, lock)
     return r
+
+
+def recv_into(int sock_fd, AlignedBuffer buf not None, size_t start,
+              size_t length, timeout=None):
+    """Receive ``length`` bytes from ``sock_fd`` into ``buf[start:start +
+    length]``, looping in C with the GIL released.
+
+    Returns the bytes received: fewer than ``length`` only when the peer
+    closed.  Raises TimeoutError, ConnectionResetError, OSError like
+    ``send_file``.  Lets a caller receive one buffer while another thread
+    writes the previous one to storage.
+    """
+    cdef int ms = timeout_ms(timeout)
+    cdef ssize_t r
+    if start > buf.size or length > buf.size - start:
+        raise ValueError("Cannot receive {} bytes at {} into a buffer of {} "
+                         "bytes".format(length, start, buf.size))
+    with nogil:
+        r = recv_full(sock_fd, buf.data + start, length, ms)
+    check(r, timeout)
+    return r

@@ -7,6 +7,7 @@ reads to plain sockets, ``recv`` then O_DIRECT ``pwrite`` from them, and
 aligned reads/writes through the connection's buffer for TLS.
 """
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -28,6 +29,12 @@ ALIGN = 4096
 # Bounce buffer per backend: unaligned heads and tails, and aligned
 # middles of data that is not aligned in memory.
 BOUNCE_SIZE = 1024**2
+
+# Transfers at least this long overlap storage I/O with the network: a
+# worker thread reads the next chunk (or writes the last one) into a
+# second buffer while this thread sends (or receives) the other.  Both
+# sides release the GIL.
+PIPELINE_MIN = 2 * 1024**2
 
 # Paths already logged as not supporting O_DIRECT (log once, not per
 # connection).
@@ -133,6 +140,8 @@ class FileBackend:
         self._lock = _block_lock(st)
         self._bounce_buffer = None
         self._zeroes = None
+        self._spare_buffer = None
+        self._pool = None
         log.debug("Opened %s direct=%s writable=%s block_device=%s",
                   path, direct, writable, self._block)
 
@@ -156,24 +165,69 @@ class FileBackend:
     # Bulk transfer.
 
     def read_to(self, sink, offset, length, buf, progress):
-        fd = self._fd
-        align = self._align
-        end = offset + length
-        while offset < end:
-            n = self._chunk(offset, end, len(buf))
-            if sink.fd >= 0:
-                count = stream.send_file(sink.fd, fd, offset, n, buf, align,
-                                         sink.timeout)
-                self._check_read(offset, n, count)
-            else:
-                start, count = directio.readinto(fd, buf, offset, n, align)
+        if sink.fd >= 0:
+            # Plain socket: sendfile (or pread+send) in C, no copy through
+            # Python at all.
+            self._send_file(sink, offset, length, buf, progress)
+        elif length >= PIPELINE_MIN:
+            self._read_pipelined(sink, offset, length, buf, progress)
+        else:
+            end = offset + length
+            while offset < end:
+                n = self._chunk(offset, end, len(buf))
+                start, count = directio.readinto(self._fd, buf, offset, n,
+                                                 self._align)
                 self._check_read(offset, n, count)
                 with memoryview(buf)[start:start + count] as view:
                     sink.write(view)
+                offset += n
+                progress(n)
+
+    def _send_file(self, sink, offset, length, buf, progress):
+        end = offset + length
+        while offset < end:
+            n = self._chunk(offset, end, len(buf))
+            count = stream.send_file(sink.fd, self._fd, offset, n, buf,
+                                     self._align, sink.timeout)
+            self._check_read(offset, n, count)
             offset += n
             progress(n)
 
+    def _read_pipelined(self, sink, offset, length, buf, progress):
+        """Read chunk i+1 in the worker while chunk i is sent (TLS: the
+        send encrypts, and OpenSSL releases the GIL)."""
+        bufs = (buf, self._spare(buf))
+        pool = self._worker()
+        end = offset + length
+        n = self._chunk(offset, end, len(buf))
+        pending = pool.submit(directio.readinto, self._fd, bufs[0], offset,
+                              n, self._align)
+        i = 0
+        try:
+            while pending is not None:
+                start, count = pending.result()
+                pending = None
+                self._check_read(offset, n, count)
+                next_offset = offset + n
+                if next_offset < end:
+                    next_n = self._chunk(next_offset, end, len(buf))
+                    pending = pool.submit(directio.readinto, self._fd,
+                                          bufs[i ^ 1], next_offset, next_n,
+                                          self._align)
+                with memoryview(bufs[i])[start:start + count] as view:
+                    sink.write(view)
+                progress(n)
+                if pending is not None:
+                    offset, n, i = next_offset, next_n, i ^ 1
+        finally:
+            # Never leave the worker filling a buffer we handed back.
+            if pending is not None:
+                concurrent.futures.wait([pending])
+
     def write_from(self, source, offset, length, buf, progress):
+        if length >= PIPELINE_MIN:
+            self._write_pipelined(source, offset, length, buf, progress)
+            return
         fd = self._fd
         align = self._align
         end = offset + length
@@ -199,6 +253,68 @@ class FileBackend:
                 raise errors.PartialContent(length, done)
             offset += n
             progress(n)
+
+    def _write_pipelined(self, source, offset, length, buf, progress):
+        """Receive chunk i+1 while the worker writes chunk i."""
+        bufs = (buf, self._spare(buf))
+        pool = self._worker()
+        align = self._align
+        end = offset + length
+        pending = None
+        pending_n = 0
+        done = 0
+        i = 0
+        try:
+            while offset < end:
+                n = self._chunk(offset, end, len(buf))
+                # Same alignment in memory as in the file: only the head
+                # and tail blocks go through the bounce buffer.
+                skip = offset % align
+                view = memoryview(bufs[i])[skip:skip + n]
+                sock = source.fd
+                if sock >= 0:
+                    # Plain socket: the receive loop runs in C.
+                    got = stream.recv_into(sock, bufs[i], skip, n,
+                                           source.timeout)
+                    source.consumed(got)
+                else:
+                    got = _read_full(source, view)
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                    done += pending_n
+                    progress(pending_n)
+                if got < n:
+                    if got:
+                        # What arrived is written; the error says how much.
+                        directio.write(self._fd, view[:got], offset,
+                                       self._bounce, align, self._lock)
+                    raise errors.PartialContent(length, done + got)
+                pending = pool.submit(directio.write, self._fd, view, offset,
+                                      self._bounce, align, self._lock)
+                pending_n = n
+                offset += n
+                i ^= 1
+            if pending is not None:
+                pending.result()
+                pending = None
+                progress(pending_n)
+        finally:
+            if pending is not None:
+                concurrent.futures.wait([pending])
+
+    def _worker(self):
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="file-io")
+        return self._pool
+
+    def _spare(self, buf):
+        # A second buffer for pipelined transfers, allocated once per
+        # backend (connection and ticket).
+        if self._spare_buffer is None or len(self._spare_buffer) != len(buf):
+            self._spare_buffer = AlignedBuffer(len(buf))
+        return self._spare_buffer
 
     def readinto(self, buf, offset, length):
         start, count = directio.readinto(self._fd, buf, offset, length,
@@ -359,6 +475,9 @@ class FileBackend:
             pos = hole
 
     def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._fd != -1:
             fd, self._fd = self._fd, -1
             os.close(fd)
