@@ -320,10 +320,12 @@ class Daemon:
         finally:
             conn.close()
 
-    def add_ticket(self, name, image, size=None, ops=("read",), url=None):
+    def add_ticket(self, name, image, size=None, ops=("read",), url=None,
+                   **attrs):
         """Add a ticket for image (a file path), or for url (e.g. another
-        daemon's https://.../images/ID, making this daemon a proxy);
-        path(name) is its URL path."""
+        daemon's https://.../images/ID, making this daemon a proxy, or an
+        nbd: URL); path(name) is its URL path. attrs are more ticket
+        attributes (e.g. sparse=True)."""
         if size is None:
             size = os.path.getsize(image)
         ticket_id = str(uuid.uuid4())
@@ -333,6 +335,7 @@ class Daemon:
             "url": url or "file://" + image,
             "timeout": 3600,
             "ops": list(ops),
+            **attrs,
         }
         status, body = self.control("PUT", f"/tickets/{ticket_id}", ticket)
         if status != 200:

@@ -20,12 +20,13 @@ THRESHOLDS = os.path.join(HERE, "thresholds.toml")
 
 OURS = "imageio"
 # Column order of servers; unknown kinds follow in the order seen.
-KIND_ORDER = ["imageio", "established", "nginx", "direct", "dd"]
+KIND_ORDER = ["imageio", "established", "nginx", "nbdcopy", "direct", "dd"]
 LABELS = {
     "imageio": "imageio",
     "established": "established 2.5.1",
     "nginx": "nginx",
     "dd": "dd iflag=direct",
+    "nbdcopy": "nbdcopy --no-extents",
     "direct": "imageio direct",
 }
 # Scenario order and descriptions.
@@ -41,6 +42,15 @@ SCENARIOS = {
     "checksum_1g": "checksum 1 GiB half-sparse raw (time)",
     "proxy_get_https": "GET image, HTTPS, through a proxy daemon",
     "proxy_put_https": "PUT image, HTTPS, through a proxy daemon",
+    "nbd_get_unix": "GET qcow2 via qemu-nbd, unix socket",
+    "nbd_get_https": "GET qcow2 via qemu-nbd, HTTPS",
+    "nbd_put_unix": "PUT qcow2 via qemu-nbd, unix socket",
+    "nbd_put_https": "PUT qcow2 via qemu-nbd, HTTPS",
+    "nbd_extents_1t": "extents, 1 TiB qcow2, 100,000 extents (time)",
+    "nbd_checksum_100g": "checksum 100 GiB sparse qcow2 via NBD (time)",
+    "nbd_checksum_1t": "checksum 1 TiB sparse qcow2 via NBD (time)",
+    "sparse_upload_1t": "upload 1 TiB qcow2 (1 GiB data), established "
+                        "client, to qemu-nbd (time)",
 }
 
 
@@ -311,7 +321,7 @@ def chart(results, png_path):
     scenarios = _scenarios(results)
     kinds = _kinds(results)
     colors = {"imageio": "#1f77b4", "established": "#ff7f0e",
-              "nginx": "#2ca02c", "dd": "#7f7f7f"}
+              "nginx": "#2ca02c", "nbdcopy": "#9467bd", "dd": "#7f7f7f"}
     fig, axes = plt.subplots(2, 1, figsize=(12, 9))
     width = 0.8 / max(1, len(kinds))
     for panel, ax in zip(("throughput", "cpu"), axes):

@@ -1,0 +1,123 @@
+"""Upload of a huge sparse image by the established client library, to our
+daemon and to the established ovirt-imageio 2.5.1 in the same run
+(TARGETS.md: "time bounded by the data, not the virtual size: <= 0.2x
+established").
+
+The source is a 1 TiB qcow2 holding 1 GiB of random data in 256 runs of
+4 MiB (bench/nbdpeers.py). The client is ``ovirt_imageio.client.upload``
+run with the python of bench/.venv-established: it reads the source's
+extents through its own qemu-nbd, PUTs the data runs and sends
+``PATCH {"op": "zero"}`` for everything else, split into requests of at
+most 128 MiB (8,184 of them for this image), on up to 4 connections (the
+unix socket when the daemon offers one).
+
+The target is a fresh empty 1 TiB qcow2 on /dev/shm for every round,
+served by qemu-nbd ``--cache=none --aio=native --shared=8``, behind a
+ticket with ``sparse: true`` (a thin disk, what a huge sparse image is
+uploaded to; IMAGEIO_BENCH_UPLOAD_SPARSE=0 for a preallocated one). Every
+measured upload is checked with ``qemu-img compare`` against the source.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from bench import images, nbdpeers
+from bench.e2e import *  # noqa: F401,F403 (fixtures)
+from bench.e2e import QUICK
+from bench.nbdpeers import measure
+
+DAEMONS = ["imageio", "established"]
+
+UPLOAD_REPEATS = int(os.environ.get("IMAGEIO_BENCH_UPLOAD_REPEATS",
+                                    2 if QUICK else 3))
+UPLOAD_TIMEOUT = int(os.environ.get("IMAGEIO_BENCH_UPLOAD_TIMEOUT", 900))
+UPLOAD_SPARSE = os.environ.get("IMAGEIO_BENCH_UPLOAD_SPARSE", "1") != "0"
+
+pytestmark = pytest.mark.skipif(
+    not shutil.which("qemu-nbd"),
+    reason="qemu-nbd needed (apt-get install qemu-utils)")
+
+
+def reps_param(kinds, reps, argname="server"):
+    params = [(kind, rep) for rep in range(reps) for kind in kinds]
+    return pytest.mark.parametrize(
+        f"{argname},rep", params, indirect=[argname],
+        ids=[f"{kind}-{rep}" for kind, rep in params])
+
+
+@pytest.fixture(scope="session")
+def upload_src():
+    return nbdpeers.upload_source()
+
+
+class Target:
+    """A fresh empty qcow2 of the source's virtual size, re-created and
+    re-exported before every round."""
+
+    def __init__(self, workdir):
+        self.path = os.path.join(images.SHM_DIR, "upload-target.qcow2")
+        self.export = nbdpeers.Export(
+            self.path, os.path.join(workdir, "upload-target.sock"))
+
+    def reset(self):
+        self.export.stop()
+        nbdpeers.qemu_img("create", "-f", "qcow2", self.path,
+                          nbdpeers.UPLOAD_SIZE)
+        self.export.start()
+
+    def close(self):
+        self.export.stop()
+        nbdpeers.remove(self.path)
+
+
+@pytest.fixture(scope="session")
+def upload_target():
+    d = tempfile.mkdtemp(prefix="imageio-bench-upload-")
+    t = Target(d)
+    yield t
+    t.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@reps_param(DAEMONS, UPLOAD_REPEATS)
+def test_sparse_upload_1t(benchmark, servers, server, rep, upload_src,
+                          upload_target):
+    """ovirt_imageio.client.upload of the 1 TiB qcow2 with 1 GiB of data
+    into a qcow2 through NBD (time, lower is better)."""
+    state = {}
+
+    def setup():
+        upload_target.reset()
+        # A new ticket per round: the target's qemu-nbd is new too.
+        name = f"upload-{rep}-{state.get('round', 0)}"
+        state["round"] = state.get("round", 0) + 1
+        path = nbdpeers.nbd_ticket(
+            server, name, upload_target.export.url, nbdpeers.UPLOAD_SIZE,
+            ops=("write",), sparse=UPLOAD_SPARSE)
+        host, port = server.https
+        state["url"] = f"https://{host}:{port}{path}"
+
+    def upload():
+        nbdpeers.established_upload(upload_src, state["url"], servers.cert,
+                                    UPLOAD_TIMEOUT)
+
+    try:
+        measure(benchmark, "sparse_upload_1t", server, rep, upload, amount=1,
+                unit="s", cpu_per=(1, "s"), exports=[upload_target.export],
+                setup=setup)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"{server.label}: the upload took more than "
+                    f"{UPLOAD_TIMEOUT} s")
+    benchmark.extra_info.update({
+        "virtual_size": nbdpeers.UPLOAD_SIZE,
+        "data_size": nbdpeers.upload_data_size(),
+        "sparse_ticket": UPLOAD_SPARSE,
+    })
+    try:
+        nbdpeers.compare(upload_src, "qcow2", upload_target.export)
+    except AssertionError as e:
+        nbdpeers.discard(benchmark, f"{server.label}: {e}")
