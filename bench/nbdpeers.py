@@ -75,7 +75,7 @@ def bulk_qcow2(raw):
         layout = {"from": name, "raw": json.load(f), "version": 1}
     if _stamped(path, layout):
         return path
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, tmp)
     os.rename(tmp, path)
     _stamp(path, layout)
@@ -113,7 +113,7 @@ class SparseLayout:
         if _stamped(self.path, self.stamp):
             return self.path
         os.makedirs(SHM_DIR, exist_ok=True)
-        raw = self.path + ".raw.tmp"
+        raw = f"{self.path}.raw.{os.getpid()}.tmp"
         fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, self.size)
@@ -123,7 +123,7 @@ class SparseLayout:
         finally:
             os.close(fd)
         try:
-            tmp = self.path + ".tmp"
+            tmp = f"{self.path}.{os.getpid()}.tmp"
             qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, tmp)
             os.rename(tmp, self.path)
         finally:
@@ -182,7 +182,7 @@ def upload_source():
     os.makedirs(SHM_DIR, exist_ok=True)
     step = (size // runs) // UPLOAD_RUN * UPLOAD_RUN
     rnd = random.Random(2)
-    raw = path + ".raw.tmp"
+    raw = f"{path}.raw.{os.getpid()}.tmp"
     fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
@@ -191,7 +191,7 @@ def upload_source():
     finally:
         os.close(fd)
     try:
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"
         qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, tmp)
         os.rename(tmp, path)
     finally:
@@ -381,8 +381,29 @@ def nbd_ticket(server, name, url, size, ops=("read",), expect=None,
 UPLOAD_SCRIPT = """\
 import sys
 from ovirt_imageio import client
-client.upload(sys.argv[1], sys.argv[2], sys.argv[3])
+client.upload(sys.argv[1], sys.argv[2], sys.argv[3],
+              disk_is_zero=sys.argv[4] == "1")
 """
+
+# ovirt_imageio.client 2.5.1 (client/_io.py): data extents are read and
+# PUT in BUFFER_SIZE pieces, zero extents are sent as PATCH zero of at most
+# MAX_ZERO_SIZE each.
+CLIENT_BUFFER_SIZE = 4 * MiB
+CLIENT_MAX_ZERO_SIZE = 128 * MiB
+
+
+def upload_requests(src):
+    """The requests the established client sends to upload src:
+    {"PUT": n, "PATCH zero": m} (plus OPTIONS and one PATCH flush per
+    connection), from the source's allocation map."""
+    extents = json.loads(qemu_img("map", "--output=json", src))
+    put = zero = 0
+    for e in extents:
+        if e["data"]:
+            put += -(-e["length"] // CLIENT_BUFFER_SIZE)
+        else:
+            zero += -(-e["length"] // CLIENT_MAX_ZERO_SIZE)
+    return {"PUT": put, "PATCH zero": zero}
 
 
 def established_python():
@@ -390,13 +411,14 @@ def established_python():
     return os.path.join(peers.ESTABLISHED_VENV, "bin", "python")
 
 
-def established_upload(src, url, cafile, timeout):
+def established_upload(src, url, cafile, timeout, disk_is_zero=False):
     """``ovirt_imageio.client.upload(src, url, cafile)`` with the
     established service's python (2.5.1): extents of the source from its own
     qemu-nbd, PUT for data, PATCH zero (128 MiB at most each) for the
-    rest, up to 4 connections."""
+    rest, up to 4 connections. disk_is_zero: skip the zero extents (only
+    the data is sent)."""
     res = subprocess.run([established_python(), "-c", UPLOAD_SCRIPT, src,
-                          url, cafile],
+                          url, cafile, "1" if disk_is_zero else "0"],
                          capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"established client upload to {url}: exit "

@@ -20,13 +20,15 @@ THRESHOLDS = os.path.join(HERE, "thresholds.toml")
 
 OURS = "imageio"
 # Column order of servers; unknown kinds follow in the order seen.
-KIND_ORDER = ["imageio", "established", "nginx", "nbdcopy", "direct", "dd"]
+KIND_ORDER = ["imageio", "established", "nginx", "nbdcopy", "data-only",
+              "direct", "dd"]
 LABELS = {
     "imageio": "imageio",
     "established": "established 2.5.1",
     "nginx": "nginx",
     "dd": "dd iflag=direct",
     "nbdcopy": "nbdcopy --no-extents",
+    "data-only": "imageio, data only",
     "direct": "imageio direct",
 }
 # Scenario order and descriptions.

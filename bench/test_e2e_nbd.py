@@ -84,8 +84,10 @@ def bulk_export(nbd_dir, bulk):
 def put_export(nbd_dir, bulk):
     """An empty qcow2 of the bulk image's size; every PUT overwrites all of
     it (the servers take turns)."""
+    # One per run (pid): runs at the same time must not share a target.
     path = os.path.join(images.SHM_DIR,
-                        f"nbd-put-{os.path.getsize(bulk) // MiB}M.qcow2")
+                        f"nbd-put-{os.path.getsize(bulk) // MiB}M-"
+                        f"{os.getpid()}.qcow2")
     nbdpeers.qemu_img("create", "-f", "qcow2", path,
                       os.path.getsize(bulk))
     e = _export(nbd_dir, "put", path)
