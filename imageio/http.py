@@ -237,9 +237,20 @@ class Request:
             parts[2] = tickets.short_id(parts[2])
         return "/".join(parts)
 
+    @property
+    def expects_continue(self):
+        return self.headers.get("expect", "").lower() == "100-continue"
+
     def body(self):
-        """The body as a Source (Body or ChunkedBody)."""
+        """The body as a Source (Body or ChunkedBody).
+
+        A client that sent ``Expect: 100-continue`` (curl -T does) waits
+        for ``100 Continue`` before sending the body; it is sent here, when
+        a handler that validated the request starts reading the body.
+        """
         if self._body is None:
+            if self.expects_continue and self.body_left():
+                self.conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             timeout = self.conn.timeout
             if self.chunked:
                 self._body = ChunkedBody(self.conn.reader, timeout)
@@ -565,7 +576,8 @@ class Connection:
         """Read and drop a small unread body after an error, so the client
         gets our answer instead of a reset and the connection can go on.
         Return True if the body was read completely."""
-        if req.chunked:
+        if req.chunked or (req.expects_continue and req._body is None):
+            # A client waiting for 100 Continue may never send the body.
             return False
         body = req.body()
         if body.remaining > DRAIN_LIMIT:

@@ -609,8 +609,16 @@ def test_ticket_accounting(daemon, service, image):
     for first, last in [(0, 999), (500, 1499), (4096, 8191)]:
         request(con, "GET", "/images/" + t["uuid"], headers={
             "Range": "bytes={}-{}".format(first, last)})
+    # The daemon accounts a chunk after sending it: the client may see
+    # the last byte a moment before.
+    deadline = time.monotonic() + 5
     with daemon.client() as c:
-        info = c.get_ticket(t["uuid"])
+        while True:
+            info = c.get_ticket(t["uuid"])
+            if info["transferred"] == 1500 + 4096 or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert info["transferred"] == 1500 + 4096
     assert info["active"] is False
     assert info["connections"] == 1
@@ -710,3 +718,43 @@ def test_large_put_short_body(daemon, service, tmp_path):
     resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
         "Range": "bytes={}-{}".format(6 * MiB, size - 1)})
     assert body == base[6 * MiB:]
+
+
+def test_expect_100_continue(daemon, service, image, tmp_path):
+    # curl -T sends "Expect: 100-continue" and waits up to a second for
+    # "100 Continue" before the body.
+    path, data = image
+    t = add(daemon, path, len(data))
+    src = tmp_path / "payload"
+    payload = os.urandom(MiB)
+    src.write_bytes(payload)
+    if service == "local":
+        target = ["--unix-socket", daemon.local_socket,
+                  "http://localhost/images/" + t["uuid"]]
+    else:
+        target = ["--cacert", daemon.ca_file,
+                  "https://localhost:{}/images/{}".format(
+                      daemon.remote_port, t["uuid"])]
+    start = time.monotonic()
+    r = subprocess.run(
+        ["curl", "--fail", "-sS", "-v", "-H", "Expect: 100-continue",
+         "--expect100-timeout", "10", "-T", str(src)] + target,
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "HTTP/1.1 100 Continue" in r.stderr
+    assert time.monotonic() - start < 5
+    assert open(path, "rb").read(MiB) == payload
+
+
+def test_expect_100_continue_refused(daemon, service, image):
+    # An error before the body: no 100, the final status, and the
+    # connection closed (the client may or may not send the body).
+    path, data = image
+    t = add(daemon, path, len(data), ops=["read"])
+    out = raw_request(daemon, service, (
+        "PUT /images/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+        "Expect: 100-continue\r\n\r\n".format(t["uuid"])).encode(),
+        read_timeout=10)
+    assert out.startswith(b"HTTP/1.1 405")
+    assert b"100 Continue" not in out
+    assert open(path, "rb").read() == data

@@ -236,3 +236,19 @@ def recv_into(int sock_fd, AlignedBuffer buf not None, size_t start,
         r = recv_full(sock_fd, buf.data + start, length, ms)
     check(r, timeout)
     return r
+
+
+def send_from(int sock_fd, AlignedBuffer buf not None, size_t start,
+              size_t length, timeout=None):
+    """Send ``buf[start:start + length]`` to ``sock_fd``, looping in C with
+    the GIL released.  Raises TimeoutError, BrokenPipeError, OSError like
+    ``send_file``.  Lets a caller send one buffer while another thread
+    reads the next one from storage."""
+    cdef int ms = timeout_ms(timeout)
+    cdef ssize_t r
+    if start > buf.size or length > buf.size - start:
+        raise ValueError("Cannot send {} bytes at {} from a buffer of {} "
+                         "bytes".format(length, start, buf.size))
+    with nogil:
+        r = send_all(sock_fd, buf.data + start, length, ms)
+    check(r, timeout)

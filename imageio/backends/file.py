@@ -30,10 +30,12 @@ ALIGN = 4096
 # middles of data that is not aligned in memory.
 BOUNCE_SIZE = 1024**2
 
-# Transfers at least this long overlap storage I/O with the network: a
-# worker thread reads the next chunk (or writes the last one) into a
-# second buffer while this thread sends (or receives) the other.  Both
-# sides release the GIL.
+# Transfers at least this long on O_DIRECT storage overlap storage I/O with
+# the network: a worker thread reads the next chunk (or writes the last
+# one) into a second buffer while this thread sends (or receives) the
+# other.  Both sides release the GIL.  Only where there is I/O wait to
+# hide: on memory-backed files (buffered, a memcpy) measured A/B with curl
+# on 2 cores the handoffs cost ~0.05 s CPU/GiB and gained nothing.
 PIPELINE_MIN = 2 * 1024**2
 
 # Paths already logged as not supporting O_DIRECT (log once, not per
@@ -142,6 +144,7 @@ class FileBackend:
         self._zeroes = None
         self._spare_buffer = None
         self._pool = None
+        self._read_fd = -1
         log.debug("Opened %s direct=%s writable=%s block_device=%s",
                   path, direct, writable, self._block)
 
@@ -164,12 +167,17 @@ class FileBackend:
 
     # Bulk transfer.
 
+    def _pipelined(self, length):
+        return self._align > 1 and length >= PIPELINE_MIN
+
     def read_to(self, sink, offset, length, buf, progress):
         if sink.fd >= 0:
-            # Plain socket: sendfile (or pread+send) in C, no copy through
-            # Python at all.
-            self._send_file(sink, offset, length, buf, progress)
-        elif length >= PIPELINE_MIN:
+            # Plain socket: sendfile in C, no copy through user space.
+            if self._align > 1:
+                self._send_cached(sink, offset, length, buf, progress)
+            else:
+                self._send_file(sink, offset, length, buf, progress)
+        elif self._pipelined(length):
             self._read_pipelined(sink, offset, length, buf, progress)
         else:
             end = offset + length
@@ -183,6 +191,32 @@ class FileBackend:
                 offset += n
                 progress(n)
 
+    def _send_cached(self, sink, offset, length, buf, progress):
+        """sendfile() from a second, buffered fd, dropping the pages once
+        sent.
+
+        On O_DIRECT storage this beats pread + send (measured A/B with curl
+        over the unix socket, 1 GiB half-sparse image on ext4: ~2300 vs
+        ~1800 MiB/s): the kernel reads ahead while we send, holes come
+        from the zero page without touching the disk, and pages go to the
+        socket without a copy.  POSIX_FADV_DONTNEED after each chunk keeps
+        the host's page cache as O_DIRECT would; O_DIRECT writes to the
+        same file invalidate cached pages, so reads stay coherent.
+        """
+        if self._read_fd == -1:
+            self._read_fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            os.posix_fadvise(self._read_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        end = offset + length
+        while offset < end:
+            n = self._chunk(offset, end, len(buf))
+            count = stream.send_file(sink.fd, self._read_fd, offset, n, buf,
+                                     1, sink.timeout)
+            self._check_read(offset, n, count)
+            os.posix_fadvise(self._read_fd, offset, n,
+                             os.POSIX_FADV_DONTNEED)
+            offset += n
+            progress(n)
+
     def _send_file(self, sink, offset, length, buf, progress):
         end = offset + length
         while offset < end:
@@ -194,28 +228,33 @@ class FileBackend:
             progress(n)
 
     def _read_pipelined(self, sink, offset, length, buf, progress):
-        """Read chunk i+1 in the worker while chunk i is sent (TLS: the
-        send encrypts, and OpenSSL releases the GIL)."""
+        """Read chunk i+1 in the worker while chunk i is sent: from C to a
+        plain socket, through OpenSSL (which releases the GIL) to TLS.
+        Chunks inside a hole are not read: zeroes are sent from a shared
+        zero buffer."""
         bufs = (buf, self._spare(buf))
         pool = self._worker()
         end = offset + length
         n = self._chunk(offset, end, len(buf))
-        pending = pool.submit(directio.readinto, self._fd, bufs[0], offset,
-                              n, self._align)
+        pending = pool.submit(self._read_chunk, bufs[0], offset, n)
         i = 0
         try:
             while pending is not None:
-                start, count = pending.result()
+                start, count, hole = pending.result()
                 pending = None
                 self._check_read(offset, n, count)
                 next_offset = offset + n
                 if next_offset < end:
                     next_n = self._chunk(next_offset, end, len(buf))
-                    pending = pool.submit(directio.readinto, self._fd,
-                                          bufs[i ^ 1], next_offset, next_n,
-                                          self._align)
-                with memoryview(bufs[i])[start:start + count] as view:
-                    sink.write(view)
+                    pending = pool.submit(self._read_chunk, bufs[i ^ 1],
+                                          next_offset, next_n)
+                data = _zero_buffer(len(buf)) if hole else bufs[i]
+                if sink.fd >= 0:
+                    stream.send_from(sink.fd, data, start, count,
+                                     sink.timeout)
+                else:
+                    with memoryview(data)[start:start + count] as view:
+                        sink.write(view)
                 progress(n)
                 if pending is not None:
                     offset, n, i = next_offset, next_n, i ^ 1
@@ -224,8 +263,28 @@ class FileBackend:
             if pending is not None:
                 concurrent.futures.wait([pending])
 
+    def _read_chunk(self, buf, offset, length):
+        """Read a chunk; return (start, count, hole).  A chunk inside a
+        hole of a regular file is not read: (0, length, True)."""
+        if not self._block and self._in_hole(offset, length):
+            return 0, length, True
+        start, count = directio.readinto(self._fd, buf, offset, length,
+                                         self._align)
+        return start, count, False
+
+    def _in_hole(self, offset, length):
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            # ENXIO: no data after offset.  Anything else: cannot tell.
+            if e.errno != errno.ENXIO:
+                return False
+            # Past the end of file is not a hole: the read reports it.
+            return offset + length <= self.size()
+        return data >= offset + length
+
     def write_from(self, source, offset, length, buf, progress):
-        if length >= PIPELINE_MIN:
+        if self._pipelined(length):
             self._write_pipelined(source, offset, length, buf, progress)
             return
         fd = self._fd
@@ -478,6 +537,9 @@ class FileBackend:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._read_fd != -1:
+            fd, self._read_fd = self._read_fd, -1
+            os.close(fd)
         if self._fd != -1:
             fd, self._fd = self._fd, -1
             os.close(fd)
@@ -491,6 +553,21 @@ class FileBackend:
     def __repr__(self):
         return "<FileBackend {} direct={} fd={}>".format(
             self._path, self.direct, self._fd)
+
+
+_zeros = None
+_zeros_lock = threading.Lock()
+
+
+def _zero_buffer(size):
+    """A shared, never written, zero-filled buffer of at least ``size``
+    bytes."""
+    global _zeros
+    with _zeros_lock:
+        if _zeros is None or len(_zeros) < size:
+            _zeros = AlignedBuffer(size)
+            memoryview(_zeros)[:] = bytes(size)
+        return _zeros
 
 
 def _read_full(source, view):
