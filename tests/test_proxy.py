@@ -170,3 +170,20 @@ def test_bad_ca(storage, tmp_path):
         assert b"verify" in body
     finally:
         other.stop()
+
+
+def test_large_transfer(storage, proxy, tmp_path, con):
+    # Several buffers each way, unaligned: exercises the pipelined relay.
+    data = os.urandom(20 * MiB + 4099)
+    path, _, t = make_pair(storage, proxy, tmp_path, data)
+    payload = os.urandom(17 * MiB + 5)
+    resp, body = request(con, "PUT", "/images/" + t["uuid"], body=payload,
+                         headers={"Content-Range": "bytes 4097-{}/*".format(
+                             4097 + len(payload) - 1)})
+    assert resp.status == 200, body
+    expected = data[:4097] + payload + data[4097 + len(payload):]
+    assert path.read_bytes() == expected
+    resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+        "Range": "bytes=1-{}".format(len(data) - 2)})
+    assert resp.status == 206
+    assert body == expected[1:-1]

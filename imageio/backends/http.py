@@ -8,6 +8,7 @@ there instead of through TLS.  Bodies move in buffer-sized chunks through
 the connection's aligned buffer; nothing holds a whole body in memory.
 """
 
+import concurrent.futures
 import http.client
 import ipaddress
 import json
@@ -75,6 +76,8 @@ class HTTPBackend:
         self._con = http.client.HTTPSConnection(
             self._url.hostname, self._url.port or 443,
             context=self._context, timeout=TIMEOUT)
+        self._pool = None
+        self._spare_buffer = None
         self.features = frozenset()
         self.max_readers = 1
         self.max_writers = 1
@@ -178,14 +181,50 @@ class HTTPBackend:
         return self._size
 
     def read_to(self, sink, offset, length, buf, progress):
+        """Stream the remote range to the sink: a worker fills one buffer
+        from the remote while this thread sends the other (both sides
+        release the GIL in the socket and TLS calls)."""
         resp = self._get_range(offset, length)
-        view = memoryview(buf)
+        views = (memoryview(buf), memoryview(self._spare(buf)))
+        pool = self._worker()
+        chunk = len(buf)
+        n = min(chunk, length)
+        pending = pool.submit(self._fill, resp, views[0][:n])
         left = length
-        while left:
-            n = self._readinto(resp, view[:min(left, len(view))])
-            sink.write(view[:n])
-            left -= n
-            progress(n)
+        i = 0
+        try:
+            while pending is not None:
+                pending.result()
+                pending = None
+                left -= n
+                next_n = min(chunk, left)
+                if next_n:
+                    pending = pool.submit(self._fill, resp,
+                                          views[i ^ 1][:next_n])
+                sink.write(views[i][:n])
+                progress(n)
+                n, i = next_n, i ^ 1
+        finally:
+            if pending is not None:
+                concurrent.futures.wait([pending])
+                self._con.close()
+
+    def _fill(self, resp, view):
+        got = 0
+        while got < len(view):
+            got += self._readinto(resp, view[got:])
+
+    def _worker(self):
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="proxy-io")
+        return self._pool
+
+    def _spare(self, buf):
+        if self._spare_buffer is None or len(self._spare_buffer) != len(buf):
+            from .._io.buffer import AlignedBuffer
+            self._spare_buffer = AlignedBuffer(len(buf))
+        return self._spare_buffer
 
     def readinto(self, buf, offset, length):
         resp = self._get_range(offset, length)
@@ -240,22 +279,43 @@ class HTTPBackend:
             raise errors.BadGateway(
                 "Cannot reach the remote imageio daemon {}: {}".format(
                     self._where(), e))
-        view = memoryview(buf)
+        # This thread fills one buffer from the client while a worker sends
+        # the other to the remote.
+        views = (memoryview(buf), memoryview(self._spare(buf)))
+        pool = self._worker()
+        pending = None
+        pending_n = 0
         left = length
-        while left:
-            n = source.readinto(view[:min(left, len(view))])
-            if n == 0:
+        i = 0
+        try:
+            while left:
+                n = min(left, len(views[i]))
+                view = views[i][:n]
+                got = 0
+                while got < n:
+                    k = source.readinto(view[got:])
+                    if k == 0:
+                        break
+                    got += k
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                    progress(pending_n)
+                if got < n:
+                    con.close()
+                    raise errors.PartialContent(length, length - left + got)
+                pending = pool.submit(self._send_body, view)
+                pending_n = n
+                left -= n
+                i ^= 1
+            if pending is not None:
+                pending.result()
+                pending = None
+                progress(pending_n)
+        finally:
+            if pending is not None:
+                concurrent.futures.wait([pending])
                 con.close()
-                raise errors.PartialContent(length, length - left)
-            try:
-                con.send(view[:n])
-            except OSError as e:
-                con.close()
-                raise errors.BadGateway(
-                    "Remote imageio daemon {} failed during write: {}"
-                    .format(self._where(), e))
-            left -= n
-            progress(n)
         try:
             resp = con.getresponse()
         except (OSError, http.client.HTTPException) as e:
@@ -265,6 +325,15 @@ class HTTPBackend:
                     self._where(), e))
         self._check(resp)
         resp.read()
+
+    def _send_body(self, view):
+        try:
+            self._con.send(view)
+        except OSError as e:
+            self._con.close()
+            raise errors.BadGateway(
+                "Remote imageio daemon {} failed during write: {}".format(
+                    self._where(), e))
 
     def _put_headers(self, headers):
         self._con.putrequest("PUT", self._path + "?flush=n")
@@ -309,4 +378,7 @@ class HTTPBackend:
         return self._json(resp)
 
     def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._con.close()
