@@ -62,9 +62,10 @@ def client_context(ca_file):
     return ctx
 
 
-def create_dev_pki(key_file, cert_file, ca_file, hosts=("localhost",)):
-    """Create a CA and a server certificate for ``hosts`` (plus the
-    loopback addresses) unless the files exist.  Development only."""
+def create_dev_pki(key_file, cert_file, ca_file, hosts=("localhost",),
+                   addresses=("127.0.0.1", "::1")):
+    """Create a CA and a server certificate for ``hosts`` and IP
+    ``addresses`` unless the files exist.  Development only."""
     if all(os.path.exists(p) for p in (key_file, cert_file, ca_file)):
         return False
     from cryptography import x509
@@ -97,8 +98,7 @@ def create_dev_pki(key_file, cert_file, ca_file, hosts=("localhost",)):
 
     key = ec.generate_private_key(ec.SECP256R1())
     names = [x509.DNSName(h) for h in hosts]
-    names += [x509.IPAddress(ipaddress.ip_address(a))
-              for a in ("127.0.0.1", "::1")]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(

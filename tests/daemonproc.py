@@ -65,7 +65,10 @@ class Daemon:
     """The daemon as a process: ``start()``, then ``remote_port``,
     ``local_socket``, ``control_socket``, ``ca_file``; ``stop()``."""
 
-    def __init__(self, confdir, extra="", env=None):
+    def __init__(self, confdir, extra="", env=None, prefix=()):
+        """``prefix``: a command to run the daemon under (e.g. ``ip netns
+        exec NAME``)."""
+        self.prefix = list(prefix)
         self.confdir = str(confdir)
         write_conf(self.confdir, extra)
         self.log_path = os.path.join(self.confdir, "daemon.log")
@@ -83,7 +86,8 @@ class Daemon:
             env.update(self.env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imageio.daemon", "-c", self.confdir],
+            self.prefix + [sys.executable, "-m", "imageio.daemon", "-c",
+                           self.confdir],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=TOP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -187,3 +187,36 @@ def test_large_transfer(storage, proxy, tmp_path, con):
         "Range": "bytes=1-{}".format(len(data) - 2)})
     assert resp.status == 206
     assert body == expected[1:-1]
+
+
+def test_established_client_through_proxy(storage, proxy, tmp_path):
+    """The established client uploads a qcow2 through the proxy to a raw
+    file next to the storage daemon and downloads it back."""
+    import subprocess
+    from test_established_client import run_client
+    from bench import peers
+    python = os.path.join(os.path.dirname(peers.ensure_established()),
+                          "python")
+    src = str(tmp_path / "src.qcow2")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", src, "48M"],
+                   check=True, capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 5M",
+                    "-c", "write -P 9 30M 2M", src],
+                   check=True, capture_output=True)
+    target = tmp_path / "target.raw"
+    with open(target, "wb") as f:
+        f.truncate(48 * MiB)
+    remote = new_ticket("file://" + str(target), 48 * MiB)
+    storage.add_ticket(remote)
+    t = new_ticket("https://localhost:{}/images/{}".format(
+        storage.remote_port, remote["uuid"]), 48 * MiB)
+    proxy.add_ticket(t)
+    url = "https://localhost:{}/images/{}".format(proxy.remote_port,
+                                                   t["uuid"])
+    run_client(python, "upload", url, src, proxy.ca_file)
+    subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", src,
+                    str(target)], check=True, timeout=60)
+    back = str(tmp_path / "back.qcow2")
+    run_client(python, "download", url, back, proxy.ca_file, "qcow2")
+    subprocess.run(["qemu-img", "compare", src, back], check=True,
+                   timeout=60)
