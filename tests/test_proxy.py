@@ -220,3 +220,49 @@ def test_established_client_through_proxy(storage, proxy, tmp_path):
     run_client(python, "download", url, back, proxy.ca_file, "qcow2")
     subprocess.run(["qemu-img", "compare", src, back], check=True,
                    timeout=60)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"this is not http\r\n\r\n",
+    b"",
+])
+def test_remote_answers_nonsense(storage, proxy, answer):
+    """A TLS server (trusted certificate) that answers garbage: the client
+    gets a clear 502, and the proxy serves on."""
+    import ssl
+    import threading
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pki = os.path.join(storage.confdir, "pki")
+    ctx.load_cert_chain(os.path.join(pki, "cert.pem"),
+                        os.path.join(pki, "key.pem"))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(30)
+    port = srv.getsockname()[1]
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+            with ctx.wrap_socket(c, server_side=True) as s:
+                s.settimeout(10)
+                s.recv(65536)
+                s.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            srv.close()
+
+    th = threading.Thread(target=serve)
+    th.start()
+    t = new_ticket("https://127.0.0.1:{}/images/x".format(port), MiB)
+    proxy.add_ticket(t)
+    con = proxy.https(timeout=60)
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    th.join(30)
+    assert resp.status == 502
+    assert b"Remote imageio daemon" in body or b"remote imageio daemon" in body
+    con = proxy.https()
+    resp, _ = request(con, "GET", "/info/")
+    assert resp.status == 200
