@@ -316,9 +316,15 @@ def _children_cpu():
 
 
 class NbdCopy:
-    """``nbdcopy --no-extents URI null:``: every byte of the export read,
-    the NBD limit (libnbd, several requests in flight on several
-    connections). Its CPU is the nbdcopy process's."""
+    """nbdcopy, the NBD limit (libnbd, several requests in flight on
+    several connections):
+
+    - read: ``nbdcopy --no-extents URI null:``, every byte of the export
+      read;
+    - write: ``nbdcopy --no-extents -S 0 --flush FILE URI``, every byte of
+      the file written (no zero detection), flushed, like a PUT.
+
+    Its CPU is the nbdcopy process's."""
 
     kind = "nbdcopy"
     label = "nbdcopy --no-extents"
@@ -329,6 +335,10 @@ class NbdCopy:
     def read(self, timeout=600):
         subprocess.run(["nbdcopy", "--no-extents", self.export.uri, "null:"],
                        check=True, timeout=timeout)
+
+    def write(self, src, timeout=600):
+        subprocess.run(["nbdcopy", "--no-extents", "-S", "0", "--flush", src,
+                        self.export.uri], check=True, timeout=timeout)
 
     def cpu_seconds(self):
         return _children_cpu()

@@ -27,6 +27,7 @@ from bench.nbdpeers import measure
 
 DAEMONS = ["imageio", "established"]
 GET_PEERS = ["imageio", "established", "nbdcopy"]
+PUT_PEERS = GET_PEERS
 
 CHECKSUM_REPEATS = int(os.environ.get("IMAGEIO_BENCH_CHECKSUM_REPEATS", 2))
 CHECKSUM_1T = bool(os.environ.get("IMAGEIO_BENCH_CHECKSUM_1T"))
@@ -112,13 +113,22 @@ def sparse_100g_export(nbd_dir):
     e.stop()
 
 
-@pytest.fixture
-def nbd_get_peer(request, servers, bulk_export):
+def _peer(request, servers, export):
     if request.param == "nbdcopy":
         if ONLY and "nbdcopy" not in ONLY:
             pytest.skip("nbdcopy not selected (IMAGEIO_BENCH_SERVERS)")
-        return nbdpeers.NbdCopy(bulk_export)
+        return nbdpeers.NbdCopy(export)
     return get_server(servers, request.param)
+
+
+@pytest.fixture
+def nbd_get_peer(request, servers, bulk_export):
+    return _peer(request, servers, bulk_export)
+
+
+@pytest.fixture
+def nbd_put_peer(request, servers, put_export):
+    return _peer(request, servers, put_export)
 
 
 def _bulk_ticket(server, bulk, export):
@@ -163,12 +173,17 @@ def test_nbd_get_https(benchmark, servers, nbd_get_peer, rep, bulk,
 
 def _put(benchmark, servers, server, rep, bulk, export, transport,
          scenario):
-    path = ticket(server, "nbd-put", bulk, ops=("write",), url=export.url)
     size = os.path.getsize(bulk)
+    if server.kind == "nbdcopy":
+        def put():
+            server.write(bulk)
+    else:
+        path = ticket(server, "nbd-put", bulk, ops=("write",),
+                      url=export.url)
 
-    def put():
-        assert clients.curl_put(server, path, transport, bulk,
-                                servers.cert) == size
+        def put():
+            assert clients.curl_put(server, path, transport, bulk,
+                                    servers.cert) == size
 
     measure(benchmark, scenario, server, rep, put, amount=size / MiB,
             exports=[export])
@@ -180,18 +195,21 @@ def _put(benchmark, servers, server, rep, bulk, export, transport,
             nbdpeers.discard(benchmark, f"{server.label}: {e}")
 
 
-@servers_param(DAEMONS)
-def test_nbd_put_unix(benchmark, servers, server, rep, bulk, put_export):
+@servers_param(PUT_PEERS, argname="nbd_put_peer")
+def test_nbd_put_unix(benchmark, servers, nbd_put_peer, rep, bulk,
+                      put_export):
     """PUT the 2 GiB image into a qcow2 through NBD over the unix socket
-    (flush=y)."""
-    _put(benchmark, servers, server, rep, bulk, put_export, "unix",
+    (flush=y); nbdcopy writes every byte of the same file to the same
+    export."""
+    _put(benchmark, servers, nbd_put_peer, rep, bulk, put_export, "unix",
          "nbd_put_unix")
 
 
-@servers_param(DAEMONS)
-def test_nbd_put_https(benchmark, servers, server, rep, bulk, put_export):
+@servers_param(PUT_PEERS, argname="nbd_put_peer")
+def test_nbd_put_https(benchmark, servers, nbd_put_peer, rep, bulk,
+                       put_export):
     """PUT the same over HTTPS."""
-    _put(benchmark, servers, server, rep, bulk, put_export, "https",
+    _put(benchmark, servers, nbd_put_peer, rep, bulk, put_export, "https",
          "nbd_put_https")
 
 
