@@ -269,6 +269,13 @@ class Daemon:
         with open(os.path.join(self.confdir, "conf.d", "daemon.conf"),
                   "w") as f:
             f.write(conf)
+        # Experiments: more configuration for our daemon only, e.g.
+        # IMAGEIO_BENCH_EXTRA_CONF=$'[backend_nbd]\nbuffer_size = 4194304'.
+        extra = os.environ.get("IMAGEIO_BENCH_EXTRA_CONF")
+        if extra and self.kind == "imageio":
+            with open(os.path.join(self.confdir, "conf.d", "zz-extra.conf"),
+                      "w") as f:
+                f.write(extra + "\n")
 
     def start(self):
         exe = self.executable()
