@@ -666,6 +666,66 @@ def test_flushed_put_survives_kill9_nbd_qcow2(make_daemon, tmp_path):
             assert f.read(len(data)) == data
 
 
+# Ticket deleted during a PUT (during a GET: tests/test_images.py).
+
+@pytest.mark.parametrize("stall", [False, True], ids=["sending", "stalled"])
+def test_ticket_deleted_during_put(daemon, service, tmp_path, stall):
+    """DELETE while a client uploads: the upload stops (never a 200), the
+    DELETE answers 204 in bounded time even when the client stalls
+    mid-body (the daemon then shuts the connection down after its grace
+    period), and the ticket is gone."""
+    size = 512 * MiB
+    path = make_image(tmp_path / "image.raw", size)
+    t = add(daemon, path, size)
+    data = os.urandom(8 * MiB)
+    sock = connect_raw(daemon, service, timeout=30)
+    stop = threading.Event()
+    sent = [0]
+
+    def feed():
+        try:
+            while not stop.is_set() and sent[0] < size:
+                n = min(len(data), size - sent[0])
+                sock.sendall(data[:n])
+                sent[0] += n
+                if stall and sent[0] >= 16 * MiB:
+                    stop.wait(30)
+        except OSError:
+            pass
+
+    with sock:
+        sock.sendall(put_head(t["uuid"], size))
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        deadline = time.monotonic() + 10
+        while sent[0] < 16 * MiB:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        start = time.monotonic()
+        with daemon.client() as c:
+            c.del_ticket(t["uuid"])
+        elapsed = time.monotonic() - start
+        if service == "local":
+            status, body = read_response(sock)
+        else:
+            # (Reading while the feeder writes the same TLS socket is not
+            # safe: stop it first.)
+            stop.set()
+            feeder.join(30)
+            status, body = read_response(sock)
+        stop.set()
+        feeder.join(30)
+    assert elapsed < 10, elapsed
+    assert status != 200, body
+    if status is not None:
+        assert status == 403 and body.strip(), (status, body)
+    assert sent[0] < size
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"],
+                         headers={"Range": "bytes=0-0"})
+    assert resp.status == 403
+
+
 # Ticket expired during a transfer.
 
 def test_ticket_expired_during_transfer(daemon, service, tmp_path):
