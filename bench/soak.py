@@ -191,9 +191,10 @@ class Client:
     def op_zero(self, t):
         uid = self.tickets[t][0]
         block = self.rng.choice(self.own_blocks(t))
-        status, body = self.request(t, "PATCH", "/images/" + uid, body=json.dumps(
-            {"op": "zero", "offset": block * BLOCK, "size": BLOCK,
-             "flush": self.rng.random() < 0.3}).encode())
+        msg = {"op": "zero", "offset": block * BLOCK, "size": BLOCK,
+               "flush": self.rng.random() < 0.3}
+        status, body = self.request(t, "PATCH", "/images/" + uid,
+                                    body=json.dumps(msg).encode())
         if status != 200:
             self.gens[t][block] = None
             self.error("PATCH zero {} {}: {} {!r}".format(

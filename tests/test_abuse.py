@@ -621,8 +621,8 @@ def test_control_refuses_bad_ticket_ids(daemon, image, tmp_path, uid):
         "PUT /tickets/{} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n"
         .format(quoted, len(body))).encode() + body)
     assert status in (400, 404, 405), (status, answer)
-    status, _, listing, _ = exchange(daemon, "control",
-                                     b"GET /tickets/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, listing, _ = exchange(
+        daemon, "control", b"GET /tickets/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200
     assert uid not in json.loads(listing)
     assert tree(tmp_path, daemon.confdir) == before
