@@ -1,7 +1,8 @@
 """End-to-end benchmarks of the NBD backend, our daemon side by side with
 the established ovirt-imageio 2.5.1 serving the same export in the same run
 (TARGETS.md "Bulk transfer" nbd rows, extents and checksum of the 1 TiB
-sparse qcow2), and nbdcopy reading the same export (the NBD limit).
+sparse qcow2), and nbdcopy reading (GET) or writing (PUT) the same export:
+the NBD limit.
 
 Exports are qemu-nbd ``--cache=none --aio=native --shared=8`` serving qcow2
 images on /dev/shm (bench/nbdpeers.py); both daemons get the same ticket URL
@@ -9,9 +10,9 @@ images on /dev/shm (bench/nbdpeers.py); both daemons get the same ticket URL
 extra_info is qemu-nbd's share, per GiB too).
 
 Checksum: the established service reads and hashes every byte of a sparse
-NBD image (439 s for the 1 TiB qcow2 here), so the routine scenario is
+NBD image (169-439 s for the 1 TiB qcow2 here), so the routine scenario is
 ``nbd_checksum_100g`` (100 GiB, 5,000 clusters, 2 repeats); the 1 TiB one
-runs once per server with IMAGEIO_BENCH_CHECKSUM_1T=1 (about 8 minutes).
+runs once per server with IMAGEIO_BENCH_CHECKSUM_1T=1 (5-10 minutes).
 """
 
 import os
