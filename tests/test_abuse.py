@@ -834,21 +834,29 @@ def test_max_connections_refused_cleanly(make_daemon, tmp_path):
 
 
 def test_connection_close_frees_ticket_slot(make_daemon, tmp_path):
-    # One client, one request at a time, each on a new connection that the
-    # client asks to close (Connection: close, or ?close=y).  With
-    # max_connections = 1 every request must be served: the daemon said it
-    # closes the connection, so it must not still count it against the
-    # ticket when the client's next connection arrives.
+    """One client, one request at a time, each on a new connection that the
+    client asks to close (Connection: close, or ?close=y).  With
+    max_connections = 1 every request must be served: the daemon answered
+    and said it closes the connection, so it must not still count it
+    against the ticket when the client's next request arrives.  (The
+    client opens its next connection ahead, as connection pools do; an
+    open connection without a request is bound to no ticket.)  The race is
+    lost in about 1% of requests here: up to 1000 tries per case, stopping
+    at the first 503."""
     d = make_daemon("[daemon]\nmax_connections = 1\n")
     data = os.urandom(64 * KiB)
     path = make_image(tmp_path / "image.raw", len(data), data)
     t = add(d, path, len(data), ops=["read"])
-    refused = {}
-    for svc in ("remote", "local"):
+    for svc, tries in (("local", 1000), ("remote", 300)):
         for how in ("header", "query"):
-            n = 0
-            for i in range(50):
-                con = connect(d, svc, timeout=20)
+            deadline = time.monotonic() + 15
+            nxt = connect(d, svc, timeout=20)
+            nxt.connect()
+            for i in range(tries):
+                if time.monotonic() > deadline:
+                    break
+                con, nxt = nxt, connect(d, svc, timeout=20)
+                nxt.connect()
                 if how == "header":
                     resp, body = request(con, "GET", "/images/" + t["uuid"],
                                          headers={"Range": "bytes=0-511",
@@ -858,13 +866,9 @@ def test_connection_close_frees_ticket_slot(make_daemon, tmp_path):
                         con, "GET", "/images/{}?close=y".format(t["uuid"]),
                         headers={"Range": "bytes=0-511"})
                 con.close()
-                if resp.status != 206:
-                    assert resp.status == 503, body
-                    n += 1
-                else:
-                    assert body == data[:512]
-            refused[svc, how] = n
-    assert not any(refused.values()), refused
+                assert resp.status == 206, (svc, how, i, resp.status, body)
+                assert body == data[:512]
+            nxt.close()
 
 
 def _threads(pid):
