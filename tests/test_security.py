@@ -94,27 +94,18 @@ def _connect_as(path, uid, gid, groups):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_control_socket_only_for_the_group(daemon):
-    # Another user may not connect; the same user in the daemon's group
-    # may.  (The test's directories are 0700: give others search access
-    # along the path for the time of the check, so only the socket's own
-    # mode decides.)
+def test_control_socket_only_for_the_group(make_daemon, public_dir):
+    # Another user may not connect; the same user in the socket's group
+    # may.  (The socket lives in a directory everyone can search, so only
+    # the socket's own mode decides.)
+    d = make_daemon("[control]\nsocket = {}/control.sock\n".format(
+        public_dir))
     nobody = pwd.getpwnam("nobody")
-    path = os.path.realpath(daemon.control_socket)
+    path = d.control_socket
+    assert os.path.dirname(path) == public_dir
     gid = os.stat(path).st_gid
-    parents = []
-    p = os.path.dirname(path)
-    while p != "/":
-        parents.append((p, stat.S_IMODE(os.stat(p).st_mode)))
-        p = os.path.dirname(p)
-    try:
-        for p, mode in parents:
-            os.chmod(p, mode | 0o011)
-        assert _connect_as(path, nobody.pw_uid, nobody.pw_gid, []) == 13
-        assert _connect_as(path, nobody.pw_uid, nobody.pw_gid, [gid]) == 0
-    finally:
-        for p, mode in parents:
-            os.chmod(p, mode)
+    assert _connect_as(path, nobody.pw_uid, nobody.pw_gid, []) == 13
+    assert _connect_as(path, nobody.pw_uid, nobody.pw_gid, [gid]) == 0
 
 
 # TLS.
