@@ -280,8 +280,8 @@ def test_method_is_case_sensitive(daemon, service, image, tmp_path, method):
     # bypassed by spelling PUT in lower case.
     path, data = image
     t = add(daemon, path, len(data))
-    body = b'{"op": "zero", "size": 4096}' if method == "patch" \
-        else b"w" * 4096
+    body = {"patch": b'{"op": "zero", "size": 4096}',
+            "get": b""}.get(method, b"w" * 4096)
     with Unchanged(daemon, t, tmp_path, daemon.confdir):
         status, _, answer, _ = exchange(daemon, service, put_request(
             t["uuid"], body, method=method,
