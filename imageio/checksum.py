@@ -14,6 +14,7 @@ block digests.  The result is the same as hashing every byte, but:
 """
 
 import bisect
+import collections
 import concurrent.futures
 import hashlib
 import os
@@ -148,6 +149,10 @@ class _ZeroMap:
         return out
 
 
+# Most block results kept waiting for an earlier block to finish.
+MAX_PENDING = 65536
+
+
 def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
             block_size=DEFAULT_BLOCK_SIZE, progress=None, workers=None):
     """Return the block hash of the first ``size`` bytes of ``backend`` as
@@ -186,28 +191,43 @@ def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
         return h.digest()
 
     outer = new_hash(algorithm)
-    blocks = [(start, min(block_size, size - start))
-              for start in range(0, size, block_size)]
+    # Blocks in order: (length, digest or future).  Zero blocks are hashed
+    # here at once (cached states), so only blocks that read data count
+    # against the bound: on a sparse image the workers stay busy instead
+    # of waiting behind a window full of zero blocks.
+    pending = collections.deque()
+    reading = 0
+
+    def finish_one():
+        nonlocal reading
+        length, r = pending.popleft()
+        if isinstance(r, concurrent.futures.Future):
+            reading -= 1
+            r = r.result()
+        outer.update(r)
+        if progress:
+            progress(length)
+
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = []
-        it = iter(blocks)
         try:
-            for start, length in it:
-                pending.append((length, pool.submit(hash_block, start,
-                                                    length)))
-                # Bounded in flight: a few blocks per worker.
-                while len(pending) >= 2 * workers:
-                    length, f = pending.pop(0)
-                    outer.update(f.result())
-                    if progress:
-                        progress(length)
+            for start in range(0, size, block_size):
+                length = min(block_size, size - start)
+                pieces = zmap.pieces(start, start + length)
+                if len(pieces) == 1 and pieces[0][2]:
+                    pending.append((length, zeros.digest(length)))
+                else:
+                    pending.append((length, pool.submit(hash_block, start,
+                                                        length)))
+                    reading += 1
+                # Bounded in flight: a few reading blocks per worker, and
+                # a bounded list of finished ones waiting for their turn.
+                while reading >= 2 * workers or len(pending) >= MAX_PENDING:
+                    finish_one()
             while pending:
-                length, f = pending.pop(0)
-                outer.update(f.result())
-                if progress:
-                    progress(length)
+                finish_one()
         except BaseException:
-            for _, f in pending:
-                f.cancel()
+            for _, r in pending:
+                if isinstance(r, concurrent.futures.Future):
+                    r.cancel()
             raise
     return outer.hexdigest()

@@ -37,6 +37,10 @@ READ_SIZE = 64 * 1024
 # After an error, unread request bodies up to this size are read and
 # dropped so the connection survives; larger ones close the connection.
 DRAIN_LIMIT = 1024**2
+# After an error, how long the drain waits for more body bytes.  The count
+# of unread bytes may be stale when C code failed mid-receive, so a client
+# that sent everything must not be kept waiting for bytes that never come.
+DRAIN_IDLE = 1.0
 # Once a request starts arriving, its request line and headers must be
 # complete within this time, however slowly a client trickles them in.
 HEADERS_TIMEOUT = 30
@@ -372,13 +376,17 @@ class Router:
         for pattern, handler in self._routes:
             m = pattern.match(req.path)
             if m:
-                method = getattr(handler, req.method.lower(), None)
-                if method is None or req.method.startswith("_"):
+                # Methods are case-sensitive (RFC 9110 9.1): "put" is
+                # not PUT, and must not slip past a filter allowing GET.
+                method = None
+                if req.method.isupper() and req.method.isalpha():
+                    method = getattr(handler, req.method.lower(), None)
+                if method is None:
                     raise errors.MethodNotAllowed(
                         "Method {} not allowed for {}".format(
-                            req.method, req.path))
+                            req.method, req.path_for_log()))
                 return method(req, resp, *m.groups())
-        raise errors.NotFound("No resource {}".format(req.path))
+        raise errors.NotFound("No resource {}".format(req.path_for_log()))
 
 
 class Connection:
@@ -583,12 +591,18 @@ class Connection:
         if body.remaining > DRAIN_LIMIT:
             return False
         scratch = memoryview(bytearray(min(body.remaining, 65536)))
+        self.sock.settimeout(DRAIN_IDLE)
         try:
             while body.remaining:
                 if body.readinto(scratch) == 0:
                     return False
-        except OSError:
+        except OSError:  # Including socket.timeout.
             return False
+        finally:
+            try:
+                self.sock.settimeout(self.timeout)
+            except OSError:
+                pass
         return True
 
     # Handlers may add headers that every error response of this

@@ -36,6 +36,14 @@ FIELDS = {
 }
 
 
+# Upper bounds of integer fields: sizes fit an NBD/off_t offset, timeouts
+# fit a float clock (10**400 seconds would overflow it).  About 136 years.
+MAX_SIZE = 2**63 - 1
+MAX_TIMEOUT = 2**32
+LIMITS = {"size": MAX_SIZE, "timeout": MAX_TIMEOUT,
+          "inactivity_timeout": MAX_TIMEOUT}
+
+
 def short_id(ticket_id):
     """The part of a ticket id safe to log: logs are read by more people
     than the control socket, and the id is the secret."""
@@ -71,10 +79,10 @@ def validate(d, default_inactivity_timeout=60):
             raise errors.BadRequest(
                 "Invalid ticket: field '{}' must be {}, got {!r}".format(
                     name, _type_name(kind), value))
-        if kind is int and value < 0:
+        if kind is int and not 0 <= value <= LIMITS[name]:
             raise errors.BadRequest(
-                "Invalid ticket: field '{}' must be >= 0, got {}".format(
-                    name, value))
+                "Invalid ticket: field '{}' must be between 0 and {}, "
+                "got {}".format(name, LIMITS[name], _short_int(value)))
         clean[name] = value
 
     if not clean["uuid"]:
@@ -96,6 +104,13 @@ def validate(d, default_inactivity_timeout=60):
         raise errors.BadRequest(
             "Invalid ticket: field 'url': {}".format(e.message))
     return clean
+
+
+def _short_int(value):
+    """An integer for an error message: 10**400 is not worth 400 digits."""
+    if abs(value) < 10**30:
+        return str(value)
+    return "{}...({} digits)".format(str(value)[:12], len(str(abs(value))))
 
 
 def _type_name(kind):
@@ -171,6 +186,7 @@ class Ticket:
         self.filename = d.get("filename")
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._slots = threading.Condition(self._lock)
         self._canceled = False
         self._ops = []
         self._connections = {}
@@ -245,16 +261,28 @@ class Ticket:
 
     # Connections
 
-    def add_connection(self, conn_id, closer):
+    def add_connection(self, conn_id, closer, limit=None, wait=0.0):
         """Register a client connection; ``closer(force)`` shuts it down
         when the ticket is canceled: an idle one always, a busy one only
-        with ``force``."""
+        with ``force``.  With ``limit``, wait up to ``wait`` seconds for a
+        free slot and return False if none freed.  (A client that closes
+        one connection and opens the next races the daemon's clean-up of
+        the first: it got its whole answer before the daemon closed.)"""
         with self._lock:
+            if limit is not None:
+                deadline = self._clock() + wait
+                while len(self._connections) >= limit:
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        return False
+                    self._slots.wait(left)
             self._connections[conn_id] = closer
+            return True
 
     def remove_connection(self, conn_id):
         with self._lock:
             self._connections.pop(conn_id, None)
+            self._slots.notify()
             if not self._ops:
                 self._idle.notify_all()
 
@@ -268,8 +296,9 @@ class Ticket:
         """Set expiry to now + ``timeout`` (0 expires at once); a canceled
         ticket stays canceled."""
         with self._lock:
+            expires = self._clock() + timeout  # May raise: change nothing.
             self.timeout = timeout
-            self._expires = self._clock() + timeout
+            self._expires = expires
 
     def cancel(self, timeout):
         """Cancel the ticket and wait up to ``timeout`` seconds for running
@@ -415,11 +444,14 @@ class Store:
         if "timeout" not in changes:
             raise errors.BadRequest("Invalid patch: missing field 'timeout'")
         timeout = changes["timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, int) \
-                or timeout < 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, int):
             raise errors.BadRequest(
-                "Invalid patch: field 'timeout' must be an integer >= 0, "
+                "Invalid patch: field 'timeout' must be an integer, "
                 "got {!r}".format(timeout))
+        if not 0 <= timeout <= MAX_TIMEOUT:
+            raise errors.BadRequest(
+                "Invalid patch: field 'timeout' must be between 0 and {}, "
+                "got {}".format(MAX_TIMEOUT, _short_int(timeout)))
         ticket = self.get(ticket_id)
         ticket.extend(timeout)
         log.info("Extended ticket %s timeout=%d", ticket.name, timeout)

@@ -18,6 +18,7 @@ could not be reached.
 import http.client
 import json
 import socket
+import urllib.parse
 
 from .. import config
 from .. import errors as _errors
@@ -85,11 +86,11 @@ class Client:
         url, timeout, ops)."""
         if not isinstance(ticket, dict) or "uuid" not in ticket:
             raise Error("Invalid ticket: expected an object with 'uuid'")
-        self._request("PUT", "/tickets/" + ticket["uuid"], ticket)
+        self._request("PUT", _ticket_path(ticket["uuid"]), ticket)
 
     def get_ticket(self, ticket_id):
         """Return the ticket's information as a dict."""
-        return self._request("GET", "/tickets/" + ticket_id)
+        return self._request("GET", _ticket_path(ticket_id))
 
     def list_tickets(self):
         """Return the ids of all tickets."""
@@ -97,11 +98,11 @@ class Client:
 
     def mod_ticket(self, ticket_id, changes):
         """Change a ticket; ``changes`` is {"timeout": seconds}."""
-        self._request("PATCH", "/tickets/" + ticket_id, changes)
+        self._request("PATCH", _ticket_path(ticket_id), changes)
 
     def del_ticket(self, ticket_id):
         """Delete a ticket (succeeds if it does not exist)."""
-        self._request("DELETE", "/tickets/" + ticket_id)
+        self._request("DELETE", _ticket_path(ticket_id))
 
     def close(self):
         self._con.close()
@@ -138,3 +139,9 @@ class Client:
                 "application/json"):
             return json.loads(payload)
         return None
+
+
+def _ticket_path(ticket_id):
+    """The control path of a ticket; the id is percent-encoded, so "/",
+    "?", "%" or non-ASCII in an id reach the daemon as part of the id."""
+    return "/tickets/" + urllib.parse.quote(str(ticket_id), safe="")

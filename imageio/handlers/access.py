@@ -24,6 +24,11 @@ class Binding:
         self.backend = backend
 
 
+# How long a request waits for a connection slot of its ticket before 503:
+# covers a client's previous connection that the daemon is still closing.
+SLOT_WAIT = 2.0
+
+
 def open_image(req, ticket_id, op, store, cfg):
     """Return (ticket, backend, buffer) for ``op`` on ``ticket_id``.
 
@@ -48,20 +53,25 @@ def open_image(req, ticket_id, op, store, cfg):
 
 def _bind(conn, ticket, cfg):
     limit = cfg.daemon.max_connections
-    if ticket.connection_count() >= limit:
+    if not ticket.add_connection(id(conn), lambda force: _close(conn, force),
+                                 limit=limit, wait=SLOT_WAIT):
         raise errors.ServiceUnavailable(
             "Too many connections for ticket {}: at most {} allowed"
             .format(ticket.name, limit))
     try:
         backend = backends.open_backend(ticket, cfg)
     except errors.Error:
+        ticket.remove_connection(id(conn))
         raise
     except OSError as e:
+        ticket.remove_connection(id(conn))
         raise errors.BackendError(
             "Cannot open image for ticket {}: {}".format(
                 ticket.name, e.strerror or e))
+    except BaseException:
+        ticket.remove_connection(id(conn))
+        raise
     binding = Binding(ticket, backend)
-    ticket.add_connection(id(conn), lambda force: _close(conn, force))
     conn.on_close(lambda: _unbind(conn, binding))
     conn.set_timeout(ticket.inactivity_timeout or None)
     log.debug("%s: bound to ticket %s", conn.name, ticket.name)
