@@ -262,3 +262,41 @@ def test_established_client_roundtrip_nbd(daemon, tmp_path):
                    timeout=60)
     subprocess.run(["qemu-img", "compare", src, back], check=True,
                    timeout=60)
+
+
+def test_sparse_zero_of_empty_image_allocates_nothing(daemon, tmp_path):
+    """A restore zeroes what is not data.  On a sparse ticket, ranges that
+    already read as zeroes are not rewritten, so an empty qcow2 stays small
+    (a WRITE_ZEROES of every range would set the zero flag in every L2
+    entry: 8 MiB of tables for 64 GiB); ranges holding data are zeroed."""
+    size = 64 * 1024**3
+    path = tmp_path / "empty.qcow2"
+    nbdserver.qemu_img("create", "-f", "qcow2", path, str(size))
+    srv = nbdserver.qemu_nbd(path, "qcow2", sock=str(tmp_path / "nbd.sock"))
+    data = os.urandom(MiB)
+    step = 128 * MiB
+    with srv.start():
+        t = new_ticket(srv.url(), size, sparse=True)
+        daemon.add_ticket(t)
+        con = daemon.unix()
+        resp, body = request(con, "PUT", "/images/" + t["uuid"], body=data,
+                             headers={"Content-Range": "bytes {}-{}/*".format(
+                                 1024**3 + 5, 1024**3 + 5 + MiB - 1)})
+        assert resp.status == 200, body
+        for offset in range(0, size, step):
+            resp, body = request(
+                con, "PATCH", "/images/" + t["uuid"],
+                body=json.dumps({"op": "zero", "offset": offset,
+                                 "size": step, "flush": False}).encode(),
+                headers={"Content-Type": "application/json"})
+            assert resp.status == 200, (offset, body)
+        resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                             body=b'{"op": "flush"}',
+                             headers={"Content-Type": "application/json"})
+        assert resp.status == 200, body
+        resp, body = request(con, "GET", "/images/" + t["uuid"], headers={
+            "Range": "bytes={}-{}".format(1024**3, 1024**3 + 2 * MiB - 1)})
+        assert resp.status == 206 and body == bytes(2 * MiB)
+        con.close()
+    # Header, L1 table, refcounts, one L2 table for the data written once.
+    assert path.stat().st_size < 2 * MiB, path.stat().st_size

@@ -1183,6 +1183,18 @@ cdef class Handle:
         return [(s, n, bool(f & 1), bool(f & 2))
                 for s, n, f in self._walk(contexts, offset, length)]
 
+    def reads_as_zero(self, uint64_t offset, uint64_t length):
+        """True if base:allocation says all of [offset, offset+length)
+        reads as zeroes (NBD_STATE_ZERO); False without base:allocation."""
+        if not self.can_meta_context(BASE_ALLOCATION):
+            return False
+        for s, n, f in self._walk(
+                [(BASE_ALLOCATION, COMBINE_BIT, STATE_ZERO, 1)],
+                offset, length):
+            if not f & 1:
+                return False
+        return True
+
     def dirty_extents(self, uint64_t offset=0, length=None):
         """Returns a list of ``(start, length, dirty, zero)``.
 
