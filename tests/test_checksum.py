@@ -128,3 +128,36 @@ def test_bad_block_size(block_size):
 def test_bad_algorithm():
     with pytest.raises(errors.BadRequest):
         checksum.compute(MemoryBackend(b""), 0, "md42")
+
+
+def test_sparse_data_blocks_are_hashed_in_parallel():
+    """Zero blocks cost nothing, so they must not fill the in-flight window:
+    with data in every sixth block, two workers still read two data blocks
+    at once (each read waits for the other at a barrier; a window counting
+    zero blocks holds one data block at a time and the barrier breaks)."""
+    import threading
+    block = MiB
+    clusters = [(i * block, 64 * 1024) for i in (0, 6, 12, 18)]
+    data, extents = sparse(24 * block, clusters)
+    barrier = threading.Barrier(2, timeout=10)
+
+    class Paired(MemoryBackend):
+        def readinto(self, buf, offset, length):
+            barrier.wait()
+            return super().readinto(buf, offset, length)
+
+    backend = Paired(data, extents)
+    assert checksum.compute(backend, len(data), block_size=block,
+                            workers=2) == reference(data, block_size=block)
+    assert sorted(backend.reads) == clusters
+
+
+def test_many_finished_blocks_waiting_in_order(monkeypatch):
+    # A bounded list of finished blocks waits behind a slow earlier block;
+    # the digest keeps the block order.
+    monkeypatch.setattr(checksum, "MAX_PENDING", 3)
+    data, extents = sparse(20 * MiB, [(0, 4096), (9 * MiB, 5),
+                                      (19 * MiB, MiB)])
+    backend = MemoryBackend(data, extents)
+    assert checksum.compute(backend, len(data), block_size=MiB,
+                            workers=2) == reference(data, block_size=MiB)
