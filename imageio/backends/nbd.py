@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import re
+import threading
 import urllib.parse
 
 from .. import errors
@@ -209,6 +210,11 @@ class NbdBackend:
         self._zero_buf = None
         # A helper thread overlapping NBD I/O with TLS, started on demand.
         self._executor = None
+        # readinto() is the one call made from several threads at once
+        # (checksum workers): two pipelined pumps polling one NBD socket
+        # take each other's replies and wait for ever.  Hashing stays
+        # parallel; reads of one connection take turns.
+        self._read_lock = threading.Lock()
 
     # Connection.
 
@@ -397,8 +403,9 @@ class NbdBackend:
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)
-        h = self._handle()
-        h.pread_pipelined(buf, offset, length)
+        with self._read_lock:
+            h = self._handle()
+            h.pread_pipelined(buf, offset, length)
         return memoryview(buf)[:length]
 
     def zero(self, offset, length, punch_hole):
