@@ -170,6 +170,33 @@ def test_unreachable_server(daemon, tmp_path):
     assert resp.status == 200
 
 
+def test_failed_open_frees_the_connection_slot(make_daemon, tmp_path):
+    """A request whose NBD server is not there yet fails; the ticket's only
+    connection slot is free again, so the retry on the same keep-alive
+    connection (or a new one) is served once the server is up."""
+    d = make_daemon("[daemon]\nmax_connections = 1\n")
+    data = os.urandom(MiB)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    sock = str(tmp_path / "nbd.sock")
+    t = new_ticket("nbd:unix:{}".format(sock), len(data), ops=["read"])
+    d.add_ticket(t)
+    for _ in range(3):
+        con = d.unix()
+        resp, body = request(con, "GET", "/images/" + t["uuid"])
+        assert resp.status in (500, 502), (resp.status, body)
+        con.close()
+    srv = nbdserver.qemu_nbd(path, "raw", sock=sock, read_only=True)
+    with srv.start():
+        con = d.unix()
+        start = time.monotonic()
+        resp, body = request(con, "GET", "/images/" + t["uuid"])
+        assert resp.status == 200 and body == data
+        # Served at once, not after waiting for a slot that leaked.
+        assert time.monotonic() - start < 1.5
+        con.close()
+
+
 def test_server_killed_then_reconnect(daemon, tmp_path):
     data = os.urandom(64 * MiB)
     path = tmp_path / "disk.raw"

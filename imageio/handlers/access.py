@@ -60,15 +60,13 @@ def _bind(conn, ticket, cfg):
             .format(ticket.name, limit))
     try:
         backend = backends.open_backend(ticket, cfg)
-    except errors.Error:
-        ticket.remove_connection(id(conn))
-        raise
     except OSError as e:
         ticket.remove_connection(id(conn))
         raise errors.BackendError(
             "Cannot open image for ticket {}: {}".format(
                 ticket.name, e.strerror or e))
     except BaseException:
+        # The slot is free again, whatever stopped the open.
         ticket.remove_connection(id(conn))
         raise
     binding = Binding(ticket, backend)
