@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import new_ticket
+from conftest import new_ticket, request, make_image, add
 
 KiB = 1024
 MiB = 1024**2
@@ -84,25 +84,6 @@ def _closed(sock, timeout=0.2):
         return False
     except OSError:
         return True
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
-
-
-def make_image(path, size, data=b""):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.truncate(size)
-    return path
-
-
-def add(daemon, path, size, **kw):
-    t = new_ticket("file://" + str(path), size, **kw)
-    daemon.add_ticket(t)
-    return t
 
 
 def ticket_info(daemon, ticket_id):

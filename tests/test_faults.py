@@ -22,7 +22,7 @@ import time
 import pytest
 
 import nbdserver
-from conftest import new_ticket
+from conftest import new_ticket, request, make_image
 
 KiB = 1024
 MiB = 1024**2
@@ -51,12 +51,6 @@ def connect_raw(daemon, service, timeout=60):
     raw = socket.create_connection(("localhost", daemon.remote_port),
                                    timeout=timeout)
     return ctx.wrap_socket(raw, server_hostname="localhost")
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
 
 
 def read_response(sock):
@@ -88,13 +82,6 @@ def send_quietly(sock, data, chunk=MiB):
     except OSError:
         pass
     return sent
-
-
-def make_image(path, size, data=b""):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.truncate(size)
-    return path
 
 
 def add(daemon, url_or_path, size, **kw):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import new_ticket
+from conftest import request, add
 
 MiB = 1024**2
 
@@ -41,18 +41,6 @@ def image(tmp_path):
     data = os.urandom(3 * MiB + 5)
     path = make_image(tmp_path, len(data), data)
     return path, data
-
-
-def add(daemon, path, size, **kw):
-    t = new_ticket("file://" + str(path), size, **kw)
-    daemon.add_ticket(t)
-    return t
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
 
 
 # OPTIONS

@@ -10,15 +10,9 @@ import time
 import pytest
 
 import nbdserver
-from conftest import new_ticket
+from conftest import new_ticket, request
 
 MiB = 1024**2
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
 
 
 @pytest.fixture(params=["remote", "local"])

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from conftest import new_ticket
+from conftest import new_ticket, request
 from daemonproc import Daemon
 
 MiB = 1024**2
@@ -43,12 +43,6 @@ def make_pair(storage, proxy, tmp_path, data, ops=("read", "write"),
     local = new_ticket(url, len(data), ops=ops)
     proxy.add_ticket(local)
     return path, remote, local
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
 
 
 @pytest.fixture(params=["remote", "local"])

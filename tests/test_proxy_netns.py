@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import new_ticket
+from conftest import new_ticket, request
 from daemonproc import Daemon
 from imageio import tls
 
@@ -70,12 +70,6 @@ def daemons(hosts, tmp_path_factory):
     yield storage, proxy
     proxy.stop()
     storage.stop()
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
 
 
 def test_storage_host_only_reachable_through_its_network(hosts, daemons):

@@ -19,29 +19,10 @@ import tempfile
 
 import pytest
 
-from conftest import new_ticket
+from conftest import new_ticket, request, make_image, add
 
 KiB = 1024
 MiB = 1024**2
-
-
-def request(con, method, url, body=None, headers=None):
-    con.request(method, url, body=body, headers=headers or {})
-    resp = con.getresponse()
-    return resp, resp.read()
-
-
-def make_image(path, size, data=b""):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.truncate(size)
-    return path
-
-
-def add(daemon, path, size, **kw):
-    t = new_ticket("file://" + str(path), size, **kw)
-    daemon.add_ticket(t)
-    return t
 
 
 def connect(daemon, service, timeout=20):
