@@ -1,3 +1,5 @@
+import socket
+import ssl
 import uuid
 
 import pytest
@@ -56,3 +58,30 @@ def add(daemon, path, size, **kw):
     t = new_ticket("file://" + str(path), size, **kw)
     daemon.add_ticket(t)
     return t
+
+
+@pytest.fixture(params=["remote", "local"])
+def service(request):
+    """Each test runs on the remote (HTTPS) and the local (unix) service."""
+    return request.param
+
+
+def connect(daemon, service, timeout=60):
+    """An http.client connection to the daemon's ``service``."""
+    return daemon.https(timeout) if service == "remote" \
+        else daemon.unix(timeout)
+
+
+def connect_raw(daemon, service, timeout=60):
+    """A plain socket to ``service`` ("remote" is TLS-wrapped, "local",
+    "control"), for requests http.client cannot send."""
+    if service in ("local", "control"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(daemon.local_socket if service == "local"
+                  else daemon.control_socket)
+        return s
+    ctx = ssl.create_default_context(cafile=daemon.ca_file)
+    raw = socket.create_connection(("localhost", daemon.remote_port),
+                                   timeout=timeout)
+    return ctx.wrap_socket(raw, server_hostname="localhost")

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from conftest import new_ticket, request, make_image, add
+from conftest import (new_ticket, request, make_image, add, connect,
+                      connect_raw)
 
 KiB = 1024
 MiB = 1024**2
@@ -31,33 +32,6 @@ HEADERS_TIMEOUT = 30
 
 
 # Helpers.
-
-@pytest.fixture(params=["remote", "local"])
-def service(request):
-    return request.param
-
-
-def connect(daemon, service, timeout=60):
-    return daemon.https(timeout) if service == "remote" \
-        else daemon.unix(timeout)
-
-
-def connect_raw(daemon, service, timeout=30):
-    if service == "local":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(daemon.local_socket)
-        return s
-    if service == "control":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(daemon.control_socket)
-        return s
-    ctx = ssl.create_default_context(cafile=daemon.ca_file)
-    raw = socket.create_connection(("localhost", daemon.remote_port),
-                                   timeout=timeout)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
-
 
 def exchange(daemon, service, data, timeout=20):
     """Send raw bytes; return (status, headers, body) of the one response,

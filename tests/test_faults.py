@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -22,36 +21,13 @@ import time
 import pytest
 
 import nbdserver
-from conftest import new_ticket, request, make_image
+from conftest import new_ticket, request, make_image, connect, connect_raw
 
 KiB = 1024
 MiB = 1024**2
 
 
 # Helpers.
-
-@pytest.fixture(params=["remote", "local"])
-def service(request):
-    return request.param
-
-
-def connect(daemon, service, timeout=60):
-    return daemon.https(timeout) if service == "remote" \
-        else daemon.unix(timeout)
-
-
-def connect_raw(daemon, service, timeout=60):
-    """A plain socket to the service (TLS-wrapped for remote)."""
-    if service == "local":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(daemon.local_socket)
-        return s
-    ctx = ssl.create_default_context(cafile=daemon.ca_file)
-    raw = socket.create_connection(("localhost", daemon.remote_port),
-                                   timeout=timeout)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
-
 
 def read_response(sock):
     """(status, body) of the response on ``sock``, or (None, exception)

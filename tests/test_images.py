@@ -11,19 +11,9 @@ import time
 
 import pytest
 
-from conftest import request, add
+from conftest import request, add, connect
 
 MiB = 1024**2
-
-
-@pytest.fixture(params=["remote", "local"])
-def service(request):
-    return request.param
-
-
-def connect(daemon, service, timeout=60):
-    return daemon.https(timeout) if service == "remote" \
-        else daemon.unix(timeout)
 
 
 def make_image(tmp_path, size, data=None, name="image.raw"):
