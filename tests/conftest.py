@@ -1,5 +1,6 @@
 import socket
 import ssl
+import time
 import uuid
 
 import pytest
@@ -85,3 +86,21 @@ def connect_raw(daemon, service, timeout=60):
     raw = socket.create_connection(("localhost", daemon.remote_port),
                                    timeout=timeout)
     return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def ticket_info(daemon, ticket_id):
+    with daemon.client() as c:
+        return c.get_ticket(ticket_id)
+
+
+def wait_idle(daemon, ticket_id, timeout=15):
+    """Wait until the ticket has no running operation and no connection;
+    return its info."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = ticket_info(daemon, ticket_id)
+        if not info["active"] and info["connections"] == 0:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError("ticket still busy: {}".format(info))
+        time.sleep(0.05)

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from conftest import (new_ticket, request, make_image, add, connect,
-                      connect_raw)
+                      connect_raw, ticket_info, wait_idle)
 
 KiB = 1024
 MiB = 1024**2
@@ -60,22 +60,6 @@ def _closed(sock, timeout=0.2):
         return True
 
 
-def ticket_info(daemon, ticket_id):
-    with daemon.client() as c:
-        return c.get_ticket(ticket_id)
-
-
-def wait_unbound(daemon, ticket_id, timeout=15):
-    deadline = time.monotonic() + timeout
-    while True:
-        info = ticket_info(daemon, ticket_id)
-        if not info["active"] and info["connections"] == 0:
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError("ticket still busy: {}".format(info))
-        time.sleep(0.05)
-
-
 def tree(*dirs):
     """Every file under ``dirs`` with size, mtime and a hash of the
     content (sockets and logs excepted)."""
@@ -110,13 +94,13 @@ class Unchanged:
 
     def __enter__(self):
         self.before_files = tree(*self.dirs)
-        self.before = wait_unbound(self.daemon, self.ticket["uuid"])
+        self.before = wait_idle(self.daemon, self.ticket["uuid"])
         return self
 
     def __exit__(self, *exc):
         if exc[0] is not None:
             return False
-        after = wait_unbound(self.daemon, self.ticket["uuid"])
+        after = wait_idle(self.daemon, self.ticket["uuid"])
         for key in ("expires", "timeout", "size", "canceled", "ops"):
             assert after[key] == self.before[key], (key, self.before, after)
         assert tree(*self.dirs) == self.before_files
@@ -714,7 +698,7 @@ def test_stalled_body_disconnected(daemon, service, tmp_path):
         elapsed = time.monotonic() - start
     assert status != 200
     assert 1.5 <= elapsed < 10, elapsed
-    info = wait_unbound(daemon, t["uuid"])
+    info = wait_idle(daemon, t["uuid"])
     assert not info["active"]
     with open(path, "rb") as f:
         got = f.read()
@@ -737,7 +721,7 @@ def test_stalled_reader_disconnected(daemon, service, tmp_path):
         while not ticket_info(daemon, t["uuid"])["active"]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        info = wait_unbound(daemon, t["uuid"], timeout=15)
+        info = wait_idle(daemon, t["uuid"], timeout=15)
         elapsed = time.monotonic() - start
     assert 1.5 <= elapsed < 12, elapsed
     assert not info["active"]

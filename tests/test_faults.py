@@ -21,7 +21,8 @@ import time
 import pytest
 
 import nbdserver
-from conftest import new_ticket, request, make_image, connect, connect_raw
+from conftest import (new_ticket, request, make_image, connect, connect_raw,
+                      ticket_info, wait_idle)
 
 KiB = 1024
 MiB = 1024**2
@@ -67,24 +68,6 @@ def add(daemon, url_or_path, size, **kw):
     t = new_ticket(url, size, **kw)
     daemon.add_ticket(t)
     return t
-
-
-def ticket_info(daemon, ticket_id):
-    with daemon.client() as c:
-        return c.get_ticket(ticket_id)
-
-
-def wait_idle(daemon, ticket_id, timeout=15):
-    """Wait until the ticket has no running operation and no connection;
-    return its info."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = ticket_info(daemon, ticket_id)
-        if not info["active"] and info["connections"] == 0:
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError("ticket still busy: {}".format(info))
-        time.sleep(0.1)
 
 
 def assert_serving(daemon, tmp_path):

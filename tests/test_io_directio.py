@@ -26,8 +26,18 @@ STORAGE = {
 
 
 @pytest.fixture(params=sorted(STORAGE))
-def storage(request, tmp_path_factory):
-    directory, direct = STORAGE[request.param]
+def storage(request):
+    yield from _storage(request.param)
+
+
+# Only the O_DIRECT storages.
+@pytest.fixture(params=sorted(k for k, v in STORAGE.items() if v[1]))
+def direct_storage(request):
+    yield from _storage(request.param)
+
+
+def _storage(name):
+    directory, direct = STORAGE[name]
     path = os.path.join(directory, "imageio-test-{}-{}".format(
         os.getpid(), threading.get_ident()))
     yield Storage(path, direct)
@@ -194,16 +204,6 @@ def test_write_empty(storage, bounce):
         assert storage.content() == b"abc"
     finally:
         os.close(fd)
-
-
-@pytest.fixture(params=sorted(k for k, v in STORAGE.items() if v[1]))
-def direct_storage(request):
-    directory, direct = STORAGE[request.param]
-    path = os.path.join(directory, "imageio-test-{}-{}".format(
-        os.getpid(), threading.get_ident()))
-    yield Storage(path, direct)
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def test_write_needs_bounce(direct_storage):
