@@ -19,7 +19,7 @@ import urllib.parse
 
 from .. import errors
 from .. import tls
-from . import DirtyExtent, Extent
+from . import DirtyExtent, Extent, Sink, _is_tls
 
 log = logging.getLogger("backends.http")
 
@@ -48,7 +48,11 @@ def validate_url(url):
 
 
 def open(ticket, cfg):
-    return HTTPBackend(ticket, cfg)
+    """The proxy backend for a ticket: only adapts the ticket and the
+    daemon's configuration to ``HTTPBackend``'s plain parameters."""
+    return HTTPBackend(ticket.url, cafile=cfg.backend_http.ca_file or
+                       cfg.tls.ca_file, size=ticket.size,
+                       ca_hint="check [backend_http] ca_file")
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -64,39 +68,78 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class HTTPBackend:
+    """An HTTP client toward an imageio daemon's ``/images/ID``.
 
-    def __init__(self, ticket, cfg):
-        validate_url(ticket.url)
-        self._url = urllib.parse.urlsplit(ticket.url)
+    Built from plain parameters: the transfer ``url``, the CA file
+    (``cafile``, system CAs when empty) or ``secure=False`` to skip
+    verification, the image ``size`` (asked from the daemon when None) and
+    whether to use the daemon's ``unix_socket`` when it runs on this host.
+    ``clone()`` opens another connection to the same image.
+    """
+
+    def __init__(self, url, cafile=None, secure=True, size=None,
+                 use_unix_socket=True, timeout=TIMEOUT,
+                 ca_hint="check the CA file", options=None):
+        validate_url(url)
+        self._url_text = url
+        self._url = urllib.parse.urlsplit(url)
         self._path = self._url.path
-        self._size = ticket.size
-        self._writable = ticket.may("write")
-        ca_file = cfg.backend_http.ca_file or cfg.tls.ca_file
-        self._context = tls.client_context(ca_file)
+        self._cafile = cafile
+        self._secure = secure
+        self._use_unix_socket = use_unix_socket
+        self._timeout = timeout
+        self._ca_hint = ca_hint
+        if secure:
+            self._context = tls.client_context(cafile)
+        else:
+            self._context = ssl._create_unverified_context()
         self._con = http.client.HTTPSConnection(
             self._url.hostname, self._url.port or 443,
-            context=self._context, timeout=TIMEOUT)
+            context=self._context, timeout=timeout)
         self._pool = None
         self._spare_buffer = None
         self.features = frozenset()
         self.max_readers = 1
         self.max_writers = 1
-        self._options()
+        self.unix_socket = None
+        self.options = {}
+        self._size = size
+        self._options(options)
+        if self._size is None:
+            self._size = self._remote_size()
+
+    def clone(self):
+        """Another connection to the same image, with the same options."""
+        return HTTPBackend(self._url_text, cafile=self._cafile,
+                           secure=self._secure, size=self._size,
+                           use_unix_socket=self._use_unix_socket,
+                           timeout=self._timeout, ca_hint=self._ca_hint,
+                           options=self.options)
+
+    @property
+    def is_local(self):
+        """True when requests go through the daemon's unix socket."""
+        return isinstance(self._con, _UnixHTTPConnection)
 
     # Connection handling
 
-    def _options(self):
-        resp = self._request("OPTIONS", self._path)
-        info = self._json(resp)
+    def _options(self, info=None):
+        if info is None:
+            resp = self._request("OPTIONS", self._path)
+            info = self._json(resp)
+        self.options = info
         self.features = frozenset(
             f for f in info.get("features", ()) if f in
             ("extents", "zero", "flush", "checksum"))
         self.max_readers = int(info.get("max_readers", 1))
         self.max_writers = int(info.get("max_writers", 1))
+        if self._size is None and isinstance(info.get("size"), int):
+            self._size = info["size"]
         unix = info.get("unix_socket")
-        if unix and self._is_local():
+        self.unix_socket = unix
+        if unix and self._use_unix_socket and self._is_local():
             try:
-                con = _UnixHTTPConnection(unix, TIMEOUT)
+                con = _UnixHTTPConnection(unix, self._timeout)
                 con.connect()
             except OSError as e:
                 log.debug("Cannot use remote unix socket %r: %s", unix, e)
@@ -104,6 +147,19 @@ class HTTPBackend:
             self._con.close()
             self._con = con
             log.info("Using the remote daemon's local socket %r", unix)
+
+    def _remote_size(self):
+        # The established daemon's OPTIONS has no size: a one byte range
+        # answers it in Content-Range ("bytes 0-0/SIZE").
+        resp = self._request("GET", self._path, headers={"Range": "bytes=0-0"})
+        resp.read()
+        total = (resp.getheader("Content-Range") or "").rpartition("/")[2]
+        try:
+            return int(total)
+        except ValueError:
+            raise errors.BadGateway(
+                "Remote imageio daemon {} did not report the image size"
+                .format(self._where()))
 
     def _is_local(self):
         host = self._url.hostname
@@ -130,14 +186,15 @@ class HTTPBackend:
         except ssl.SSLCertVerificationError as e:
             self._con.close()
             raise errors.BadGateway(
-                "Cannot verify the remote imageio daemon {}: {}; check "
-                "[backend_http] ca_file".format(
-                    self._where(), e.verify_message or e))
+                "Cannot verify the remote imageio daemon {}: {}; {}".format(
+                    self._where(), e.verify_message or e, self._ca_hint))
         except (OSError, http.client.HTTPException) as e:
             self._con.close()
-            raise errors.BadGateway(
+            err = errors.BadGateway(
                 "Cannot reach the remote imageio daemon {}: {}".format(
                     self._where(), e or type(e).__name__))
+            err.retriable = True
+            raise err
         self._check(resp)
         return resp
 
@@ -159,7 +216,9 @@ class HTTPBackend:
             raise cls(text, size=self._size)
         if cls is not None:
             raise cls(text)
-        raise errors.BadGateway("{} (HTTP {})".format(text, resp.status))
+        err = errors.BadGateway("{} (HTTP {})".format(text, resp.status))
+        err.retriable = resp.status >= 500
+        raise err
 
     def _json(self, resp):
         try:
@@ -377,8 +436,182 @@ class HTTPBackend:
             self._path, query))
         return self._json(resp)
 
+    # The client's data path.  The body moves between this connection's
+    # socket and another backend (an NBD export) in C: this class writes
+    # the request head and reads the response head, never more of the
+    # body than the head's last recv() brought.
+
+    def put_with(self, offset, length, send_body, flush=False):
+        """PUT ``length`` bytes at ``offset``: ``send_body(sink)`` sends
+        exactly the body to a ``backends.Sink``.  Raises errors.HTTPError
+        subclasses for error answers; transport failures raise
+        errors.BadGateway with ``retriable = True``."""
+        head = ("PUT {}?flush={} HTTP/1.1\r\nHost: {}\r\n"
+                "Content-Length: {}\r\nContent-Range: bytes {}-{}/*\r\n\r\n"
+                .format(self._path, "y" if flush else "n", self._host(),
+                        length, offset, offset + length - 1))
+        sock = self._data_socket()
+        try:
+            sock.sendall(head.encode("latin-1"))
+            send_body(Sink(sock, self._timeout))
+            status, headers, rest = self._read_head(sock)
+            self._read_small_body(sock, headers, rest)
+        except errors.Error:
+            self._con.close()
+            raise
+        except OSError as e:
+            self._con.close()
+            raise self._transport_failure("write", e)
+        self._answered(status, headers)
+
+    def get_with(self, offset, length, recv_body):
+        """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
+        exactly the body from a ``backends.Source``-like object.  Raises
+        like ``put_with``."""
+        head = ("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\n\r\n"
+                .format(self._path, self._host(), offset,
+                        offset + length - 1))
+        sock = self._data_socket()
+        try:
+            sock.sendall(head.encode("latin-1"))
+            status, headers, rest = self._read_head(sock)
+            if status >= 300:
+                message = self._read_small_body(sock, headers, rest)
+                self._answered(status, headers, message)
+            announced = int(headers.get("content-length", -1))
+            if announced != length:
+                raise errors.BadGateway(
+                    "Remote imageio daemon sent {} bytes for a {} bytes "
+                    "range".format(announced, length))
+            source = _BodySource(sock, rest, self._timeout)
+            recv_body(source)
+            if source.received != length:
+                raise errors.PartialContent(length, source.received)
+        except errors.Error:
+            self._con.close()
+            raise
+        except OSError as e:
+            self._con.close()
+            raise self._transport_failure("read", e)
+        self._answered(status, headers)
+
+    def write(self, offset, data):
+        """Write bytes-like ``data`` at ``offset`` (not flushed)."""
+        self.put_with(offset, len(data), lambda sink: sink.write(data))
+
+    def _host(self):
+        return self._url.netloc
+
+    def _data_socket(self):
+        if self._con.sock is None:
+            try:
+                self._con.connect()
+            except ssl.SSLCertVerificationError as e:
+                self._con.close()
+                raise errors.BadGateway(
+                    "Cannot verify the remote imageio daemon {}: {}; {}"
+                    .format(self._where(), e.verify_message or e,
+                            self._ca_hint))
+            except OSError as e:
+                self._con.close()
+                raise self._transport_failure("connect", e)
+        return self._con.sock
+
+    def _transport_failure(self, during, e):
+        err = errors.BadGateway(
+            "Remote imageio daemon {} failed during {}: {}".format(
+                self._where(), during, e or type(e).__name__))
+        err.retriable = True
+        return err
+
+    def _read_head(self, sock):
+        buf = bytearray()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError(
+                    "connection closed before the response")
+            buf += chunk
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > 65536:
+                raise errors.BadGateway(
+                    "Remote imageio daemon {} sent a response head over 64 "
+                    "KiB".format(self._where()))
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split(None, 2)[1])
+        except (IndexError, ValueError):
+            raise errors.BadGateway(
+                "Remote imageio daemon {} sent an invalid status line {!r}"
+                .format(self._where(), lines[0][:80]))
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, buf[end + 4:]
+
+    def _read_small_body(self, sock, headers, rest):
+        length = int(headers.get("content-length", 0))
+        body = bytearray(rest[:length])
+        while len(body) < length:
+            chunk = sock.recv(length - len(body))
+            if not chunk:
+                raise ConnectionResetError("connection closed in the body")
+            body += chunk
+        return body.decode("utf-8", "replace").strip()
+
+    def _answered(self, status, headers, message=""):
+        if headers.get("connection", "").lower() == "close":
+            self._con.close()
+        if status < 300:
+            return
+        self._con.close()
+        cls = _STATUS_ERRORS.get(status)
+        text = "Remote imageio daemon: {}".format(message or status)
+        if cls is errors.RangeNotSatisfiable:
+            raise cls(text, size=self._size)
+        if cls is not None:
+            raise cls(text)
+        err = errors.BadGateway("{} (HTTP {})".format(text, status))
+        err.retriable = status >= 500
+        raise err
+
     def close(self):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._con.close()
+
+
+class _BodySource:
+    """A response body for ``get_with``'s callback: the bytes the head's
+    last recv() brought first, then the socket (its raw ``fd`` for C loops
+    when the socket is plain)."""
+
+    def __init__(self, sock, rest, timeout):
+        self._sock = sock
+        self._rest = memoryview(bytes(rest))
+        self._plain = not _is_tls(sock)
+        self.timeout = timeout
+        self.received = 0
+
+    @property
+    def fd(self):
+        if self._plain and not self._rest:
+            return self._sock.fileno()
+        return -1
+
+    def readinto(self, view):
+        if self._rest:
+            n = min(len(view), len(self._rest))
+            view[:n] = self._rest[:n]
+            self._rest = self._rest[n:]
+        else:
+            n = self._sock.recv_into(view)
+        self.received += n
+        return n
+
+    def consumed(self, n):
+        self.received += n

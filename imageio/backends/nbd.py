@@ -179,9 +179,26 @@ def validate_url(url):
 
 def open(ticket, cfg):
     """Connect to the ticket's export; raise errors.BackendError if we
-    cannot."""
-    address = parse_url(ticket.url)
-    backend = NbdBackend(address, ticket, cfg)
+    cannot.  Only adapts a ticket and the daemon's configuration to
+    ``connect``."""
+    daemon = getattr(cfg, "daemon", None)
+    max_connections = min(
+        MAX_CONNECTIONS,
+        getattr(daemon, "max_connections", MAX_CONNECTIONS) or
+        MAX_CONNECTIONS)
+    return connect(ticket.url, dirty=bool(getattr(ticket, "dirty", False)),
+                   buffer_size=cfg.backend_nbd.buffer_size,
+                   max_connections=max_connections)
+
+
+def connect(url, dirty=False, buffer_size=8 * 1024**2,
+            max_connections=MAX_CONNECTIONS):
+    """Return an ``NbdBackend`` connected to the export at ``url`` (any
+    form of ``parse_url``).  ``dirty`` asks for the export's dirty bitmap
+    context.  Raises errors.BadRequest for a bad url and
+    errors.BackendError when the server cannot be reached."""
+    backend = NbdBackend(parse_url(url), dirty=dirty, buffer_size=buffer_size,
+                         max_connections=max_connections)
     try:
         backend.reconnect()
     except BaseException:
@@ -191,21 +208,23 @@ def open(ticket, cfg):
 
 
 class NbdBackend:
-    """One connection to an NBD export (see ``imageio.backends``)."""
+    """One connection to an NBD export (see ``imageio.backends``).
+
+    Built from plain parameters: an ``Address``, whether to ask for the
+    dirty bitmap, the size of the halves used to overlap NBD I/O with TLS
+    (``buffer_size``) and the connections the export allows a client
+    (``max_connections``).  ``clone()`` opens another connection to the
+    same export (multi-conn), instead of sharing one handle.
+    """
 
     name = "nbd"
 
-    def __init__(self, address, ticket, cfg):
+    def __init__(self, address, dirty=False, buffer_size=8 * 1024**2,
+                 max_connections=MAX_CONNECTIONS):
         self._address = address
-        self._dirty = bool(getattr(ticket, "dirty", False))
-        self._sparse = bool(getattr(ticket, "sparse", False))
-        self._writable = "write" in (getattr(ticket, "ops", None) or ())
-        self._buffer_size = cfg.backend_nbd.buffer_size
-        daemon = getattr(cfg, "daemon", None)
-        self._max_connections = min(
-            MAX_CONNECTIONS,
-            getattr(daemon, "max_connections", MAX_CONNECTIONS) or
-            MAX_CONNECTIONS)
+        self._dirty = dirty
+        self._buffer_size = buffer_size
+        self._max_connections = max_connections
         self._h = None
         self._zero_buf = None
         # A helper thread overlapping NBD I/O with TLS, started on demand.
@@ -215,6 +234,19 @@ class NbdBackend:
         # take each other's replies and wait for ever.  Hashing stays
         # parallel; reads of one connection take turns.
         self._read_lock = threading.Lock()
+
+    def clone(self):
+        """Another connection to the same export, with the same options;
+        raise errors.BackendError."""
+        other = NbdBackend(self._address, dirty=self._dirty,
+                           buffer_size=self._buffer_size,
+                           max_connections=self._max_connections)
+        try:
+            other.reconnect()
+        except BaseException:
+            other.close()
+            raise
+        return other
 
     # Connection.
 

@@ -1,0 +1,392 @@
+"""``imageio.client``: the names and arguments of the established
+``ovirt_imageio.client``, over this project's backends.
+
+Python plans here; bytes move between ``backends.nbd`` (a private
+qemu-nbd) and ``backends.http`` (the daemon) in ``imageio._io``.
+"""
+
+import bisect
+import concurrent.futures
+import logging
+import os
+
+from .. import checksum as blkhash
+from .. import errors
+from ..backends import http as http_backend
+from ..backends import nbd as nbd_backend
+from . import journal as journal_mod
+from . import qemu
+from . import transfer
+
+log = logging.getLogger("client")
+
+MiB = 1024**2
+BUFFER_SIZE = 4 * MiB
+MAX_WORKERS = 4
+# Connections a private qemu-nbd accepts (workers + one for checksums).
+NBD_SHARED = 9
+
+
+class VerifyError(errors.Error):
+    """The image the daemon holds differs from the local one."""
+
+
+def _open_http(url, cafile, secure, proxy_url=None):
+    try:
+        return http_backend.HTTPBackend(url, cafile=cafile, secure=secure,
+                                        ca_hint="check --cafile")
+    except errors.BadGateway:
+        if proxy_url is None:
+            raise
+        log.info("Cannot use %s, trying %s", url, proxy_url)
+        return http_backend.HTTPBackend(proxy_url, cafile=cafile,
+                                        secure=secure,
+                                        ca_hint="check --cafile")
+
+
+def _progress_start(progress, size):
+    if progress is not None and hasattr(progress, "size"):
+        try:
+            progress.size = size
+        except AttributeError:
+            pass
+
+
+def _endpoints(kind, nbd, http, workers, buffer_size):
+    eps = [kind(nbd, http, buffer_size)]
+    try:
+        for _ in range(workers - 1):
+            eps.append(kind(nbd.clone(), http.clone(), buffer_size))
+    except BaseException:
+        for ep in eps[1:]:
+            ep.close()
+        raise
+    return eps
+
+
+def _copy(kind, nbd, http, items, workers, buffer_size, progress,
+          journal):
+    eps = _endpoints(kind, nbd, http, workers, buffer_size)
+    try:
+        transfer.run(items, eps,
+                     progress=progress.update if progress else None,
+                     done=journal.record if journal else None)
+    finally:
+        # The first endpoint's connections belong to the caller.
+        for ep in eps[1:]:
+            ep.close()
+
+
+class _ZeroRanges:
+    """Ranges known to read as zero (the target's zero extents)."""
+
+    def __init__(self, extents):
+        self._starts, self._ends = [], []
+        for e in extents:
+            if e.zero:
+                self._starts.append(e.start)
+                self._ends.append(e.start + e.length)
+
+    def covers(self, start, length):
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self._ends[i] >= start + length
+
+
+def _resume_filter(items, journal, resume, progress):
+    done = journal.load() if resume else set()
+    journal.start(keep=resume)
+    todo = []
+    for item in items:
+        if (item.start, item.length) in done:
+            if progress:
+                progress.update(item.length)
+        else:
+            todo.append(item)
+    if done:
+        log.info("Resuming: %d of %d requests already confirmed",
+                 len(items) - len(todo), len(items))
+    return todo
+
+
+def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
+           progress=None, proxy_url=None, max_workers=MAX_WORKERS,
+           member=None, backing_chain=True, disk_is_zero=False,
+           verify=False, resume=False):
+    """Upload the guest data of ``filename`` (any format qemu reads; with
+    ``member``, a member of the tar file ``filename``) to the transfer
+    ``url``.  ``verify`` compares block hashes after the transfer;
+    ``resume`` skips requests an interrupted run confirmed.  Raises
+    errors.Error subclasses with messages a user can act on."""
+    image = qemu.info(filename, member)
+    http = _open_http(url, cafile, secure, proxy_url)
+    try:
+        size = image["virtual-size"]
+        if size > http.size():
+            raise errors.Error(
+                "Target too small: {} has {} bytes, the image needs {}"
+                .format(url, http.size(), size))
+        _progress_start(progress, size)
+        with qemu.serve(filename, image["format"], member=member,
+                        shared=NBD_SHARED,
+                        backing_chain=backing_chain) as nbd_url:
+            nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
+            try:
+                _upload(nbd, http, size, buffer_size, progress, max_workers,
+                        disk_is_zero, (filename, url), verify, resume)
+            finally:
+                nbd.close()
+    finally:
+        http.close()
+
+
+def _upload(nbd, http, size, buffer_size, progress, max_workers,
+            disk_is_zero, names, verify, resume):
+    source = transfer.merged((e.start, e.length, e.zero)
+                             for e in nbd.extents("zero"))
+    items = transfer.plan(source)
+    target_zero = _target_zero(http, disk_is_zero)
+    todo = []
+    for item in items:
+        if item.zero and target_zero.covers(item.start, item.length):
+            if progress:
+                progress.update(item.length)
+        else:
+            todo.append(item)
+    journal = journal_mod.Journal("upload", *names)
+    todo = _resume_filter(todo, journal, resume, progress)
+    workers = max(1, min(max_workers, http.max_writers))
+    try:
+        _copy(transfer.Upload, nbd, http, todo, workers, buffer_size,
+              progress, journal)
+        if "flush" in http.features or not http.features:
+            http.flush()
+    finally:
+        journal.close()
+    if verify:
+        _verify(nbd, http, size)
+    journal.remove()
+
+
+def _target_zero(http, disk_is_zero):
+    class All:
+        def covers(self, start, length):
+            return True
+    if disk_is_zero:
+        return All()
+    if "extents" not in http.features:
+        return _ZeroRanges(())
+    return _ZeroRanges(http.extents("zero"))
+
+
+def download(url, filename, cafile, fmt="qcow2", incremental=False,
+             buffer_size=BUFFER_SIZE, secure=True, progress=None,
+             proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
+             backing_format=None, verify=False, resume=False):
+    """Download the transfer ``url`` into a new image ``filename`` in
+    format ``fmt`` ("raw" or "qcow2").  Only data extents are read; zero
+    extents stay unallocated.  With ``incremental``, only the dirty extents,
+    into a qcow2 on top of ``backing_file``.  Raises errors.Error
+    subclasses."""
+    if fmt not in ("raw", "qcow2"):
+        raise errors.Error("Unsupported format {!r}: raw or qcow2".format(
+            fmt))
+    if incremental and (fmt != "qcow2" or not backing_file):
+        raise errors.Error("An incremental download needs --format qcow2 "
+                           "and --backing-file BASE")
+    http = _open_http(url, cafile, secure, proxy_url)
+    try:
+        size = http.size()
+        _progress_start(progress, size)
+        if incremental:
+            dirty = [(e.start, e.length, e.zero)
+                     for e in http.extents("dirty") if e.dirty]
+            items = transfer.plan(dirty)
+            # Clean extents come from the backing file: not copied.
+            if progress:
+                progress.update(size - sum(e[1] for e in dirty))
+        else:
+            items = transfer.plan(transfer.merged(
+                (e.start, e.length, e.zero) for e in http.extents("zero")))
+            # A new image reads as zero: zero extents stay holes.
+            if progress:
+                progress.update(sum(i.length for i in items if i.zero))
+            items = [i for i in items if not i.zero]
+        journal = journal_mod.Journal("download", filename, url)
+        if not (resume and os.path.exists(filename) and
+                os.path.exists(journal.path)):
+            resume = False
+            _create_target(filename, fmt, size, backing_file,
+                           backing_format)
+        with qemu.serve(filename, fmt, read_only=False,
+                        shared=NBD_SHARED) as nbd_url:
+            nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
+            try:
+                items = _resume_filter(items, journal, resume, progress)
+                workers = max(1, min(max_workers, http.max_readers))
+                try:
+                    _copy(transfer.Download, nbd, http, items, workers,
+                          buffer_size, progress, journal)
+                    nbd.flush()
+                finally:
+                    journal.close()
+                if verify:
+                    _verify(nbd, http, size)
+                journal.remove()
+            finally:
+                nbd.close()
+    finally:
+        http.close()
+
+
+def _create_target(filename, fmt, size, backing_file, backing_format):
+    directory = os.path.dirname(os.path.abspath(filename))
+    if not os.access(directory, os.W_OK):
+        raise errors.Error("Cannot write {}: directory {} is not "
+                           "writable".format(filename, directory))
+    qemu.create(filename, fmt, size, backing_file, backing_format)
+
+
+def _verify(nbd, http, size):
+    """Compare the local block hash (on all cores) with the daemon's,
+    computed at the same time next to its data."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        remote = pool.submit(http.checksum, blkhash.DEFAULT_ALGORITHM,
+                             blkhash.DEFAULT_BLOCK_SIZE)
+        local = blkhash.compute(nbd, size)
+        remote = remote.result()["checksum"]
+    if local != remote:
+        raise VerifyError(
+            "Verification failed: local image checksum {} differs from "
+            "the daemon's {}".format(local, remote))
+    log.info("Verified: checksum %s", local)
+
+
+def checksum(filename, member=None, block_size=blkhash.DEFAULT_BLOCK_SIZE,
+             algorithm=blkhash.DEFAULT_ALGORITHM, detect_zeroes=True):
+    """The block hash of ``filename``'s guest data (section 5 of the
+    spec): ``{"algorithm", "block_size", "checksum"}``.  Zero extents are
+    never read, whatever ``detect_zeroes`` says (the digest is the same)."""
+    image = qemu.info(filename, member)
+    with qemu.serve(filename, image["format"], member=member,
+                    shared=NBD_SHARED) as nbd_url:
+        nbd = nbd_backend.connect(nbd_url)
+        try:
+            digest = blkhash.compute(nbd, nbd.size(), algorithm=algorithm,
+                                     block_size=block_size)
+        finally:
+            nbd.close()
+    return {"algorithm": algorithm, "block_size": block_size,
+            "checksum": digest}
+
+
+def remote_checksum(url, cafile, secure=True,
+                    block_size=blkhash.DEFAULT_BLOCK_SIZE,
+                    algorithm=blkhash.DEFAULT_ALGORITHM):
+    """The daemon's block hash of the image at ``url``."""
+    http = _open_http(url, cafile, secure)
+    try:
+        return http.checksum(algorithm, block_size)
+    finally:
+        http.close()
+
+
+def info(filename, member=None):
+    """``qemu-img info`` of ``filename`` (or of tar member ``member``)."""
+    return qemu.info(filename, member)
+
+
+def measure(filename, dst_fmt, member=None):
+    """``qemu-img measure`` of converting ``filename`` to ``dst_fmt``."""
+    return qemu.measure(filename, dst_fmt, member)
+
+
+def extents(filename, member=None, bitmap=None):
+    """Iterate over the extents of ``filename``'s guest data, like the
+    ``/extents`` API: zero extents, or with ``bitmap`` the dirty extents
+    of that qcow2 bitmap."""
+    image = qemu.info(filename, member)
+    with qemu.serve(filename, image["format"], member=member,
+                    bitmap=bitmap) as nbd_url:
+        nbd = nbd_backend.connect(nbd_url, dirty=bitmap is not None)
+        try:
+            result = nbd.extents("dirty" if bitmap else "zero")
+        finally:
+            nbd.close()
+    yield from result
+
+
+class ImageioClient:
+    """A connection to one image on an imageio daemon, with the
+    established client's methods."""
+
+    def __init__(self, transfer_url, cafile=None, secure=True,
+                 proxy_url=None, buffer_size=BUFFER_SIZE):
+        self._backend = _open_http(transfer_url, cafile, secure, proxy_url)
+        self._buffer_size = buffer_size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, t, v, tb):
+        self.close()
+
+    @property
+    def max_writers(self):
+        return self._backend.max_writers
+
+    @property
+    def max_readers(self):
+        return self._backend.max_readers
+
+    def size(self):
+        return self._backend.size()
+
+    def extents(self, context="zero"):
+        yield from self._backend.extents(context)
+
+    def read(self, offset, buffer):
+        """Read ``len(buffer)`` bytes at ``offset`` into ``buffer``."""
+        n = len(memoryview(buffer))
+        view = self._backend.readinto(buffer, offset, n)
+        return len(view)
+
+    def write(self, offset, buffer):
+        """Write ``buffer`` at ``offset``."""
+        self._backend.write(offset, memoryview(buffer))
+        return len(memoryview(buffer))
+
+    def read_from(self, reader, offset, length):
+        """Write ``length`` bytes read from file-like ``reader`` at
+        ``offset``."""
+        buf = bytearray(min(self._buffer_size, length) or 1)
+        while length:
+            n = min(len(buf), length)
+            view = memoryview(buf)[:n]
+            got = 0
+            while got < n:
+                k = reader.readinto(view[got:])
+                if not k:
+                    raise errors.PartialContent(n, got)
+                got += k
+            self._backend.write(offset, view)
+            offset += n
+            length -= n
+
+    def write_to(self, writer, offset, length):
+        """Write ``length`` bytes of the image at ``offset`` to file-like
+        ``writer``."""
+        buf = bytearray(min(self._buffer_size, length) or 1)
+        while length:
+            n = min(len(buf), length)
+            writer.write(self._backend.readinto(buf, offset, n))
+            offset += n
+            length -= n
+
+    def zero(self, offset, length):
+        self._backend.zero(offset, length, True)
+
+    def flush(self):
+        self._backend.flush()
+
+    def close(self):
+        self._backend.close()

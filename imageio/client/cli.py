@@ -1,0 +1,189 @@
+"""``ovirt-img``: upload, download, checksum and info of disk images
+through an imageio daemon."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .. import errors
+from . import _api
+from .progress import ProgressBar
+
+MiB = 1024**2
+
+
+def _size(text):
+    units = {"k": 1024, "m": MiB, "g": 1024 * MiB}
+    n = text.strip().lower()
+    mul = units.get(n[-1:], 1)
+    if n[-1:] in units:
+        n = n[:-1]
+    return int(n) * mul
+
+
+def _transfer_options(p):
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--cafile", help="CA certificate that signed the "
+                     "daemon's certificate (default: the system CAs)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="do not verify the daemon's certificate")
+    p.add_argument("--max-workers", type=int, default=_api.MAX_WORKERS,
+                   help="connections to use (at most the daemon's "
+                   "max_readers/max_writers; default %(default)s)")
+    p.add_argument("--buffer-size", type=_size, default=_api.BUFFER_SIZE,
+                   help="bytes each connection moves at once "
+                   "(default 4m)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not compare block hashes after the transfer")
+    p.add_argument("--resume", action="store_true",
+                   help="send only what an interrupted run of the same "
+                   "transfer did not confirm")
+    _output_option(p)
+
+
+def _output_option(p):
+    p.add_argument("-o", "--output", choices=("text", "json"),
+                   default="text", help="progress as a bar (text) or one "
+                   "JSON object a line (json)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log what the client does on stderr")
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="ovirt-img",
+        description="Move disk images through an imageio daemon.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("upload", help="upload FILE (any format qemu "
+                        "reads) to a transfer URL")
+    up.add_argument("filename", metavar="FILE")
+    up.add_argument("url", metavar="URL")
+    up.add_argument("--member", help="upload this member of the tar (OVA) "
+                    "file FILE")
+    _transfer_options(up)
+    up.set_defaults(run=_upload)
+
+    down = sub.add_parser("download", help="download a transfer URL into "
+                          "a new image FILE")
+    down.add_argument("url", metavar="URL")
+    down.add_argument("filename", metavar="FILE")
+    down.add_argument("--format", choices=("raw", "qcow2"), default="qcow2",
+                      help="format of FILE (default %(default)s)")
+    down.add_argument("--incremental", action="store_true",
+                      help="only the dirty extents, on top of "
+                      "--backing-file")
+    down.add_argument("--backing-file", metavar="BASE")
+    down.add_argument("--backing-format", choices=("raw", "qcow2"))
+    _transfer_options(down)
+    down.set_defaults(run=_download)
+
+    ck = sub.add_parser("checksum", help="block hash of a local image or "
+                        "of a transfer URL")
+    ck.add_argument("target", metavar="FILE|URL")
+    ck.add_argument("--member")
+    tls = ck.add_mutually_exclusive_group()
+    tls.add_argument("--cafile")
+    tls.add_argument("--insecure", action="store_true")
+    ck.add_argument("-v", "--verbose", action="store_true")
+    ck.set_defaults(run=_checksum)
+
+    inf = sub.add_parser("info", help="what the daemon says about a "
+                         "transfer URL")
+    inf.add_argument("url", metavar="URL")
+    tls = inf.add_mutually_exclusive_group()
+    tls.add_argument("--cafile")
+    tls.add_argument("--insecure", action="store_true")
+    inf.add_argument("-v", "--verbose", action="store_true")
+    inf.set_defaults(run=_info)
+    return p
+
+
+def _progress(args, phase):
+    out = sys.stdout if args.output == "json" else sys.stderr
+    return ProgressBar(phase=phase, output=out, format=args.output)
+
+
+def _common(args):
+    return dict(cafile=args.cafile, secure=not args.insecure,
+                buffer_size=args.buffer_size, max_workers=args.max_workers,
+                verify=not args.no_verify, resume=args.resume)
+
+
+def _upload(args):
+    with _progress(args, "uploading") as progress:
+        _api.upload(args.filename, args.url, member=args.member,
+                    progress=progress, **_common(args))
+        progress.phase = "upload completed"
+
+
+def _download(args):
+    with _progress(args, "downloading") as progress:
+        _api.download(args.url, args.filename, fmt=args.format,
+                      incremental=args.incremental,
+                      backing_file=args.backing_file,
+                      backing_format=args.backing_format,
+                      progress=progress, **_common(args))
+        progress.phase = "download completed"
+
+
+def _checksum(args):
+    if args.target.startswith(("https://", "http://")):
+        result = _api.remote_checksum(args.target, args.cafile,
+                                      secure=not args.insecure)
+    else:
+        result = _api.checksum(args.target, member=args.member)
+    print(json.dumps(result, indent=2))
+
+
+def _info(args):
+    from ..backends import http as http_backend
+    backend = http_backend.HTTPBackend(args.url, cafile=args.cafile,
+                                       secure=not args.insecure,
+                                       ca_hint="check --cafile")
+    try:
+        out = dict(backend.options)
+        out["size"] = backend.size()
+        if "extents" in backend.features:
+            data = zero = 0
+            count = 0
+            for e in backend.extents("zero"):
+                count += 1
+                if e.zero:
+                    zero += e.length
+                else:
+                    data += e.length
+            out["extents"] = {"count": count, "data": data, "zero": zero}
+    finally:
+        backend.close()
+    print(json.dumps(out, indent=2))
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("ovirt-img: interrupted\n")
+        return 1
+    except (errors.Error, OSError) as e:
+        sys.stderr.write("ovirt-img: {}\n".format(_one_line(e)))
+        return 1
+    return 0
+
+
+def _one_line(e):
+    text = str(e) or type(e).__name__
+    if isinstance(e, errors.PartialContent):
+        text = "the daemon closed the connection mid-transfer ({})".format(
+            text)
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""qemu-img and a private qemu-nbd: how the client reads and writes any
+image format qemu knows, as guest data over NBD."""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+
+from .. import errors
+
+# How long qemu-nbd may take to create its socket.
+START_TIMEOUT = 20
+
+
+class Error(errors.Error):
+    """qemu-img or qemu-nbd failed; the message is qemu's own."""
+
+
+def _run(argv, timeout=300):
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True,
+                           timeout=timeout)
+    except FileNotFoundError:
+        raise Error("{} is not installed (Debian: qemu-utils)".format(
+            argv[0]))
+    if r.returncode != 0:
+        raise Error(_last_line(r.stderr) or "{} failed".format(argv[0]))
+    return r.stdout
+
+
+def _last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def find_member(tarname, member):
+    """Return (offset, size) of ``member``'s data inside tar ``tarname``."""
+    try:
+        with tarfile.open(tarname) as tar:
+            info = tar.getmember(member)
+    except KeyError:
+        raise Error("{}: no member {!r}".format(tarname, member))
+    except (OSError, tarfile.TarError) as e:
+        raise Error("{}: cannot read tar file: {}".format(tarname, e))
+    return info.offset_data, info.size
+
+
+def image_spec(filename, member=None):
+    """The name qemu opens for ``filename`` (a ``json:`` spec for a tar
+    member: qemu's raw driver with offset and size over the tar file)."""
+    if member is None:
+        return filename
+    offset, size = find_member(filename, member)
+    # No top driver: qemu probes the member's format.
+    return "json:" + json.dumps({"file": {
+        "driver": "raw", "offset": offset, "size": size,
+        "file": {"driver": "file", "filename": filename}}})
+
+
+def info(filename, member=None):
+    """``qemu-img info`` as a dict (with member-offset/member-size for a
+    tar member)."""
+    spec = image_spec(filename, member)
+    if member is None and not os.access(filename, os.R_OK):
+        raise Error("Cannot read {}: {}".format(
+            filename, "no such file" if not os.path.exists(filename)
+            else "permission denied"))
+    out = json.loads(_run(["qemu-img", "info", "--output", "json", spec]))
+    if member is not None:
+        out["member-offset"], out["member-size"] = find_member(
+            filename, member)
+    return out
+
+
+def measure(filename, dst_fmt, member=None):
+    """``qemu-img measure`` of converting ``filename`` to ``dst_fmt``."""
+    spec = image_spec(filename, member)
+    return json.loads(_run(["qemu-img", "measure", "--output", "json",
+                            "-O", dst_fmt, spec]))
+
+
+def create(filename, fmt, size, backing_file=None, backing_format=None):
+    """Create an empty image for a download."""
+    argv = ["qemu-img", "create", "-q", "-f", fmt]
+    if fmt == "qcow2":
+        argv += ["-o", "compat=1.1"]
+    if backing_file:
+        argv += ["-b", backing_file, "-F",
+                 backing_format or info(backing_file)["format"]]
+    argv += [filename, str(size)]
+    _run(argv)
+
+
+@contextlib.contextmanager
+def serve(filename, fmt=None, read_only=True, shared=8, member=None,
+          bitmap=None, backing_chain=True):
+    """Run a private qemu-nbd exporting ``filename``'s guest data on a
+    unix socket in a new temporary directory; yield the NBD URL.  The
+    server is killed (by its PID) and the directory removed at the end."""
+    tmp = tempfile.mkdtemp(prefix="imageio-client-")
+    sock = os.path.join(tmp, "nbd.sock")
+    spec = image_spec(filename, member)
+    if fmt is None:
+        fmt = info(filename, member)["format"]
+    argv = ["qemu-nbd", "--socket", sock, "--shared", str(shared),
+            "--allocation-depth", "--cache", "writeback"]
+    if read_only:
+        argv.append("--read-only")
+    else:
+        argv += ["--discard", "unmap", "--detect-zeroes", "unmap"]
+    if bitmap:
+        argv += ["--bitmap", bitmap]
+    if member is not None:
+        # The tar member through qemu's raw driver; the top driver from
+        # the probed format.
+        inner = json.loads(spec[len("json:"):])
+        argv.append("json:" + json.dumps({"driver": fmt, "file":
+                                          inner["file"]}))
+    else:
+        if not backing_chain and fmt == "qcow2":
+            argv += ["--image-opts",
+                     "driver=qcow2,backing=,file.filename=" + filename]
+        else:
+            argv += ["--format", fmt, filename]
+    log_path = os.path.join(tmp, "qemu-nbd.log")
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=log,
+                                    stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise Error("qemu-nbd is not installed (Debian: qemu-utils)")
+    try:
+        _wait_socket(proc, sock, log_path)
+        yield "nbd:unix:" + sock
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_socket(proc, sock, log_path):
+    deadline = time.monotonic() + START_TIMEOUT
+    while not os.path.exists(sock):
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise Error(_last_line(f.read()) or "qemu-nbd failed")
+        if time.monotonic() > deadline:
+            raise Error("qemu-nbd did not start in {} s".format(
+                START_TIMEOUT))
+        time.sleep(0.01)
