@@ -102,8 +102,25 @@ def parser():
 
 
 def _progress(args, phase):
-    out = sys.stdout if args.output == "json" else sys.stderr
-    return ProgressBar(phase=phase, output=out, format=args.output)
+    if args.output == "json":
+        return ProgressBar(phase=phase, output=sys.stdout, format="json")
+    if sys.stderr.isatty():
+        return ProgressBar(phase=phase, output=sys.stderr, format="text")
+    # Not a terminal: no bar, so stderr holds only the error, if any.
+    return _Quiet()
+
+
+class _Quiet:
+    phase = None
+
+    def update(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
 
 
 def _common(args):
@@ -164,7 +181,7 @@ def _info(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)

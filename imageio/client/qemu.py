@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -106,7 +107,9 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
     spec = image_spec(filename, member)
     if fmt is None:
         fmt = info(filename, member)["format"]
-    argv = ["qemu-nbd", "--socket", sock, "--shared", str(shared),
+    # --persistent: the readiness probe's connection must not end it.
+    argv = ["qemu-nbd", "--persistent", "--socket", sock,
+            "--shared", str(shared),
             "--allocation-depth", "--cache", "writeback"]
     if read_only:
         argv.append("--read-only")
@@ -143,9 +146,21 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _accepts(path):
+    # The socket file exists before qemu-nbd listens and opens the image.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def _wait_socket(proc, sock, log_path):
     deadline = time.monotonic() + START_TIMEOUT
-    while not os.path.exists(sock):
+    while not _accepts(sock):
         if proc.poll() is not None:
             with open(log_path) as f:
                 raise Error(_last_line(f.read()) or "qemu-nbd failed")

@@ -18,6 +18,7 @@ import threading
 import time
 
 from .. import errors
+from .._io import nbd as _nbd
 from .._io.buffer import AlignedBuffer
 
 log = logging.getLogger("client.transfer")
@@ -32,6 +33,19 @@ RETRIES = 3
 RETRY_DELAY = 0.5
 
 Item = collections.namedtuple("Item", "start length zero")
+
+
+class LocalError(errors.Error):
+    """The local image (the private qemu-nbd) failed: not retried."""
+
+
+def _local(what, fn, *args):
+    # An NBD error is an OSError: tell it apart from the HTTP side's
+    # transport failures, which are retried.
+    try:
+        return fn(*args)
+    except _nbd.Error as e:
+        raise LocalError("Cannot {} the local image: {}".format(what, e))
 
 
 def plan(extents, request_size=REQUEST_SIZE, skip_zero=False):
@@ -75,8 +89,8 @@ class Upload:
     def copy_data(self, item):
         off, n = item.start, item.length
         self.http.put_with(
-            off, n, lambda sink: self.nbd.read_to(sink, off, n, self.buf,
-                                                  None))
+            off, n, lambda sink: _local("read", self.nbd.read_to, sink, off,
+                                        n, self.buf, None))
 
     def zero(self, item):
         self.http.zero(item.start, item.length, True)
@@ -97,11 +111,11 @@ class Download:
     def copy_data(self, item):
         off, n = item.start, item.length
         self.http.get_with(
-            off, n, lambda source: self.nbd.write_from(source, off, n,
-                                                       self.buf, None))
+            off, n, lambda source: _local("write", self.nbd.write_from,
+                                          source, off, n, self.buf, None))
 
     def zero(self, item):
-        self.nbd.zero(item.start, item.length, True)
+        _local("zero", self.nbd.zero, item.start, item.length, True)
 
     def close(self):
         self.nbd.close()

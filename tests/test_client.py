@@ -1,0 +1,460 @@
+"""ovirt-img and imageio.client against real daemons: this one (as a
+process, real TLS) and, for upload/download/checksum, the established
+ovirt-imageio 2.5.1; sources and targets through real qemu-nbd."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import new_ticket, wait_idle
+
+MiB = 1024**2
+SIZE = 64 * MiB
+OVIRT_IMG = os.path.join(os.path.dirname(sys.executable), "ovirt-img")
+
+
+def run(*args, check=True, timeout=120):
+    return subprocess.run(list(args), capture_output=True, text=True,
+                          check=check, timeout=timeout)
+
+
+def ovirt_img(*args, timeout=120, env=None):
+    return subprocess.run([OVIRT_IMG] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def write_pattern(path, fmt):
+    """Data, an explicit zero range and holes, by qemu-io."""
+    run("qemu-io", "-f", fmt,
+        "-c", "write -P 0x55 0 1M",
+        "-c", "write -P 0xaa 10M 3M",
+        "-c", "write -z 20M 1M",
+        "-c", "write -P 0x11 63M 1M", str(path))
+
+
+@pytest.fixture
+def qcow2(tmp_path):
+    path = tmp_path / "source.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(path), str(SIZE))
+    write_pattern(path, "qcow2")
+    return path
+
+
+def file_ticket(daemon, tmp_path, size=SIZE, name="target.raw", **kw):
+    target = tmp_path / name
+    with open(target, "wb") as f:
+        f.truncate(size)
+    t = new_ticket("file://" + str(target), size, sparse=True, **kw)
+    daemon.add_ticket(t)
+    return target, url_of(daemon, t)
+
+
+def url_of(daemon, t):
+    return "https://localhost:{}/images/{}".format(daemon.remote_port,
+                                                   t["uuid"])
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+def compare(a, b, fa=None, fb=None):
+    argv = ["qemu-img", "compare"]
+    if fa:
+        argv += ["-f", fa]
+    if fb:
+        argv += ["-F", fb]
+    r = run(*(argv + [str(a), str(b)]), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def json_lines(out):
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+# Formats, byte for byte.
+
+def make_source(kind, tmp_path, qcow2):
+    if kind == "raw":
+        path = tmp_path / "source.raw"
+        run("qemu-img", "convert", "-O", "raw", str(qcow2), str(path))
+        return path, None
+    if kind == "qcow2":
+        return qcow2, None
+    if kind == "compressed-qcow2":
+        path = tmp_path / "source-c.qcow2"
+        run("qemu-img", "convert", "-c", "-O", "qcow2", str(qcow2), str(path))
+        return path, None
+    if kind == "vmdk":
+        path = tmp_path / "source.vmdk"
+        run("qemu-img", "convert", "-O", "vmdk", str(qcow2), str(path))
+        return path, None
+    if kind == "backing-chain":
+        top = tmp_path / "top.qcow2"
+        run("qemu-img", "create", "-f", "qcow2", "-b", str(qcow2), "-F",
+            "qcow2", str(top))
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 30M 2M",
+            "-c", "write -z 10M 1M", str(top))
+        return top, None
+    if kind == "ova":
+        ova = tmp_path / "vm.ova"
+        with tarfile.open(ova, "w") as tar:
+            tar.add(str(qcow2), arcname="disk1.qcow2")
+        return ova, "disk1.qcow2"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2", "compressed-qcow2",
+                                  "vmdk", "backing-chain", "ova"])
+def test_upload_formats(daemon, tmp_path, qcow2, kind):
+    source, member = make_source(kind, tmp_path, qcow2)
+    target, url = file_ticket(daemon, tmp_path)
+    args = ["upload", source, url, "--cafile", daemon.ca_file, "-o", "json"]
+    if member:
+        args += ["--member", member]
+    r = ovirt_img(*args)
+    assert r.returncode == 0, r.stderr
+    last = json_lines(r.stdout)[-1]
+    assert last["transferred"] == last["size"] == SIZE
+    if member:
+        from imageio import client
+        expected = tmp_path / "expected.raw"
+        run("qemu-img", "convert", "-O", "raw", str(qcow2), str(expected))
+        compare(expected, target, "raw", "raw")
+        assert client.info(str(source), member)["format"] == "qcow2"
+    else:
+        compare(source, target, None, "raw")
+    # Holes stay holes: 5 MiB of data (+ the 2 MiB of the chain's top).
+    assert allocated(target) <= 8 * MiB
+
+
+def test_upload_download_roundtrip_holes(daemon, tmp_path, qcow2):
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file)
+    assert r.returncode == 0, r.stderr
+    for fmt in ("qcow2", "raw"):
+        out = tmp_path / ("download." + fmt)
+        r = ovirt_img("download", url, out, "--format", fmt, "--cafile",
+                      daemon.ca_file, "-o", "json")
+        assert r.returncode == 0, r.stderr
+        assert json_lines(r.stdout)[-1]["transferred"] == SIZE
+        compare(qcow2, out, "qcow2", fmt)
+        info = json.loads(run("qemu-img", "info", "--output", "json",
+                              str(out)).stdout)
+        assert info["format"] == fmt
+        # Only the 5 MiB of data were written.
+        assert allocated(out) <= 7 * MiB, fmt
+
+
+def test_upload_uses_unix_socket_and_workers(daemon, tmp_path, qcow2):
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file,
+                  "--max-workers", "4", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "Using the remote daemon's local socket" in r.stderr
+    compare(qcow2, target, "qcow2", "raw")
+
+
+def test_checksum_local_and_remote_agree(daemon, tmp_path, qcow2):
+    from imageio import client
+    target, url = file_ticket(daemon, tmp_path)
+    assert ovirt_img("upload", qcow2, url, "--insecure").returncode == 0
+    local = json.loads(ovirt_img("checksum", qcow2).stdout)
+    remote = json.loads(ovirt_img("checksum", url, "--cafile",
+                                  daemon.ca_file).stdout)
+    assert local == remote
+    assert client.checksum(str(qcow2)) == local
+    info = json.loads(ovirt_img("info", url, "--cafile",
+                                daemon.ca_file).stdout)
+    assert info["size"] == SIZE
+    assert info["extents"]["data"] + info["extents"]["zero"] == SIZE
+
+
+def test_incremental_download_of_dirty_bitmap(daemon, tmp_path):
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(base), str(SIZE))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x01 0 8M", str(base))
+    # Backup of the base, then a bitmap tracks what changes after it.
+    backup_base = tmp_path / "backup-base.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", str(base), str(backup_base))
+    run("qemu-img", "bitmap", "--add", str(base), "b1")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x02 4M 1M",
+        "-c", "write -z 6M 1M", "-c", "write -P 0x03 40M 2M", str(base))
+    from nbdserver import qemu_nbd
+    sock = tmp_path / "nbd.sock"
+    with qemu_nbd(str(base), fmt="qcow2", sock=sock, read_only=True,
+                  bitmap="b1", allocation_depth=True).start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE, ops=("read",),
+                       dirty=True)
+        daemon.add_ticket(t)
+        url = url_of(daemon, t)
+        out = tmp_path / "incr.qcow2"
+        r = ovirt_img("download", url, out, "--incremental",
+                      "--backing-file", backup_base, "--backing-format",
+                      "qcow2", "--cafile", daemon.ca_file, "-o", "json")
+        assert r.returncode == 0, r.stderr
+        assert json_lines(r.stdout)[-1]["transferred"] == SIZE
+    compare(base, out, "qcow2", "qcow2")
+    # Only the dirty 4 MiB (and a zero cluster range) live in the top.
+    m = json.loads(run("qemu-img", "map", "--output", "json",
+                       str(out)).stdout)
+    top_data = sum(e["length"] for e in m if e["depth"] == 0 and e["data"])
+    assert top_data == 3 * MiB
+
+
+# Verification and resume.
+
+def test_verification_catches_target_that_loses_writes(daemon, tmp_path,
+                                                       qcow2):
+    # An NBD target that accepts every write and keeps none: the daemon
+    # answers 200 to each PUT, the checksums differ.
+    from nbdserver import nbdkit
+    sock = tmp_path / "lossy.sock"
+    server = nbdkit("null", "size={}".format(SIZE), sock=sock)
+    with server.start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        daemon.add_ticket(t)
+        r = ovirt_img("upload", qcow2, url_of(daemon, t), "--cafile",
+                      daemon.ca_file, "-o", "json")
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "Verification failed" in line
+    digests = [w.strip(",.'") for w in line.split() if len(w.strip(",.'"))
+               == 64]
+    assert len(digests) == 2 and digests[0] != digests[1]
+    assert "completed" not in r.stdout
+
+
+def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
+    import signal
+    import time
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
+    # A slow target: each write waits, so the kill lands mid-transfer.
+    from nbdserver import nbdkit
+    sock = tmp_path / "slow.sock"
+    disk = tmp_path / "target.raw"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    writes = tmp_path / "writes.log"
+    server = nbdkit("file", str(disk), sock=sock,
+                    filters=["log", "delay"])
+    server.argv += ["wdelay=200ms", "logfile={}".format(writes)]
+    state = tmp_path / "state"
+    env = dict(os.environ, XDG_STATE_HOME=str(state))
+    with server.start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        daemon.add_ticket(t)
+        url = url_of(daemon, t)
+        argv = [OVIRT_IMG, "upload", str(source), url, "--cafile",
+                daemon.ca_file, "--max-workers", "1", "-o", "json"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        journal_dir = state / "imageio"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            journals = list(journal_dir.glob("*.journal")) \
+                if journal_dir.exists() else []
+            if journals and len(journals[0].read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        confirmed = [tuple(map(int, line.split()))
+                     for line in journals[0].read_text().splitlines()]
+        assert 3 <= len(confirmed) < SIZE // (8 * MiB)
+        # The daemon ends the killed client's PUT first.
+        wait_idle(daemon, t["uuid"])
+        mark = len(writes.read_text())
+        r = subprocess.run(argv + ["--resume"], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    # The NBD server's own log: the second run wrote exactly what the
+    # journal did not confirm.
+    second = written(writes.read_text()[mark:])
+    sent = sum(n for _, n in confirmed)
+    assert second == SIZE - sent
+    compare(source, disk, "raw", "raw")
+    assert not list((state / "imageio").glob("*.journal"))
+
+
+def written(log_text):
+    """Bytes written according to nbdkit's log filter."""
+    total = 0
+    for line in log_text.splitlines():
+        if " Write id=" in line and "count=" in line:
+            total += int(line.split("count=")[1].split()[0], 0)
+    return total
+
+
+# Errors a user can act on: exit 1, one line on stderr.
+
+def assert_error(r, *words):
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_error_unreachable_daemon(tmp_path, qcow2):
+    from nbdserver import free_port
+    url = "https://localhost:{}/images/x".format(free_port())
+    assert_error(ovirt_img("upload", qcow2, url, "--insecure"),
+                 "Cannot reach", "localhost")
+
+
+def test_error_expired_ticket(daemon, tmp_path, qcow2):
+    url = "https://localhost:{}/images/no-such-ticket".format(
+        daemon.remote_port)
+    assert_error(ovirt_img("upload", qcow2, url, "--cafile",
+                           daemon.ca_file), "No such ticket")
+
+
+def test_error_wrong_ca(daemon, tmp_path, qcow2):
+    from bench import tls
+    _, other_ca = tls.make_cert(str(tmp_path / "other"))
+    target, url = file_ticket(daemon, tmp_path)
+    assert_error(ovirt_img("upload", qcow2, url, "--cafile", other_ca),
+                 "Cannot verify", "--cafile")
+
+
+def test_error_unreadable_file(daemon, tmp_path):
+    target, url = file_ticket(daemon, tmp_path)
+    assert_error(ovirt_img("upload", tmp_path / "missing.qcow2", url,
+                           "--insecure"), "missing.qcow2")
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(1020))
+    assert_error(ovirt_img("upload", bad, url, "--insecure"))
+
+
+def test_error_target_too_small(daemon, tmp_path, qcow2):
+    target, url = file_ticket(daemon, tmp_path, size=SIZE // 2)
+    assert_error(ovirt_img("upload", qcow2, url, "--insecure"),
+                 "too small")
+    assert allocated(target) == 0
+
+
+def test_error_full_disk_on_download(daemon, tmp_path, qcow2):
+    target, url = file_ticket(daemon, tmp_path)
+    assert ovirt_img("upload", qcow2, url, "--insecure").returncode == 0
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt))
+    try:
+        r = ovirt_img("download", url, mnt / "out.raw", "--format", "raw",
+                      "--insecure")
+        assert_error(r)
+        assert "space" in r.stderr.lower(), r.stderr
+    finally:
+        run("umount", str(mnt))
+
+
+def test_error_daemon_dies_mid_transfer(make_daemon, tmp_path):
+    import time
+    d = make_daemon()
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
+    from nbdserver import nbdkit
+    sock = tmp_path / "slow.sock"
+    server = nbdkit("memory", str(SIZE), sock=sock, filters=["delay"])
+    server.argv += ["wdelay=100ms"]
+    with server.start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        d.add_ticket(t)
+        proc = subprocess.Popen(
+            [OVIRT_IMG, "upload", str(source), url_of(d, t), "--cafile",
+             d.ca_file, "-o", "json"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        d.proc.kill()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "failed during" in err or "Cannot reach" in err, err
+    assert "completed" not in out
+
+
+# The established daemon (ovirt-imageio 2.5.1) as the server.
+
+@pytest.fixture(scope="module")
+def established(tmp_path_factory):
+    from bench import peers, tls
+    work = str(tmp_path_factory.mktemp("established"))
+    key, cert = tls.make_cert(work)
+    d = peers.Daemon("established", work, key, cert)
+    d.start()
+    yield d, cert
+    d.stop()
+
+
+def test_established_daemon_upload_download_checksum(established, tmp_path,
+                                                     qcow2):
+    d, cert = established
+    target = tmp_path / "target.raw"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    d.add_ticket("t", str(target), size=SIZE, ops=("read", "write"),
+                 sparse=True)
+    url = "https://127.0.0.1:{}{}".format(d.https[1], d.path("t"))
+    r = ovirt_img("upload", qcow2, url, "--cafile", cert, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert json_lines(r.stdout)[-1]["transferred"] == SIZE
+    compare(qcow2, target, "qcow2", "raw")
+    out = tmp_path / "download.qcow2"
+    r = ovirt_img("download", url, out, "--cafile", cert)
+    assert r.returncode == 0, r.stderr
+    compare(qcow2, out, "qcow2", "qcow2")
+    remote = json.loads(ovirt_img("checksum", url, "--cafile", cert).stdout)
+    assert remote == json.loads(ovirt_img("checksum", qcow2).stdout)
+
+
+# A script written for the established client, the import changed.
+
+EXAMPLE = '''
+import sys
+from imageio import client
+
+op, url, path, cafile = sys.argv[1:5]
+if op == "upload":
+    with client.ProgressBar(format="json", output=sys.stdout) as pb:
+        client.upload(path, url, cafile, progress=pb, max_workers=2)
+elif op == "download":
+    client.download(url, path, cafile, fmt="qcow2")
+else:
+    with client.ImageioClient(url, cafile=cafile) as c:
+        size = c.size()
+        extents = list(c.extents())
+        assert sum(e.length for e in extents) == size
+        buf = bytearray(4096)
+        c.read(10 * 1024**2, buf)
+        assert buf == b"\\xaa" * 4096
+        c.write(0, b"\\x99" * 4096)
+        c.zero(4096, 4096)
+        c.flush()
+    print(client.checksum(path)["checksum"])
+    print(client.info(path)["format"], client.measure(path, "qcow2")["required"] > 0)
+    print(len(list(client.extents(path))))
+'''
+
+
+def test_established_style_script(daemon, tmp_path, qcow2):
+    script = tmp_path / "example.py"
+    script.write_text(EXAMPLE)
+    target, url = file_ticket(daemon, tmp_path)
+    for op, path in (("upload", qcow2), ("download", tmp_path / "d.qcow2"),
+                     ("client", qcow2)):
+        r = run(sys.executable, str(script), op, url, str(path),
+                daemon.ca_file, check=False)
+        assert r.returncode == 0, r.stderr
+    compare(qcow2, tmp_path / "d.qcow2", "qcow2", "qcow2")
+    data = target.read_bytes()
+    assert data[:4096] == b"\x99" * 4096
+    assert data[4096:8192] == bytes(4096)
