@@ -14,6 +14,7 @@ from setuptools import Extension, find_packages, setup
 # Extensions that need extra C libraries.
 LIBRARIES = {
     "nbd": ["nbd"],
+    "zstd": ["zstd"],
 }
 
 

@@ -58,6 +58,11 @@ class PayloadTooLarge(HTTPError):
     status = 413
 
 
+class UnsupportedMediaType(HTTPError):
+    """A request body in a content coding the server does not decode."""
+    status = 415
+
+
 class HeadersTooLarge(HTTPError):
     """Request header fields too large."""
     status = 431

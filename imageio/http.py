@@ -23,7 +23,8 @@ REASONS = {
     200: "OK", 204: "No Content", 206: "Partial Content",
     400: "Bad Request", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 409: "Conflict", 411: "Length Required",
-    413: "Payload Too Large", 416: "Range Not Satisfiable",
+    413: "Payload Too Large", 415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented",
     502: "Bad Gateway", 503: "Service Unavailable",
@@ -223,10 +224,17 @@ class Request:
         self.headers = headers
         self._body = None
         te = headers.get("transfer-encoding", "").lower()
-        if te and te != "chunked":
+        codings = [c.strip() for c in te.split(",")] if te else []
+        # A request body's codings end with chunked (RFC 9112 6.1); the
+        # only coding understood before it is zstd (imageio.compression).
+        if codings and (codings[-1] != "chunked"
+                        or codings[:-1] not in ([], ["zstd"])):
             raise errors.BadRequest(
-                "Unsupported Transfer-Encoding {!r}".format(te))
-        self.chunked = te == "chunked"
+                "Unsupported Transfer-Encoding {!r}: expected 'chunked' or "
+                "'zstd, chunked'".format(te))
+        self.chunked = bool(codings)
+        # The coding of the chunked body's bytes, None for identity.
+        self.transfer_coding = codings[0] if len(codings) > 1 else None
         if "content-length" in headers and not self.chunked:
             self.content_length = httpparse.parse_content_length(
                 headers["content-length"])
@@ -308,7 +316,8 @@ class Response:
         self.status = status
         if headers:
             self.headers.update(headers)
-        self.headers["Content-Length"] = str(length)
+        if length is not None:
+            self.headers["Content-Length"] = str(length)
         if self.close:
             self.headers["Connection"] = "close"
         lines = ["HTTP/1.1 {} {}".format(status, REASONS.get(status, ""))]
@@ -320,8 +329,14 @@ class Response:
 
     def send_headers(self, status, length, headers=None):
         """Send the status line and headers for a body of ``length``
-        bytes."""
+        bytes; ``length=None`` for a body the caller frames itself (with a
+        ``Transfer-Encoding`` header and a ``ChunkedWriter``)."""
         self.conn.sock.sendall(self._head(status, length, headers))
+
+    def chunked_writer(self):
+        """A ChunkedWriter for the body, after send_headers(status, None,
+        {"Transfer-Encoding": "..., chunked"})."""
+        return ChunkedWriter(self.conn.sock)
 
     def send_with_body(self, status, body, headers=None):
         """Send headers and a small body (bytes-like) together: one TLS
@@ -359,6 +374,24 @@ class Response:
     def sink(self):
         """A backends.Sink writing to the client."""
         return backends.Sink(self.conn.sock, self.conn.timeout)
+
+
+class ChunkedWriter:
+    """Writes a response body in chunked framing (RFC 9112 7.1)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def write(self, data):
+        """Send ``data`` (bytes-like) as one chunk; empty data sends
+        nothing (an empty chunk would end the body)."""
+        if len(data):
+            # One sendall: one TLS record instead of three.
+            self._sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def close(self):
+        """End the body."""
+        self._sock.sendall(b"0\r\n\r\n")
 
 
 class Router:

@@ -2,8 +2,10 @@
 
 import logging
 
+from .. import compression
 from .. import errors
 from .. import httpparse
+from . import compressed
 from .access import CORS, open_image
 
 log = logging.getLogger("images")
@@ -30,7 +32,8 @@ class Images:
         if ticket_id == "*":
             # The server as a whole.
             headers["Allow"] = "OPTIONS,GET,PUT,PATCH"
-            info = {"features": ALL_FEATURES}
+            info = {"features": ALL_FEATURES,
+                    "encodings": compression.ENCODINGS}
             if self.local_socket:
                 info["unix_socket"] = self.local_socket
             resp.send_json(info, headers=headers)
@@ -48,6 +51,7 @@ class Images:
             "features": features,
             "max_readers": backend.max_readers,
             "max_writers": backend.max_writers if writable else 0,
+            "encodings": compression.ENCODINGS,
         }
         if self.local_socket:
             info["unix_socket"] = self.local_socket
@@ -74,6 +78,13 @@ class Images:
                 offset, offset + length - 1, size)
         else:
             offset, length, status = 0, size, 200
+            # A whole-image answer depends on Accept-Encoding.
+            headers["Vary"] = "Accept-Encoding"
+        coding = compression.response_coding(req.headers, status == 206)
+        if coding and length:
+            compressed.get(req, resp, ticket, backend, buf, offset, length,
+                           status, headers, coding)
+            return
         with ticket.operation(offset, length) as op:
             if length <= SMALL_READ:
                 # Read first, then send headers and data together: cheaper
@@ -102,6 +113,20 @@ class Images:
                 raise errors.BadRequest(
                     "Content-Range length {} does not match Content-Length "
                     "{}".format(length, req.content_length))
+        encoding = req.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            # Writing a coded body raw would corrupt the image.
+            raise errors.UnsupportedMediaType(
+                "Content-Encoding {!r} is not supported on PUT; send zstd "
+                "as 'Transfer-Encoding: zstd, chunked'".format(encoding))
+        if req.transfer_coding:
+            exact = length if "content-range" in req.headers else None
+            compressed.put(req, ticket, backend, buf, offset, exact)
+            if flush:
+                with ticket.operation():
+                    backend.flush()
+            resp.send(200, headers=CORS)
+            return
         body = req.body()
         if req.chunked:
             self._put_chunked(ticket, backend, buf, body, offset)

@@ -1,0 +1,71 @@
+"""zstd-coded GET responses and PUT bodies of /images/{ticket}
+(imageio.compression has the codec; docs/api.md the scheme)."""
+
+from .. import compression
+from .. import errors
+from .. import http
+
+
+def get(req, resp, ticket, backend, buf, offset, length, status, headers,
+        coding):
+    """Send ``[offset, offset + length)`` zstd-coded: ``coding`` is
+    ``"content"`` (Content-Encoding) or ``"transfer"`` (Transfer-Encoding),
+    from compression.response_coding()."""
+    headers = dict(headers)
+    if coding == "content":
+        headers["Content-Encoding"] = compression.ZSTD
+        headers["Transfer-Encoding"] = "chunked"
+    else:
+        headers["Transfer-Encoding"] = compression.ZSTD + ", chunked"
+    with ticket.operation(offset, length) as op:
+        resp.send_headers(status, None, headers)
+        writer = resp.chunked_writer()
+        compression.send(backend, buf, offset, length, writer.write,
+                         op.progress)
+        writer.close()
+
+
+def put(req, ticket, backend, buf, offset, exact_length):
+    """Write the zstd-coded chunked body at ``offset``; ``exact_length``
+    is the Content-Range's length (the body must decode to exactly it), or
+    None (from ``offset`` up to the image end).  The bytes count as
+    transferred only once the whole stream decoded and validated.  Returns
+    the decoded size."""
+    if exact_length is None:
+        limit = ticket.size - offset
+    else:
+        limit = exact_length
+        if offset + limit > ticket.size:
+            raise errors.RangeNotSatisfiable(
+                "Requested range {}-{} is outside the image (size {})".format(
+                    offset, offset + limit - 1, ticket.size),
+                size=ticket.size)
+    context = req.conn.context
+    if "zstd_buffers" not in context:
+        context["zstd_buffers"] = (bytearray(compression.DECODE_SIZE),
+                                   bytearray(compression.INPUT_SIZE))
+    scratch, inbuf = context["zstd_buffers"]
+    body = req.body()
+    with ticket.operation(offset, limit) as op:
+        try:
+            size = compression.receive(
+                body, backend, buf, scratch, inbuf, offset, limit,
+                exact_length is not None, ticket.check)
+        except (errors.BadRequest, errors.RangeNotSatisfiable):
+            _drain(req.conn, body)
+            raise
+        op.progress(size)
+    return size
+
+
+def _drain(conn, body):
+    # Like http.Connection's drain: a client that stopped sending is not
+    # waited for.
+    conn.sock.settimeout(http.DRAIN_IDLE)
+    try:
+        compression.drain(body)
+    finally:
+        try:
+            conn.sock.settimeout(conn.timeout)
+        except OSError:
+            pass
