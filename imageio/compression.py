@@ -215,6 +215,23 @@ class Encoder:
             self._write(data)
 
 
+class EncodingSink:
+    """A backends.Sink compressing what is written to it into one zstd
+    stream sent to ``write(bytes)``; ``close()`` ends the stream."""
+
+    fd = -1
+
+    def __init__(self, write, length, timeout=None):
+        self.timeout = timeout
+        self._encoder = Encoder(write, length)
+
+    def write(self, data):
+        self._encoder.data(data)
+
+    def close(self):
+        self._encoder.close()
+
+
 def pieces(backend, offset, length):
     """Yield ``(start, length, zero)`` covering ``[offset, offset +
     length)`` from the backend's extents (one data piece when it has
@@ -279,6 +296,11 @@ class DecodingSource:
 
     def consumed(self, n):  # pragma: no cover - fd is never >= 0
         pass
+
+    @property
+    def received(self):
+        """Decoded bytes returned so far."""
+        return self._limit - self._left
 
     def readinto(self, view):
         if self._done:

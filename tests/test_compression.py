@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import zstandard
 
 import nbdserver
 from conftest import add, connect, connect_raw, request, ticket_info
+from daemonproc import Daemon
 from imageio import compression
 
 MiB = 1024**2
@@ -396,3 +398,124 @@ def put_zstd_coding(daemon, service, t, coding):
     # Refused at the head, before the body is read.
     status, _, body = exchange(daemon, service, head)
     return status, body
+
+
+# The project's client: ovirt-img --compress.
+
+OVIRT_IMG = os.path.join(os.path.dirname(sys.executable), "ovirt-img")
+
+
+@pytest.fixture(scope="module")
+def tcp_daemon(tmp_path_factory):
+    """A daemon without its local service: the client must cross TLS, as
+    from another host (on the unix socket it does not compress)."""
+    d = Daemon(tmp_path_factory.mktemp("tcp-daemon"),
+               "[local]\nenable = false\n").start()
+    yield d
+    d.stop()
+
+
+def ovirt_img(*args):
+    r = subprocess.run([OVIRT_IMG] + [str(a) for a in args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture
+def aligned(content):
+    # qcow2 sizes are multiples of 512.
+    return content[:len(content) // 4096 * 4096]
+
+
+@pytest.fixture
+def qcow2_source(tmp_path, aligned):
+    """A qcow2 with the test content (data, zero runs, holes)."""
+    raw = write_sparse(tmp_path / "source.raw", aligned)
+    path = tmp_path / "source.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                    str(raw), str(path)], check=True, timeout=60)
+    return path
+
+
+def test_client_compressed_upload_download(tcp_daemon, tmp_path, aligned,
+                                           qcow2_source):
+    d = tcp_daemon
+    target = tmp_path / "target.raw"
+    with open(target, "wb") as f:
+        f.truncate(len(aligned))
+    t = add(d, target, len(aligned), sparse=True)
+    url = "https://localhost:{}/images/{}".format(d.remote_port, t["uuid"])
+    before = d.log().count("from a zstd-coded body")
+    ovirt_img("upload", qcow2_source, url, "--cafile", d.ca_file,
+              "--compress")
+    assert target.read_bytes() == aligned
+    # The data went zstd-coded: the source's two data extents (qcow2
+    # clusters merge the small ones).
+    assert d.log().count("from a zstd-coded body") - before >= 2
+    out = tmp_path / "download.raw"
+    before = d.log().count("zstd-coded (transfer)")
+    ovirt_img("download", url, out, "--format", "raw", "--cafile",
+              d.ca_file, "--compress")
+    assert out.read_bytes() == aligned
+    assert d.log().count("zstd-coded (transfer)") > before
+
+
+def test_client_compress_falls_back_on_established(tmp_path, aligned,
+                                                   qcow2_source):
+    # The established daemon has no "encodings": plain bytes, same result.
+    from bench import peers, tls as bench_tls
+    work = str(tmp_path / "established")
+    os.makedirs(work)
+    key, cert = bench_tls.make_cert(work)
+    d = peers.Daemon("established", work, key, cert)
+    d.start()
+    try:
+        target = tmp_path / "target.raw"
+        with open(target, "wb") as f:
+            f.truncate(len(aligned))
+        d.add_ticket("t", str(target), size=len(aligned),
+                     ops=("read", "write"), sparse=True)
+        url = "https://127.0.0.1:{}{}".format(d.https[1], d.path("t"))
+        r = ovirt_img("upload", qcow2_source, url, "--cafile", cert,
+                      "--compress", "-v")
+        assert "does not offer zstd" in r.stderr
+        assert target.read_bytes() == aligned
+        out = tmp_path / "download.raw"
+        ovirt_img("download", url, out, "--format", "raw", "--cafile", cert,
+                  "--compress")
+        assert out.read_bytes() == aligned
+    finally:
+        d.stop()
+
+
+def test_client_does_not_compress_on_unix_socket(daemon, tmp_path, aligned,
+                                                 qcow2_source):
+    target = tmp_path / "target.raw"
+    with open(target, "wb") as f:
+        f.truncate(len(aligned))
+    t = add(daemon, target, len(aligned), sparse=True)
+    url = "https://localhost:{}/images/{}".format(daemon.remote_port,
+                                                   t["uuid"])
+    r = ovirt_img("upload", qcow2_source, url, "--cafile", daemon.ca_file,
+                  "--compress", "-v")
+    assert "Not compressing: using the daemon's unix socket" in r.stderr
+    assert target.read_bytes() == aligned
+
+
+def test_library_compress_argument(tcp_daemon, tmp_path, aligned,
+                                   qcow2_source):
+    from imageio import client
+    d = tcp_daemon
+    target = tmp_path / "target.raw"
+    with open(target, "wb") as f:
+        f.truncate(len(aligned))
+    t = add(d, target, len(aligned))
+    url = "https://localhost:{}/images/{}".format(d.remote_port, t["uuid"])
+    client.upload(str(qcow2_source), url, d.ca_file, compress=True)
+    assert target.read_bytes() == aligned
+    out = tmp_path / "d.qcow2"
+    client.download(url, str(out), d.ca_file, compress=True)
+    r = subprocess.run(["qemu-img", "compare", str(qcow2_source), str(out)],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stdout

@@ -17,7 +17,9 @@ import socket
 import ssl
 import urllib.parse
 
+from .. import compression
 from .. import errors
+from .. import http as http_layer
 from .. import tls
 from . import DirtyExtent, Extent, Sink, _is_tls
 
@@ -103,6 +105,11 @@ class HTTPBackend:
         self.max_writers = 1
         self.unix_socket = None
         self.options = {}
+        # Transfer codings the daemon offers (OPTIONS "encodings"), and the
+        # one put_with/get_with use (None: plain bytes); see use_zstd().
+        self.encodings = frozenset()
+        self.coding = None
+        self._zstd_input = None
         self._size = size
         self._options(options)
         if self._size is None:
@@ -110,11 +117,27 @@ class HTTPBackend:
 
     def clone(self):
         """Another connection to the same image, with the same options."""
-        return HTTPBackend(self._url_text, cafile=self._cafile,
-                           secure=self._secure, size=self._size,
-                           use_unix_socket=self._use_unix_socket,
-                           timeout=self._timeout, ca_hint=self._ca_hint,
-                           options=self.options)
+        other = HTTPBackend(self._url_text, cafile=self._cafile,
+                            secure=self._secure, size=self._size,
+                            use_unix_socket=self._use_unix_socket,
+                            timeout=self._timeout, ca_hint=self._ca_hint,
+                            options=self.options)
+        other.coding = self.coding
+        return other
+
+    def use_zstd(self):
+        """Send and receive data zstd-coded from now on, if the daemon
+        offers it and the connection is not its unix socket (where
+        compressing only costs CPU).  Returns True if enabled."""
+        if compression.ZSTD not in self.encodings:
+            log.info("Not compressing: the daemon does not offer zstd "
+                     "(OPTIONS has no \"encodings\"); sending plain bytes")
+            return False
+        if self.is_local:
+            log.info("Not compressing: using the daemon's unix socket")
+            return False
+        self.coding = compression.ZSTD
+        return True
 
     @property
     def is_local(self):
@@ -133,6 +156,10 @@ class HTTPBackend:
             ("extents", "zero", "flush", "checksum"))
         self.max_readers = int(info.get("max_readers", 1))
         self.max_writers = int(info.get("max_writers", 1))
+        encodings = info.get("encodings", ())
+        self.encodings = frozenset(
+            e for e in encodings if isinstance(e, str)) \
+            if isinstance(encodings, list) else frozenset()
         if self._size is None and isinstance(info.get("size"), int):
             self._size = info["size"]
         unix = info.get("unix_socket")
@@ -446,14 +473,27 @@ class HTTPBackend:
         exactly the body to a ``backends.Sink``.  Raises errors.HTTPError
         subclasses for error answers; transport failures raise
         errors.BadGateway with ``retriable = True``."""
+        if self.coding:
+            framing = "Transfer-Encoding: {}, chunked".format(self.coding)
+        else:
+            framing = "Content-Length: {}".format(length)
         head = ("PUT {}?flush={} HTTP/1.1\r\nHost: {}\r\n"
-                "Content-Length: {}\r\nContent-Range: bytes {}-{}/*\r\n\r\n"
+                "{}\r\nContent-Range: bytes {}-{}/*\r\n\r\n"
                 .format(self._path, "y" if flush else "n", self._host(),
-                        length, offset, offset + length - 1))
+                        framing, offset, offset + length - 1))
         sock = self._data_socket()
         try:
             sock.sendall(head.encode("latin-1"))
-            send_body(Sink(sock, self._timeout))
+            if self.coding:
+                # Compressed as read, sent in chunks (docs/api.md).
+                writer = http_layer.ChunkedWriter(sock)
+                sink = compression.EncodingSink(writer.write, length,
+                                                self._timeout)
+                send_body(sink)
+                sink.close()
+                writer.close()
+            else:
+                send_body(Sink(sock, self._timeout))
             status, headers, rest = self._read_head(sock)
             self._read_small_body(sock, headers, rest)
         except errors.Error:
@@ -468,9 +508,11 @@ class HTTPBackend:
         """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
         exactly the body from a ``backends.Source``-like object.  Raises
         like ``put_with``."""
-        head = ("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\n\r\n"
-                .format(self._path, self._host(), offset,
-                        offset + length - 1))
+        ask = "TE: {}\r\nConnection: TE\r\n".format(self.coding) \
+            if self.coding else ""
+        head = ("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\n{}"
+                "\r\n".format(self._path, self._host(), offset,
+                              offset + length - 1, ask))
         sock = self._data_socket()
         try:
             sock.sendall(head.encode("latin-1"))
@@ -478,6 +520,12 @@ class HTTPBackend:
             if status >= 300:
                 message = self._read_small_body(sock, headers, rest)
                 self._answered(status, headers, message)
+            coding = headers.get("transfer-encoding", "").lower()
+            if coding == "zstd, chunked" and self.coding:
+                self._get_zstd(sock, rest, offset, length, headers,
+                               recv_body)
+                self._answered(status, headers)
+                return
             announced = int(headers.get("content-length", -1))
             if announced != length:
                 raise errors.BadGateway(
@@ -494,6 +542,35 @@ class HTTPBackend:
             self._con.close()
             raise self._transport_failure("read", e)
         self._answered(status, headers)
+
+    def _get_zstd(self, sock, rest, offset, length, headers, recv_body):
+        """A ``zstd, chunked`` response body: decoded into the callback's
+        buffers, at most ``length`` bytes, validated to the stream's end."""
+        expected = "bytes {}-{}/".format(offset, offset + length - 1)
+        if not headers.get("content-range", "").startswith(expected):
+            raise errors.BadGateway(
+                "Remote imageio daemon sent range {!r} for {!r}".format(
+                    headers.get("content-range"), expected))
+        if self._zstd_input is None:
+            self._zstd_input = bytearray(compression.INPUT_SIZE)
+        body = http_layer.ChunkedBody(
+            _LineReader(_BodySource(sock, rest, self._timeout)),
+            self._timeout)
+        source = compression.DecodingSource(body, length, True,
+                                            self._zstd_input)
+        try:
+            recv_body(source)
+            if source.received != length:
+                raise errors.PartialContent(length, source.received)
+            # Reads the rest of the stream: its end is checked, and the
+            # connection is ready for the next response.
+            source.readinto(memoryview(bytearray(1)))
+        except (errors.BadRequest, errors.RangeNotSatisfiable) as e:
+            err = errors.BadGateway(
+                "Remote imageio daemon {} sent a bad zstd stream: {}".format(
+                    self._where(), e.message))
+            err.retriable = True
+            raise err
 
     def write(self, offset, data):
         """Write bytes-like ``data`` at ``offset`` (not flushed)."""
@@ -615,3 +692,37 @@ class _BodySource:
 
     def consumed(self, n):
         self.received += n
+
+
+class _LineReader:
+    """``readline`` and ``readinto`` over a _BodySource, the reader
+    http.ChunkedBody parses a chunked response with."""
+
+    def __init__(self, source):
+        self._source = source
+        self._buf = bytearray()
+
+    def readline(self, limit=64 * 1024):
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self._buf[:i + 1])
+                del self._buf[:i + 1]
+                return line
+            if len(self._buf) > limit:
+                raise errors.BadGateway("Chunk header line too long")
+            chunk = bytearray(8192)
+            n = self._source.readinto(memoryview(chunk))
+            if not n:
+                line = bytes(self._buf)
+                self._buf.clear()
+                return line
+            self._buf += chunk[:n]
+
+    def readinto(self, view):
+        if self._buf:
+            n = min(len(view), len(self._buf))
+            view[:n] = self._buf[:n]
+            del self._buf[:n]
+            return n
+        return self._source.readinto(view)

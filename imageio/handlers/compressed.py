@@ -1,9 +1,13 @@
 """zstd-coded GET responses and PUT bodies of /images/{ticket}
 (imageio.compression has the codec; docs/api.md the scheme)."""
 
+import logging
+
 from .. import compression
 from .. import errors
 from .. import http
+
+log = logging.getLogger("images")
 
 
 def get(req, resp, ticket, backend, buf, offset, length, status, headers,
@@ -17,6 +21,8 @@ def get(req, resp, ticket, backend, buf, offset, length, status, headers,
         headers["Transfer-Encoding"] = "chunked"
     else:
         headers["Transfer-Encoding"] = compression.ZSTD + ", chunked"
+    log.debug("%s: sending %d bytes at %d zstd-coded (%s)", req.conn.name,
+              length, offset, coding)
     with ticket.operation(offset, length) as op:
         resp.send_headers(status, None, headers)
         writer = resp.chunked_writer()
@@ -55,6 +61,8 @@ def put(req, ticket, backend, buf, offset, exact_length):
             _drain(req.conn, body)
             raise
         op.progress(size)
+    log.debug("%s: wrote %d bytes at %d from a zstd-coded body",
+              req.conn.name, size, offset)
     return size
 
 
