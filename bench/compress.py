@@ -19,8 +19,9 @@ zstd-coded; the established ovirt-imageio 2.5.1 client's upload and
 download; ``ovirt-img`` upload and download with and without
 ``--compress`` (when imageio.client is installed).  Then, on the unshaped
 unix socket of a daemon outside the namespace: curl GET not asking for
-compression, from this tree's daemon and from main's (``--main-venv``), to
-show that not asking costs nothing.  Every download and upload is checked
+compression, from this tree's daemon and from the daemon of ``--base
+COMMIT`` (before compression existed), to show that not asking costs
+nothing.  Every download and upload is checked
 byte for byte on the first repeat.
 """
 
@@ -166,14 +167,15 @@ def start_daemon(workdir, link=None, tree=None):
     d = Daemon(workdir, extra, prefix=prefix)
     if tree is None:
         return d.start()
-    # Daemon.start runs ``sys.executable -m imageio.daemon`` in TOP.
-    saved = daemonproc.TOP, sys.executable
+    # Daemon.start runs ``sys.executable -m imageio.daemon`` in TOP: this
+    # venv's Python then imports the tree's imageio (the current directory
+    # comes first on sys.path).
+    saved = daemonproc.TOP
     daemonproc.TOP = tree
-    sys.executable = os.path.join(tree, ".venv", "bin", "python")
     try:
         return d.start()
     finally:
-        daemonproc.TOP, sys.executable = saved
+        daemonproc.TOP = saved
 
 
 def ticket(daemon, path, ops=("read", "write")):
@@ -296,13 +298,27 @@ def rows_link(b, ca, established_python, our_client):
             b.measure(name, func, check)
 
 
-def rows_unix(image, workdir, reps, main_tree):
-    """curl over the unix socket, not asking for compression: this tree's
-    daemon and main's, interleaved."""
+def export_tree(commit, workdir):
+    """``commit``'s source tree with its extensions built, in workdir."""
+    tree = os.path.join(workdir, "base-tree")
+    os.makedirs(tree)
+    archive = subprocess.Popen(["git", "-C", ROOT, "archive", commit],
+                               stdout=subprocess.PIPE)
+    run(["tar", "-x", "-C", tree], stdin=archive.stdout)
+    archive.wait(TIMEOUT)
+    run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree)
+    return tree
+
+
+def rows_unix(image, workdir, reps, base_tree=None, base_name=None):
+    """curl over the unix socket: this tree's daemon not asking for
+    compression and asking, and the base tree's (before compression
+    existed), interleaved."""
     daemons = [("this tree", start_daemon(os.path.join(workdir, "here")))]
-    if main_tree:
-        daemons.append(("main", start_daemon(os.path.join(workdir, "main"),
-                                             tree=main_tree)))
+    if base_tree:
+        daemons.append((base_name, start_daemon(
+            os.path.join(workdir, "base"), tree=base_tree)))
     out = os.path.join(workdir, "unix-out.raw")
     results = {}
     try:
@@ -351,9 +367,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--main-tree", default="/work/main",
-                   help="main's source tree (with its .venv), for the unix "
-                   "socket rows; '' to skip")
+    p.add_argument("--base", metavar="COMMIT",
+                   help="also run the unix socket rows on this commit's "
+                   "daemon (exported and built in a temporary directory), "
+                   "e.g. the commit before compression")
     p.add_argument("--skip-link", action="store_true")
     args = p.parse_args()
 
@@ -379,10 +396,9 @@ def main():
                     results.update(b.results)
                 finally:
                     d.stop()
-        main = args.main_tree
-        if main and not os.path.exists(os.path.join(main, ".venv")):
-            main = None
-        results.update(rows_unix(image, workdir, args.reps, main))
+        base = export_tree(args.base, workdir) if args.base else None
+        results.update(rows_unix(image, workdir, args.reps, base,
+                                 args.base))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
