@@ -64,6 +64,13 @@ DEFAULTS = {
         "prefer_ipv4": True,
         "remove_timeout": 60,
     },
+    # Not in the established service: a plain-HTTP listener serving only
+    # /metrics, for a Prometheus server (the control service serves it
+    # too).  port -1: no listener; 0: any free port (logged).
+    "metrics": {
+        "host": "localhost",
+        "port": -1,
+    },
     "profile": {
         "filename": "/run/ovirt-imageio/profile",
     },

@@ -14,6 +14,7 @@ import threading
 from . import __version__
 from . import config
 from . import errors
+from . import metrics
 from . import services
 from . import tickets
 from . import tls
@@ -66,6 +67,7 @@ class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
         self.store = tickets.Store(cfg)
+        metrics.track_tickets(self.store)
         self.services = []
         self._stop = threading.Event()
         self._created_paths = []

@@ -15,6 +15,7 @@ import time
 from . import backends
 from . import errors
 from . import httpparse
+from . import metrics
 from . import tickets
 
 log = logging.getLogger("http")
@@ -432,11 +433,13 @@ class Connection:
     the connection ends.
     """
 
-    def __init__(self, sock, router, timeout=60, name="conn"):
+    def __init__(self, sock, router, timeout=60, name="conn", service=""):
         self.sock = sock
         self.router = router
         self.timeout = timeout
         self.name = name
+        # The service label of this connection's request metrics.
+        self.service = service
         self.reader = Reader(sock)
         self.context = {}
         self._on_close = []
@@ -505,24 +508,32 @@ class Connection:
         if line in (b"\r\n", b"\n"):
             # Tolerate a stray CRLF between requests (RFC 9112 2.2).
             return True
+        start = time.monotonic()
+        method = None
         try:
-            req = self._read_request(line)
-        except errors.HTTPError as e:
-            resp.close = True
-            resp.send_error(e.status, e.message)
-            return False
-        except _LineTooLong:
-            resp.close = True
-            resp.send_error(431, "Request header line too long")
-            return False
+            try:
+                req = self._read_request(line)
+            except errors.HTTPError as e:
+                resp.close = True
+                resp.send_error(e.status, e.message)
+                return False
+            except _LineTooLong:
+                resp.close = True
+                resp.send_error(431, "Request header line too long")
+                return False
 
-        self.reader.deadline = None
-        resp.request = req
-        self.busy = True
-        try:
-            return self._handle(req, resp)
+            self.reader.deadline = None
+            resp.request = req
+            method = req.method
+            self.busy = True
+            try:
+                return self._handle(req, resp)
+            finally:
+                self.busy = False
         finally:
-            self.busy = False
+            metrics.request_done(self.service, method,
+                                 resp.status if resp.started else None,
+                                 time.monotonic() - start)
 
     def _handle(self, req, resp):
         conn_hdr = req.headers.get("connection", "").lower()

@@ -13,7 +13,9 @@ import ssl
 import threading
 
 from . import http
+from . import metrics
 from .handlers import extents, images, info, tickets
+from .handlers import metrics as metrics_handler
 
 log = logging.getLogger("services")
 
@@ -42,6 +44,7 @@ class Service:
         return self._sock.getsockname()
 
     def start(self):
+        metrics.track_connections(self.name, self._connection_count)
         self._running = True
         self._thread = threading.Thread(
             target=self._accept_loop, name=self.name, daemon=True)
@@ -61,6 +64,10 @@ class Service:
             conns = list(self._connections)
         for conn in conns:
             conn.shutdown()
+
+    def _connection_count(self):
+        with self._lock:
+            return len(self._connections)
 
     def wait_connections(self, timeout):
         """Wait until connection threads end; return those still running."""
@@ -104,7 +111,7 @@ class Service:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = http.Connection(sock, self._router,
                                timeout=self._cfg.daemon.inactivity_timeout,
-                               name=name)
+                               name=name, service=self.name)
         with self._lock:
             if not self._running:
                 sock.close()
@@ -138,6 +145,10 @@ class LocalService(Service):
 
 class ControlService(Service):
     name = "control"
+
+
+class MetricsService(Service):
+    name = "metrics"
 
 
 def bind_tcp(host, port):
@@ -223,8 +234,14 @@ def create(cfg, store, ssl_context=None):
                 "'tcp'".format(cfg.control.transport))
         router = http.Router([
             (r"/tickets/([^/]*)", tickets.Tickets(store, cfg)),
+            (r"/metrics", metrics_handler.Metrics()),
         ])
         services.append(ControlService(sock, router, cfg))
+
+    if cfg.metrics.port >= 0:
+        sock = bind_tcp(cfg.metrics.host, cfg.metrics.port)
+        router = http.Router([(r"/metrics", metrics_handler.Metrics())])
+        services.append(MetricsService(sock, router, cfg))
     return services
 
 

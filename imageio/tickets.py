@@ -166,6 +166,79 @@ class Operation:
         self.offset = offset
         self.length = length
         self.done = 0
+        # Bytes of ``done`` already given to the ticket's RateMeter, and
+        # when: set by the ticket under its lock.
+        self.metered = 0
+        self.metered_at = None
+
+
+# Seconds over which a ticket's ``rate`` is measured.
+RATE_WINDOW = 5
+
+
+class RateMeter:
+    """Bytes per second over the last ``RATE_WINDOW`` seconds.
+
+    Bytes are reported with the span of time they moved in (``add``) and
+    spread evenly over it into one-second buckets, so a long request that
+    reports 10 GiB at once counts them over the minute it took, not in the
+    second it ended.  Fed when operations end and when the rate is asked,
+    never per chunk.  Not thread-safe: the ticket's lock guards it.
+    """
+
+    def __init__(self, window=RATE_WINDOW):
+        self._window = window
+        self._buckets = [0.0] * window
+        # The second (int) that _buckets[-1] holds.
+        self._last = None
+        # Start of the current burst of activity: a transfer that began 1 s
+        # ago is measured over 1 s, not over the whole window.
+        self._since = None
+        self._end = None
+
+    def _advance(self, second):
+        if self._last is None or second - self._last >= self._window:
+            self._buckets = [0.0] * self._window
+        elif second > self._last:
+            shift = second - self._last
+            self._buckets = self._buckets[shift:] + [0.0] * shift
+        else:
+            return
+        self._last = second
+
+    def add(self, nbytes, start, end):
+        """Account ``nbytes`` moved between monotonic times ``start`` and
+        ``end`` (seconds)."""
+        if nbytes <= 0:
+            return
+        if self._end is None or start - self._end > self._window:
+            self._since = start
+        self._end = end if self._end is None else max(self._end, end)
+        self._advance(int(end))
+        first = self._last - self._window + 1  # The oldest second held.
+        if end <= start:
+            if int(end) >= first:
+                self._buckets[int(end) - first] += nbytes
+            return
+        per_second = nbytes / (end - start)
+        t = max(start, float(first))
+        while t < end:
+            second = int(t)
+            stop = min(end, second + 1.0)
+            self._buckets[second - first] += per_second * (stop - t)
+            t = stop
+
+    def rate(self, now):
+        """Bytes per second over the window ending at ``now``."""
+        if self._last is None:
+            return 0.0
+        self._advance(int(now))
+        span = now - (self._last - self._window + 1)
+        if self._since is not None:
+            span = min(span, now - self._since)
+        if span <= 0:
+            return 0.0
+        return sum(self._buckets) / max(span, 0.1)
 
 
 class Ticket:
@@ -191,6 +264,7 @@ class Ticket:
         self._ops = []
         self._connections = {}
         self._transferred = RangeSet()
+        self._meter = RateMeter()
         now = clock()
         self._expires = now + self.timeout
         self._last_done = now
@@ -239,7 +313,14 @@ class Ticket:
             if self._canceled:
                 raise errors.Forbidden(
                     "Ticket {} was canceled".format(short_id(self.uuid)))
+            op.metered_at = self._clock()
             self._ops.append(op)
+
+    def _meter_op(self, op, now):
+        # Under the lock: the bytes op moved since it was last metered.
+        self._meter.add(op.done - op.metered, op.metered_at, now)
+        op.metered = op.done
+        op.metered_at = now
 
     def _finish(self, op):
         with self._lock:
@@ -247,6 +328,7 @@ class Ticket:
             if op.done:
                 self._transferred.add(op.offset, op.offset + op.done)
             now = self._clock()
+            self._meter_op(op, now)
             self._last_done = now
             self._expires = now + self.timeout
             if not self._ops:
@@ -364,6 +446,7 @@ class Ticket:
                 "connections": len(self._connections),
                 "expires": int(self._expires),
                 "idle_time": 0 if active else int(now - self._last_done),
+                "rate": self._rate_locked(now),
             }
             if self.transfer_id is not None:
                 d["transfer_id"] = self.transfer_id
@@ -375,6 +458,11 @@ class Ticket:
                            for op in self._ops if op.done]
                 d["transferred"] = self._transferred.total(running)
             return d
+
+    def _rate_locked(self, now):
+        for op in self._ops:
+            self._meter_op(op, now)
+        return int(self._meter.rate(now))
 
 
 class _Running:
@@ -437,6 +525,10 @@ class Store:
     def ids(self):
         with self._lock:
             return sorted(self._tickets)
+
+    def count(self):
+        with self._lock:
+            return len(self._tickets)
 
     def modify(self, ticket_id, changes):
         if not isinstance(changes, dict):

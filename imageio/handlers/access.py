@@ -9,6 +9,7 @@ import logging
 
 from .. import backends
 from .. import errors
+from .. import metrics
 
 log = logging.getLogger("access")
 
@@ -69,6 +70,8 @@ def _bind(conn, ticket, cfg):
         # The slot is free again, whatever stopped the open.
         ticket.remove_connection(id(conn))
         raise
+    backend = metrics.Metered(backend, backends.scheme_of(ticket.url),
+                              conn.name, ticket.name)
     binding = Binding(ticket, backend)
     conn.on_close(lambda: _unbind(conn, binding))
     conn.set_timeout(ticket.inactivity_timeout or None)
