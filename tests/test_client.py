@@ -266,6 +266,8 @@ def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # Its private qemu-nbd dies with it.
+        assert wait_gone(str(source))
         confirmed = [tuple(map(int, line.split()))
                      for line in journals[0].read_text().splitlines()]
         assert 3 <= len(confirmed) < SIZE // (8 * MiB)
@@ -282,6 +284,26 @@ def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
     assert second == SIZE - sent
     compare(source, disk, "raw", "raw")
     assert not list((state / "imageio").glob("*.journal"))
+
+
+def wait_gone(arg, timeout=10):
+    """Wait until no process has ``arg`` on its command line."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = False
+        for pid in os.listdir("/proc"):
+            try:
+                with open("/proc/{}/cmdline".format(pid), "rb") as f:
+                    if arg.encode() in f.read().split(b"\0"):
+                        found = True
+                        break
+            except (OSError, ValueError):
+                continue
+        if not found:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def written(log_text):

@@ -268,6 +268,7 @@ class Workspace:
         commands = {
             "ovirt-imageio": "-m imageio.daemon",
             "ovirt-imageioctl": "-m imageio.admin.ctl",
+            "ovirt-img": "-m imageio.client.cli",
             "python3": "",
             "python": "",
         }

@@ -2,9 +2,11 @@
 image format qemu knows, as guest data over NBD."""
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tarfile
@@ -133,7 +135,8 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
     with open(log_path, "w") as log:
         try:
             proc = subprocess.Popen(argv, stdout=log, stderr=log,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
         except FileNotFoundError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise Error("qemu-nbd is not installed (Debian: qemu-utils)")
@@ -144,6 +147,16 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
         proc.kill()
         proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _die_with_parent():
+    # In the child before exec: a client killed by SIGKILL cannot kill its
+    # qemu-nbd, so the kernel does.  (The signal comes when the thread
+    # that started qemu-nbd ends: serve() from a thread that outlives the
+    # transfer.)
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _accepts(path):
