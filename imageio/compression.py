@@ -96,12 +96,15 @@ def _allows(value, coding, wildcard):
     return q > 0
 
 
-def response_coding(headers, ranged):
+def response_coding(headers, ranged, version="HTTP/1.1"):
     """How to encode a GET response: ``"content"`` (Content-Encoding: zstd),
     ``"transfer"`` (Transfer-Encoding: zstd, chunked) or None (identity).
 
-    ``headers`` are the request's (lower-case names).
+    ``headers`` are the request's (lower-case names).  HTTP/1.0 has no
+    chunked framing, so its clients get identity.
     """
+    if version != "HTTP/1.1":
+        return None
     if _allows(headers.get("te", ""), ZSTD, wildcard=False):
         return "transfer"
     if not ranged and _allows(headers.get("accept-encoding", ""), ZSTD,

@@ -210,6 +210,18 @@ def test_get_accept_encoding_without_zstd(daemon, service, image, accept):
     assert body == data
 
 
+def test_http10_gets_identity(daemon, service, image):
+    # No chunked framing in HTTP/1.0: no compression either.
+    path, data = image
+    t = add(daemon, path, len(data))
+    status, headers, body = exchange(daemon, service, (
+        "GET /images/{} HTTP/1.0\r\nAccept-Encoding: zstd\r\nTE: zstd\r\n"
+        "\r\n".format(t["uuid"])).encode())
+    assert status == 200
+    assert "content-encoding" not in headers
+    assert body == data
+
+
 def test_ranged_get_ignores_accept_encoding(daemon, service, image):
     # A range of a content-coded answer would count encoded bytes: a
     # client that asked for a range gets image bytes, as from any daemon.
@@ -422,6 +434,17 @@ def ovirt_img(*args):
     return r
 
 
+def empty_target(d, tmp_path, size, **kw):
+    """A zeroed image behind a read-write ticket of daemon ``d``: (path,
+    the transfer URL over its remote service)."""
+    target = tmp_path / "target.raw"
+    with open(target, "wb") as f:
+        f.truncate(size)
+    t = add(d, target, size, **kw)
+    return target, "https://localhost:{}/images/{}".format(d.remote_port,
+                                                           t["uuid"])
+
+
 @pytest.fixture
 def aligned(content):
     # qcow2 sizes are multiples of 512.
@@ -441,11 +464,7 @@ def qcow2_source(tmp_path, aligned):
 def test_client_compressed_upload_download(tcp_daemon, tmp_path, aligned,
                                            qcow2_source):
     d = tcp_daemon
-    target = tmp_path / "target.raw"
-    with open(target, "wb") as f:
-        f.truncate(len(aligned))
-    t = add(d, target, len(aligned), sparse=True)
-    url = "https://localhost:{}/images/{}".format(d.remote_port, t["uuid"])
+    target, url = empty_target(d, tmp_path, len(aligned), sparse=True)
     before = d.log().count("from a zstd-coded body")
     ovirt_img("upload", qcow2_source, url, "--cafile", d.ca_file,
               "--compress")
@@ -491,12 +510,7 @@ def test_client_compress_falls_back_on_established(tmp_path, aligned,
 
 def test_client_does_not_compress_on_unix_socket(daemon, tmp_path, aligned,
                                                  qcow2_source):
-    target = tmp_path / "target.raw"
-    with open(target, "wb") as f:
-        f.truncate(len(aligned))
-    t = add(daemon, target, len(aligned), sparse=True)
-    url = "https://localhost:{}/images/{}".format(daemon.remote_port,
-                                                   t["uuid"])
+    target, url = empty_target(daemon, tmp_path, len(aligned), sparse=True)
     r = ovirt_img("upload", qcow2_source, url, "--cafile", daemon.ca_file,
                   "--compress", "-v")
     assert "Not compressing: using the daemon's unix socket" in r.stderr
@@ -507,11 +521,7 @@ def test_library_compress_argument(tcp_daemon, tmp_path, aligned,
                                    qcow2_source):
     from imageio import client
     d = tcp_daemon
-    target = tmp_path / "target.raw"
-    with open(target, "wb") as f:
-        f.truncate(len(aligned))
-    t = add(d, target, len(aligned))
-    url = "https://localhost:{}/images/{}".format(d.remote_port, t["uuid"])
+    target, url = empty_target(d, tmp_path, len(aligned))
     client.upload(str(qcow2_source), url, d.ca_file, compress=True)
     assert target.read_bytes() == aligned
     out = tmp_path / "d.qcow2"

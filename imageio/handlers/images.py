@@ -80,7 +80,8 @@ class Images:
             offset, length, status = 0, size, 200
             # A whole-image answer depends on Accept-Encoding.
             headers["Vary"] = "Accept-Encoding"
-        coding = compression.response_coding(req.headers, status == 206)
+        coding = compression.response_coding(req.headers, status == 206,
+                                             req.version)
         if coding and length:
             compressed.get(req, resp, ticket, backend, buf, offset, length,
                            status, headers, coding)
