@@ -142,6 +142,39 @@ def put_zstd(daemon, service, t, stream, content_range=None, pieces=3):
     return resp.status, resp.read()
 
 
+# The codec alone.
+
+@pytest.mark.parametrize("headers,ranged,want", [
+    ({"accept-encoding": "zstd"}, False, "content"),
+    ({"accept-encoding": "gzip, zstd;q=0.1"}, False, "content"),
+    ({"accept-encoding": "*"}, False, "content"),
+    ({"accept-encoding": "*, zstd;q=0"}, False, None),
+    ({"accept-encoding": "ZSTD;Q=1.0"}, False, "content"),
+    ({"accept-encoding": "zstd;q=bogus"}, False, None),
+    ({"accept-encoding": "zstd"}, True, None),
+    ({"te": "zstd"}, True, "transfer"),
+    ({"te": "trailers, zstd;q=0.5"}, False, "transfer"),
+    # TE has no wildcard.
+    ({"te": "*"}, True, None),
+    ({"te": "zstd;q=0", "accept-encoding": "zstd"}, False, "content"),
+    ({}, False, None),
+])
+def test_response_coding(headers, ranged, want):
+    assert compression.response_coding(headers, ranged) == want
+
+
+@pytest.mark.parametrize("length", [1, 128 * 1024 - 1, 128 * 1024,
+                                    128 * 1024 + 1, 3 * MiB + 17,
+                                    1024**3 + 128 * 1024])
+def test_zero_frame(length):
+    frame = b"".join(compression.zero_frame(length))
+    # 4 bytes per 128 KiB block plus the header.
+    assert len(frame) == 14 + 4 * -(-length // (128 * 1024))
+    assert zstandard.frame_content_size(frame) == length
+    out = zstandard.ZstdDecompressor().decompress(frame)
+    assert len(out) == length and not any(out)
+
+
 # OPTIONS
 
 def test_options_advertises_zstd(daemon, service, image):
