@@ -115,7 +115,7 @@ class _ZeroMap:
         if "extents" not in backend.features:
             return
         try:
-            extents = backend.extents("zero")
+            extents = backend.extents(context="zero")
         except errors.Error:
             return
         for e in extents:

@@ -2,6 +2,7 @@
 
 import argparse
 import grp
+import json
 import logging
 import logging.config
 import os
@@ -34,14 +35,29 @@ def main(argv=None):
         "-c", "--conf-dir", default=DEFAULT_CONFDIR,
         help="configuration directory holding conf.d/*.conf "
              "(default %(default)s)")
+    parser.add_argument(
+        "--show-config", action="store_true",
+        help="print the effective configuration as JSON and exit (programs "
+             "read the daemon's sockets from it)")
+    parser.add_argument(
+        "-t", "--ticket", action="append", default=[], metavar="FILE",
+        help="add the ticket in FILE (JSON) at start-up; repeatable")
     parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
     try:
         cfg = config.load(args.conf_dir)
+        if args.show_config:
+            show_config(cfg)
+            return 0
         setup_logging(cfg)
         daemon = Daemon(cfg)
+        for path in args.ticket:
+            daemon.add_ticket_file(path)
         daemon.start()
     except errors.ConfigError as e:
+        print("ovirt-imageio: {}".format(e), file=sys.stderr)
+        return 1
+    except errors.BadRequest as e:
         print("ovirt-imageio: {}".format(e), file=sys.stderr)
         return 1
     except OSError as e:
@@ -50,6 +66,12 @@ def main(argv=None):
     daemon.wait()
     daemon.stop()
     return 0
+
+
+def show_config(cfg):
+    """Print the effective configuration, {section: {option: value}}, as
+    the established daemon does."""
+    print(json.dumps(cfg.sections(), indent=4, sort_keys=True))
 
 
 def setup_logging(cfg):
@@ -71,6 +93,25 @@ class Daemon:
         self.services = []
         self._stop = threading.Event()
         self._created_paths = []
+
+    def add_ticket_file(self, path):
+        """Add the ticket in the JSON file ``path``; raise BadRequest
+        naming the file when it cannot be read or is not a valid
+        ticket."""
+        try:
+            with open(path, "rb") as f:
+                ticket = json.load(f)
+        except OSError as e:
+            raise errors.BadRequest(
+                "Cannot read ticket file {}: {}".format(path, e.strerror))
+        except ValueError as e:
+            raise errors.BadRequest(
+                "Invalid ticket file {}: not JSON: {}".format(path, e))
+        try:
+            self.store.add(ticket)
+        except errors.BadRequest as e:
+            raise errors.BadRequest(
+                "Invalid ticket file {}: {}".format(path, e.message))
 
     def start(self):
         cfg = self.cfg

@@ -140,8 +140,17 @@ class _LineTooLong(Exception):
 
 
 class Body:
-    """A request body of known length: a backends.Source that never reads
-    past the body."""
+    """A request body of known length, never read past its end: the
+    source that backends' ``write_from`` reads.
+
+    ``readinto(view)`` reads up to ``len(view)`` bytes (0 at the end);
+    bytes the reader buffered beyond the headers come first.  ``fd`` is
+    the raw socket fd once no buffered bytes remain and the socket is
+    plain, else -1 (use ``readinto``); C code reading ``fd`` directly
+    reports the bytes with ``consumed(n)``, so the connection knows the
+    body was read and can serve the next request.  ``timeout`` (seconds)
+    bounds a wait for the client; ``remaining`` is the unread byte count.
+    """
 
     def __init__(self, reader, sock, length, timeout):
         self._reader = reader
@@ -173,7 +182,7 @@ class Body:
 class ChunkedBody:
     """A chunked request body, read one chunk at a time: ``next_chunk()``
     returns the size of the next chunk (0 at the end); then the chunk's
-    bytes are read through this object as a Source."""
+    bytes are read through this object as through a ``Body``."""
 
     def __init__(self, reader, timeout):
         self._reader = reader
@@ -255,7 +264,7 @@ class Request:
         return self.headers.get("expect", "").lower() == "100-continue"
 
     def body(self):
-        """The body as a Source (Body or ChunkedBody).
+        """The body: a Body, or a ChunkedBody.
 
         A client that sent ``Expect: 100-continue`` (curl -T does) waits
         for ``100 Continue`` before sending the body; it is sent here, when
@@ -344,6 +353,11 @@ class Response:
         record and one syscall where there would be two."""
         head = self._head(status, len(body), headers)
         sock = self.conn.sock
+        if self.request is not None and self.request.method == "HEAD":
+            # RFC 9110 9.3.2: the headers GET would send, never a body
+            # (errors too: the client would read it as the next response).
+            sock.sendall(head)
+            return
         if type(sock).__name__ == "SSLSocket":
             sock.sendall(head + body)
             return

@@ -85,7 +85,9 @@ def parse_range(value, size):
 
     Return (offset, length).  Only one ``bytes=first-last`` or
     ``bytes=first-`` range is supported; multiple ranges, suffix ranges and
-    ranges outside the image raise RangeNotSatisfiable.
+    ranges starting at or past the end raise RangeNotSatisfiable.  A
+    ``last`` past the end means the rest of the image (RFC 9110 14.1.2):
+    the client learns what it gets from Content-Range.
     """
     value = value.strip()
     if not value.startswith("bytes="):
@@ -107,12 +109,9 @@ def parse_range(value, size):
         if last < first:
             raise errors.RangeNotSatisfiable(
                 "Invalid range {!r}: last < first".format(value), size=size)
-        # SPEC: a range outside [0, size) is refused, not clipped, so a
-        # client never gets fewer bytes than it asked for without noticing.
-        if last >= size:
-            raise errors.RangeNotSatisfiable(
-                "Range {!r} is outside the image (size {})".format(
-                    value, size), size=size)
+        # nbdkit's curl plugin (1.32) asks one byte past each block, the
+        # last block too: refusing that range would fail its reads.
+        last = min(last, size - 1)
     else:
         last = size - 1
     if first >= size:

@@ -14,7 +14,7 @@ import threading
 
 from . import http
 from . import metrics
-from .handlers import extents, images, info, tickets
+from .handlers import checksum, extents, images, info, tickets
 from .handlers import metrics as metrics_handler
 
 log = logging.getLogger("services")
@@ -129,9 +129,9 @@ def _images_routes(store, cfg, local_socket):
     return [
         (r"/images/([^/]+)", img),
         (r"/images/([^/]+)/extents", extents.Extents(store, cfg)),
-        (r"/images/([^/]+)/checksum", extents.Checksum(store, cfg)),
+        (r"/images/([^/]+)/checksum", checksum.Checksum(store, cfg)),
         (r"/images/([^/]+)/checksum/algorithms",
-         extents.Algorithms(store, cfg)),
+         checksum.Algorithms(store, cfg)),
     ]
 
 

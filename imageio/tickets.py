@@ -290,8 +290,11 @@ class Ticket:
         return not self._ops and self._clock() >= self._expires
 
     def authorize(self, op):
-        """Raise Forbidden unless the ticket is live, MethodNotAllowed
-        unless it allows ``op``."""
+        """Raise Forbidden unless the ticket is live and allows ``op``.
+
+        An operation the ticket does not allow is 403, as the established
+        service answers: clients written for it read 405 as "the server
+        cannot do this at all"."""
         with self._lock:
             if self._canceled:
                 raise errors.Forbidden(
@@ -300,7 +303,7 @@ class Ticket:
                 raise errors.Forbidden(
                     "Ticket {} expired".format(short_id(self.uuid)))
         if op and not self.may(op):
-            raise errors.MethodNotAllowed(
+            raise errors.Forbidden(
                 "Ticket {} does not allow {}".format(short_id(self.uuid), op))
 
     def operation(self, offset=0, length=0):
@@ -513,7 +516,7 @@ class Store:
 
     def authorize(self, ticket_id, op):
         """Return the ticket if it allows ``op`` now; else raise Forbidden
-        (unknown, expired, canceled) or MethodNotAllowed."""
+        (unknown, expired, canceled, or ``op`` not allowed)."""
         with self._lock:
             ticket = self._tickets.get(ticket_id)
         if ticket is None:

@@ -65,10 +65,11 @@ class Daemon:
     """The daemon as a process: ``start()``, then ``remote_port``,
     ``local_socket``, ``control_socket``, ``ca_file``; ``stop()``."""
 
-    def __init__(self, confdir, extra="", env=None, prefix=()):
+    def __init__(self, confdir, extra="", env=None, prefix=(), args=()):
         """``prefix``: a command to run the daemon under (e.g. ``ip netns
-        exec NAME``)."""
+        exec NAME``); ``args``: more daemon arguments (``-t FILE``)."""
         self.prefix = list(prefix)
+        self.args = list(args)
         self.confdir = str(confdir)
         write_conf(self.confdir, extra)
         self.log_path = os.path.join(self.confdir, "daemon.log")
@@ -87,7 +88,7 @@ class Daemon:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             self.prefix + [sys.executable, "-m", "imageio.daemon", "-c",
-                           self.confdir],
+                           self.confdir] + self.args,
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=TOP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

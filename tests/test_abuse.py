@@ -43,7 +43,9 @@ def exchange(daemon, service, data, timeout=20):
         except OSError:
             # The daemon may answer and close before reading it all.
             pass
-        resp = http.client.HTTPResponse(sock)
+        # A response to HEAD has no body, whatever its Content-Length.
+        method = data.split(b" ", 1)[0].decode("latin-1")
+        resp = http.client.HTTPResponse(sock, method=method)
         resp.begin()
         body = resp.read()
         closed = resp.will_close or _closed(sock)
@@ -199,7 +201,7 @@ def test_header_count(daemon, service, image, tmp_path, count, status):
 # Methods.
 
 @pytest.mark.parametrize("method", [
-    "DELETE", "POST", "HEAD", "TRACE", "CONNECT", "PROPFIND", "FOO",
+    "DELETE", "POST", "TRACE", "CONNECT", "PROPFIND", "FOO",
     "__INIT__", "_PUT", "__CLASS__"])
 def test_bad_method(daemon, service, image, tmp_path, method):
     path, data = image
@@ -237,6 +239,7 @@ def test_bad_method_control(daemon, image, tmp_path):
                 "{} /tickets/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 2"
                 "\r\n\r\n{{}}".format(method, t["uuid"])).encode())
             assert status == 405, (method, status, body)
+            assert (method == "HEAD") == (body == b""), (method, body)
 
 
 @pytest.mark.parametrize("line", [
@@ -278,7 +281,7 @@ BAD_RANGES = [
     "bytes=99999999999999999999-", "bytes=0-99999999999999999999",
     "bytes=9223372036854775807-9223372036854775807",
     "bytes=18446744073709551615-18446744073709551616",
-    "bytes=9999999999999999999-", "bytes=0-1048576", "bytes=1048576-",
+    "bytes=9999999999999999999-", "bytes=1048576-",
     "bytes=0x10-0x20", "bytes=1e3-2e3", "bytes=+1-2", "bytes= 1-2",
     "bytes=0-1,2-3", "bytes=\u0661-\u0662", "items=0-1", "bytes=",
 ]

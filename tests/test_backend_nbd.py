@@ -456,7 +456,7 @@ def test_extents_chain(tmp_path):
                            allocation_depth=True).start()
     try:
         backend = open_backend(s.url())
-        extents = list(backend.extents("zero"))
+        extents = list(backend.extents())
         assert extents == [
             backends.Extent(0, 2 * MiB, False, False),
             backends.Extent(2 * MiB, 2 * MiB, True, True),
@@ -464,8 +464,16 @@ def test_extents_chain(tmp_path):
             backends.Extent(5 * MiB, 3 * MiB, True, True),
         ]
         assert extents[0].zero is False
+        # A range: block status for it alone, cut at odd offsets.
+        assert backend.extents(MiB + 3, 3 * MiB) == [
+            backends.Extent(MiB + 3, MiB - 3, False, False),
+            backends.Extent(2 * MiB, 2 * MiB, True, True),
+            backends.Extent(4 * MiB, 3, True, False),
+        ]
+        with pytest.raises(errors.RangeNotSatisfiable):
+            backend.extents(MiB, 8 * MiB)
         with pytest.raises(errors.NotFound):
-            backend.extents("dirty")
+            backend.extents(context="dirty")
         backend.close()
     finally:
         s.stop()
@@ -482,7 +490,7 @@ def test_extents_dirty(tmp_path):
                            bitmap="incremental", read_only=True).start()
     try:
         backend = open_backend(s.url(), ops=["read"], dirty=True)
-        assert list(backend.extents("dirty")) == [
+        assert list(backend.extents(context="dirty")) == [
             backends.DirtyExtent(0, MiB, False, False),
             backends.DirtyExtent(MiB, 64 * 1024, True, False),
             backends.DirtyExtent(MiB + 64 * 1024, MiB - 64 * 1024, False,
@@ -491,12 +499,12 @@ def test_extents_dirty(tmp_path):
             backends.DirtyExtent(6 * MiB, MiB, True, True),
             backends.DirtyExtent(7 * MiB, MiB, False, True),
         ]
-        assert len(backend.extents("zero")) > 1
+        assert len(backend.extents()) > 1
         backend.close()
         # A ticket that is not dirty has no dirty extents.
         backend = open_backend(s.url(), ops=["read"])
         with pytest.raises(errors.NotFound):
-            backend.extents("dirty")
+            backend.extents(context="dirty")
         backend.close()
     finally:
         s.stop()
@@ -505,7 +513,7 @@ def test_extents_dirty(tmp_path):
 def test_extents_dirty_without_bitmap(memory):
     backend = open_backend(memory.url(), dirty=True)
     with pytest.raises(errors.NotFound) as e:
-        backend.extents("dirty")
+        backend.extents(context="dirty")
     assert "dirty bitmap" in str(e.value)
     backend.close()
 

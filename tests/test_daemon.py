@@ -1,10 +1,12 @@
 """The daemon's life: start-up, errors, systemd notify, shutdown."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -129,3 +131,78 @@ def test_drop_privileges(tmp_path):
             assert c.list_tickets() == []
     finally:
         d.stop()
+
+
+def test_show_config(tmp_path):
+    write_conf(str(tmp_path), "[daemon]\nmax_connections = 3\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "imageio.daemon", "-c", str(tmp_path),
+         "--show-config"], capture_output=True, text=True, timeout=20,
+        check=True).stdout
+    cfg = json.loads(out)
+    # The drop-ins applied, typed, and paths resolved as the daemon uses
+    # them: a program finds the sockets here.
+    assert cfg["daemon"]["max_connections"] == 3
+    assert cfg["remote"]["port"] == 0
+    assert cfg["tls"]["enable"] is True
+    assert cfg["control"]["socket"] == str(tmp_path / "run" / "control.sock")
+    assert cfg["local"]["socket"] == str(tmp_path / "run" / "local.sock")
+    # The established daemon's sections are all there.
+    assert {"daemon", "tls", "remote", "local", "control", "backend_file",
+            "backend_nbd", "backend_http"} <= set(cfg)
+    # And nothing was started.
+    assert not (tmp_path / "run").exists()
+
+
+def test_show_config_bad_config(tmp_path):
+    write_conf(str(tmp_path), "[remote]\nport = many\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "imageio.daemon", "-c", str(tmp_path),
+         "--show-config"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert "port" in r.stderr and r.stdout == ""
+
+
+def test_ticket_at_startup(tmp_path):
+    data = os.urandom(1024**2 + 3)
+    images = []
+    for i in range(2):
+        path = tmp_path / "disk{}.raw".format(i)
+        path.write_bytes(data[i:])
+        ticket = {"uuid": str(uuid.uuid4()), "size": len(data) - i,
+                  "url": "file://{}".format(path), "timeout": 300,
+                  "ops": ["read"]}
+        (tmp_path / "t{}.json".format(i)).write_text(json.dumps(ticket))
+        images.append(ticket)
+    d = Daemon(tmp_path / "conf", args=[
+        "-t", str(tmp_path / "t0.json"),
+        "--ticket", str(tmp_path / "t1.json")]).start()
+    try:
+        # Served right after start, without the control service.
+        for i, ticket in enumerate(images):
+            con = d.https()
+            con.request("GET", "/images/" + ticket["uuid"])
+            resp = con.getresponse()
+            assert resp.status == 200
+            assert resp.read() == data[i:]
+            con.close()
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("content, word", [
+    (None, "Cannot read ticket file"),
+    ("{not json", "not JSON"),
+    ('{"uuid": "x"}', "missing required field 'size'"),
+])
+def test_bad_ticket_file_stops_startup(tmp_path, content, word):
+    path = tmp_path / "t.json"
+    if content is not None:
+        path.write_text(content)
+    write_conf(str(tmp_path / "conf"))
+    r = subprocess.run(
+        [sys.executable, "-m", "imageio.daemon", "-c", str(tmp_path / "conf"),
+         "-t", str(path)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert word in r.stderr and str(path) in r.stderr
+    assert not (tmp_path / "conf" / "run" / "control.sock").exists()

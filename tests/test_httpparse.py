@@ -36,13 +36,16 @@ def test_header_line():
     ("bytes=0-99", (0, 100)),
     ("bytes=10-", (10, 90)),
     ("bytes=99-99", (99, 1)),
+    # last past the end: the rest of the image (RFC 9110 14.1.2).
+    ("bytes=0-100", (0, 100)),
+    ("bytes=98-99999", (98, 2)),
 ])
 def test_range(value, result):
     assert hp.parse_range(value, 100) == result
 
 
 @pytest.mark.parametrize("value", [
-    "bytes=100-", "bytes=0-100", "bytes=-10", "bytes=0-1,5-6", "items=0-1",
+    "bytes=100-", "bytes=100-100", "bytes=-10", "bytes=0-1,5-6", "items=0-1",
     "bytes=5-4", "bytes=a-b", "bytes=" + "9" * 30 + "-",
 ])
 def test_range_not_satisfiable(value):

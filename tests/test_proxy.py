@@ -110,6 +110,13 @@ def test_extents_and_checksum(storage, proxy, tmp_path, con):
     _, expected = request(direct, "GET", "/images/{}/extents".format(
         remote["uuid"]))
     assert json.loads(body) == json.loads(expected)
+    # A piece: forwarded as a piece.
+    query = "?start={}&length={}".format(4 * MiB - 5, 4097)
+    resp, body = request(con, "GET", "/images/{}/extents{}".format(
+        t["uuid"], query))
+    assert json.loads(body) == [
+        {"start": 4 * MiB - 5, "length": 5, "zero": True, "hole": False},
+        {"start": 4 * MiB, "length": 4092, "zero": False, "hole": False}]
     resp, body = request(con, "GET", "/images/{}/checksum".format(t["uuid"]))
     outer = hashlib.blake2b(digest_size=32)
     for i in range(0, len(data), 4 * MiB):

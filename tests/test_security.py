@@ -243,7 +243,7 @@ def test_readonly_ticket_cannot_write(daemon, tmp_path):
             con = connect(daemon, service)
             resp, answer = request(con, method, "/images/" + t["uuid"],
                                    body=body)
-            assert resp.status == 405, (service, method, answer)
+            assert resp.status == 403, (service, method, answer)
             con.close()
     with open(path, "rb") as f:
         assert f.read() == data
@@ -375,7 +375,7 @@ def test_ticket_id_not_logged_on_errors(make_daemon, tmp_path):
     ro = add(d, path, len(data), ops=["read"])
     uid = t["uuid"]
     failing = [
-        ("HEAD", "/images/" + uid, None, {}),
+        ("HEAD", "/images/" + uid, None, {"Range": "bytes=0-99999999"}),
         ("DELETE", "/images/" + uid, None, {}),
         ("POST", "/images/" + uid, b"x", {}),
         ("GET", "/images/{}/nosuch".format(uid), None, {}),

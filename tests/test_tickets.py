@@ -75,7 +75,7 @@ def test_write_implies_read():
     assert t.may("read") and t.may("write")
     t = tickets.Ticket(tickets.validate(ticket_dict(ops=["read"])))
     assert t.may("read") and not t.may("write")
-    with pytest.raises(errors.MethodNotAllowed):
+    with pytest.raises(errors.Forbidden):
         t.authorize("write")
 
 

@@ -23,9 +23,11 @@ The interface (every backend implements all of it):
     ``errors.Canceled`` to stop the transfer.
 
 ``write_from(source, offset, length, buf, progress)``
-    Read exactly ``length`` bytes from ``source`` (see ``Source``) and write
-    them at ``offset``.  A source that ends early raises
-    ``errors.PartialContent``.  Does not flush.
+    Read exactly ``length`` bytes from ``source`` and write them at
+    ``offset``.  ``source`` is the request body, ``imageio.http.Body`` or
+    ``ChunkedBody`` (their docstrings define what a source offers).  A
+    source that ends early raises ``errors.PartialContent``.  Does not
+    flush.
 
 ``readinto(buf, offset, length) -> memoryview``
     Read ``length`` bytes (at most ``len(buf) - 4096``) at ``offset`` and
@@ -37,9 +39,13 @@ The interface (every backend implements all of it):
 ``flush()``
     Make all written data durable.
 
-``extents(context="zero") -> iterable of Extent or DirtyExtent``
-    Extents covering ``[0, size())`` in order.  ``context="dirty"`` yields
-    ``DirtyExtent``; a backend that cannot answers ``errors.NotFound``.
+``extents(offset=0, length=None, context="zero") -> list``
+    ``Extent`` (or, for ``context="dirty"``, ``DirtyExtent``) tuples
+    covering ``[offset, offset + length)`` (``length=None``: to the end) in
+    order, adjacent ones with equal flags merged; found for that range
+    only, never by walking the image from the start.  A range outside
+    ``[0, size()]`` raises ``errors.RangeNotSatisfiable``; a context the
+    backend cannot answer raises ``errors.NotFound``.
 
 ``close()``
     Release the backend; idempotent.
@@ -77,37 +83,16 @@ class Sink:
         self._sock.sendall(data)
 
 
-class Source:
-    """Where write_from() takes bytes from: the request body.
-
-    Bytes the HTTP reader buffered beyond the headers are returned first.
-    ``fd`` is the raw socket fd once no buffered bytes remain and the socket
-    is plain; else -1 (use ``readinto``).  Code that reads from ``fd``
-    directly must report the bytes with ``consumed(n)``, so the connection
-    knows the body was read and can serve the next request.
-
-    The HTTP layer's ``http.Body`` is the implementation used by the
-    daemon; this class documents the interface.
-    """
-
-    def __init__(self, rfile, sock, timeout=None):
-        self._rfile = rfile
-        self._sock = sock
-        self.timeout = timeout
-        self._plain = not _is_tls(sock)
-
-    @property
-    def fd(self):
-        if self._plain and not self._rfile.peek_buffered():
-            return self._sock.fileno()
-        return -1
-
-    def readinto(self, view):
-        """Read up to len(view) bytes; return count, 0 at end of stream."""
-        return self._rfile.readinto(view)
-
-    def consumed(self, n):
-        """Account ``n`` bytes read directly from ``fd``."""
+def check_extents_range(offset, length, size):
+    """Return the end of the extents range ``[offset, offset + length)``
+    (``length=None``: ``size``); raise RangeNotSatisfiable outside
+    ``[0, size]``."""
+    end = size if length is None else offset + length
+    if offset < 0 or end < offset or end > size:
+        raise errors.RangeNotSatisfiable(
+            "Extents range {}+{} is outside the image (size {})".format(
+                offset, length, size), size=size)
+    return end
 
 
 def _is_tls(sock):

@@ -19,7 +19,7 @@ from .. import errors
 from .._io import directio
 from .._io import stream
 from .._io.buffer import AlignedBuffer
-from . import Extent, parse_file_url
+from . import Extent, check_extents_range, parse_file_url
 
 log = logging.getLogger("backends.file")
 
@@ -490,46 +490,48 @@ class FileBackend:
 
     # Extents.
 
-    def extents(self, context="zero"):
+    def extents(self, offset=0, length=None, context="zero"):
         if context != "zero":
             raise errors.NotFound(
                 "Extents context {!r} is not available for file {}".format(
                     context, self._path))
         size = self.size()
+        end = check_extents_range(offset, length, size)
         if self._block:
-            return [Extent(0, size, False, False)] if size else []
+            return [Extent(offset, end - offset, False, False)] \
+                if end > offset else []
         result = []
-        for start, length, zero in self._holes_and_data(size):
+        for start, n, zero in self._holes_and_data(offset, end):
             if result and result[-1].zero == zero:
                 last = result.pop()
-                start, length = last.start, last.length + length
-            result.append(Extent(start, length, zero, False))
+                start, n = last.start, last.length + n
+            result.append(Extent(start, n, zero, False))
         return result
 
-    def _holes_and_data(self, size):
-        """(start, length, zero) covering [0, size), from SEEK_DATA and
-        SEEK_HOLE."""
+    def _holes_and_data(self, pos, end):
+        """(start, length, zero) covering [pos, end), from SEEK_DATA and
+        SEEK_HOLE: the walk starts at ``pos``, whatever lies before it."""
         fd = self._fd
-        pos = 0
-        while pos < size:
+        first = pos
+        while pos < end:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as e:
                 if e.errno == errno.ENXIO:
                     # No data after pos: the rest is a hole.
-                    data = size
-                elif e.errno == errno.EINVAL and pos == 0:
+                    data = end
+                elif e.errno == errno.EINVAL and pos == first:
                     # The file system cannot tell: all data.
-                    yield 0, size, False
+                    yield pos, end - pos, False
                     return
                 else:
                     raise
-            data = min(data, size)
+            data = min(data, end)
             if data > pos:
                 yield pos, data - pos, True
-            if data >= size:
+            if data >= end:
                 return
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
             yield data, hole - data, False
             pos = hole
 

@@ -21,7 +21,7 @@ from .. import compression
 from .. import errors
 from .. import http as http_layer
 from .. import tls
-from . import DirtyExtent, Extent, Sink, _is_tls
+from . import DirtyExtent, Extent, Sink, _is_tls, check_extents_range
 
 log = logging.getLogger("backends.http")
 
@@ -441,19 +441,29 @@ class HTTPBackend:
     def flush(self):
         self._patch({"op": "flush"})
 
-    def extents(self, context="zero"):
-        resp = self._request("GET", "{}/extents?context={}".format(
-            self._path, context))
+    def extents(self, offset=0, length=None, context="zero"):
+        end = check_extents_range(offset, length, self.size())
+        query = urllib.parse.urlencode(
+            {"context": context, "start": offset, "length": end - offset})
+        resp = self._request("GET", "{}/extents?{}".format(self._path, query))
         items = self._json(resp)
         try:
             if context == "dirty":
-                return [DirtyExtent(e["start"], e["length"], e["dirty"],
-                                    e["zero"]) for e in items]
-            return [Extent(e["start"], e["length"], e["zero"],
-                           e.get("hole", False)) for e in items]
+                got = [DirtyExtent(e["start"], e["length"], e["dirty"],
+                                   e["zero"]) for e in items]
+            else:
+                got = [Extent(e["start"], e["length"], e["zero"],
+                              e.get("hole", False)) for e in items]
         except (KeyError, TypeError):
             raise errors.BadGateway(
                 "Remote imageio daemon answered invalid extents")
+        # The established service ignores start and length and answers
+        # the whole image: keep the asked range.
+        return [e._replace(start=max(e.start, offset),
+                           length=min(e.start + e.length, end)
+                           - max(e.start, offset))
+                for e in got
+                if e.start < end and e.start + e.length > offset]
 
     def checksum(self, algorithm, block_size):
         """Let the remote daemon compute the checksum next to the data."""

@@ -33,7 +33,7 @@ SLOT_WAIT = 2.0
 def open_image(req, ticket_id, op, store, cfg):
     """Return (ticket, backend, buffer) for ``op`` on ``ticket_id``.
 
-    Raises Forbidden (no valid ticket), MethodNotAllowed (op not allowed),
+    Raises Forbidden (no valid ticket, or ``op`` not allowed),
     ServiceUnavailable (too many connections), BackendError (image
     unreachable).
     """

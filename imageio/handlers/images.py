@@ -49,6 +49,7 @@ class Images:
         features.append("checksum")
         info = {
             "features": features,
+            "size": ticket.size,
             "max_readers": backend.max_readers,
             "max_writers": backend.max_writers if writable else 0,
             "encodings": compression.ENCODINGS,
@@ -57,29 +58,24 @@ class Images:
             info["unix_socket"] = self.local_socket
         resp.send_json(info, headers=headers)
 
+    def head(self, req, resp, ticket_id):
+        """GET's answer without the body: qemu's curl driver, nbdkit's curl
+        plugin and download managers learn the size and range support
+        this way."""
+        if req.body_left():
+            raise errors.BadRequest("HEAD request must not have a body")
+        ticket, _, _ = open_image(req, ticket_id, "read", self.store,
+                                  self.cfg)
+        status, _, length, headers = _read_answer(req, ticket)
+        with ticket.operation():
+            resp.send_headers(status, length, headers)
+
     def get(self, req, resp, ticket_id):
         if req.body_left():
             raise errors.BadRequest("GET request must not have a body")
         ticket, backend, buf = open_image(req, ticket_id, "read",
                                           self.store, self.cfg)
-        size = ticket.size
-        headers = dict(CORS)
-        headers["Content-Type"] = "application/octet-stream"
-        if ticket.filename:
-            headers["Content-Disposition"] = \
-                'attachment; filename="{}"'.format(
-                    ticket.filename.replace('"', ""))
-        else:
-            headers["Content-Disposition"] = "attachment"
-        if "range" in req.headers:
-            offset, length = httpparse.parse_range(req.headers["range"], size)
-            status = 206
-            headers["Content-Range"] = "bytes {}-{}/{}".format(
-                offset, offset + length - 1, size)
-        else:
-            offset, length, status = 0, size, 200
-            # A whole-image answer depends on Accept-Encoding.
-            headers["Vary"] = "Accept-Encoding"
+        status, offset, length, headers = _read_answer(req, ticket)
         coding = compression.response_coding(req.headers, status == 206,
                                              req.version)
         if coding and length:
@@ -187,6 +183,28 @@ class Images:
                 "Invalid PATCH body: unknown op {!r}; expected 'zero' or "
                 "'flush'".format(op))
         resp.send(200, headers=CORS)
+
+
+def _read_answer(req, ticket):
+    """(status, offset, length, headers) answering a GET or HEAD."""
+    size = ticket.size
+    headers = dict(CORS)
+    headers["Content-Type"] = "application/octet-stream"
+    headers["Accept-Ranges"] = "bytes"
+    if ticket.filename:
+        headers["Content-Disposition"] = \
+            'attachment; filename="{}"'.format(
+                ticket.filename.replace('"', ""))
+    else:
+        headers["Content-Disposition"] = "attachment"
+    if "range" in req.headers:
+        offset, length = httpparse.parse_range(req.headers["range"], size)
+        headers["Content-Range"] = "bytes {}-{}/{}".format(
+            offset, offset + length - 1, size)
+        return 206, offset, length, headers
+    # A whole-image answer depends on Accept-Encoding.
+    headers["Vary"] = "Accept-Encoding"
+    return 200, 0, size, headers
 
 
 def _check_range(offset, length, size):

@@ -1,0 +1,46 @@
+"""/images/{ticket}/checksum and /images/{ticket}/checksum/algorithms."""
+
+from .. import checksum
+from .. import errors
+from .access import CORS, open_image
+
+
+class Checksum:
+
+    def __init__(self, store, cfg):
+        self.store = store
+        self.cfg = cfg
+
+    def get(self, req, resp, ticket_id):
+        ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
+                                        self.cfg)
+        algorithm = req.query.get("algorithm", checksum.DEFAULT_ALGORITHM)
+        raw = req.query.get("block_size", str(checksum.DEFAULT_BLOCK_SIZE))
+        if not raw.isdigit() or len(raw) > 12:
+            raise errors.BadRequest("Invalid block_size {!r}".format(raw))
+        block_size = int(raw)
+        checksum.validate_block_size(block_size)
+        checksum.new_hash(algorithm)
+        with ticket.operation(0, ticket.size) as op:
+            remote = getattr(backend, "checksum", None)
+            if remote is not None:
+                # A proxy asks the daemon next to the data.
+                result = remote(algorithm, block_size)
+                op.progress(ticket.size)
+            else:
+                result = {"algorithm": algorithm, "block_size": block_size,
+                          "checksum": checksum.compute(
+                              backend, ticket.size, algorithm, block_size,
+                              op.progress)}
+        resp.send_json(result, headers=CORS)
+
+
+class Algorithms:
+
+    def __init__(self, store, cfg):
+        self.store = store
+        self.cfg = cfg
+
+    def get(self, req, resp, ticket_id):
+        open_image(req, ticket_id, "read", self.store, self.cfg)
+        resp.send_json({"algorithms": checksum.algorithms()}, headers=CORS)
