@@ -256,7 +256,7 @@ from urllib.parse import urlparse
 from ovirt_imageio._internal.backends import nbd
 b = nbd.open(urlparse(sys.argv[1]))
 start = time.monotonic()
-n = sum(1 for _ in b.extents("zero"))
+n = sum(1 for _ in b.extents(context="zero"))
 print(n, time.monotonic() - start)
 """
 

@@ -243,7 +243,8 @@ def pieces(backend, offset, length):
     if "extents" not in backend.features:
         yield offset, length, False
         return
-    for ext in backend.extents("zero"):
+    # Block status for this range alone, not a walk from the start.
+    for ext in backend.extents(offset, length, "zero"):
         ext_end = ext.start + ext.length
         start = max(ext.start, offset)
         stop = min(ext_end, end)
@@ -275,8 +276,8 @@ def send(backend, buf, offset, length, write, progress):
 # Decoding.
 
 class DecodingSource:
-    """A backends.Source of the decoded bytes of a zstd-coded chunked
-    body.
+    """A body source (the interface of http.Body) of the decoded bytes of
+    a zstd-coded chunked body.
 
     Yields at most ``limit`` bytes; ``exact`` means the stream must decode
     to exactly ``limit`` bytes (a Content-Range).  Before returning the last
@@ -380,7 +381,7 @@ class DecodingSource:
 
 
 class MemorySource:
-    """A backends.Source over bytes in memory."""
+    """A body source (the interface of http.Body) over bytes in memory."""
 
     fd = -1
     timeout = None

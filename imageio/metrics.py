@@ -196,9 +196,10 @@ class Metered:
     def flush(self):
         return self._run("flush", 0, self._backend.flush)
 
-    def extents(self, context="zero"):
+    def extents(self, offset=0, length=None, context="zero"):
         # Backends may stream extents: failures while iterating count too.
-        result = self._run("extents", 0, self._backend.extents, context)
+        result = self._run("extents", 0, self._backend.extents, offset,
+                           length, context)
         return self._iterate(result)
 
     def _iterate(self, extents):

@@ -516,7 +516,7 @@ class HTTPBackend:
 
     def get_with(self, offset, length, recv_body):
         """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
-        exactly the body from a ``backends.Source``-like object.  Raises
+        exactly the body from a source like ``http.Body``.  Raises
         like ``put_with``."""
         ask = "TE: {}\r\nConnection: TE\r\n".format(self.coding) \
             if self.coding else ""

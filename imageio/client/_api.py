@@ -147,7 +147,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
 def _upload(nbd, http, size, buffer_size, progress, max_workers,
             disk_is_zero, names, verify, resume):
     source = transfer.merged((e.start, e.length, e.zero)
-                             for e in nbd.extents("zero"))
+                             for e in nbd.extents(context="zero"))
     # A compressed PUT the daemon decodes whole before writing (docs/api.md,
     # "Compression"): a refused one leaves the image unchanged.
     items = transfer.plan(source, request_size=compression.DECODE_SIZE
@@ -183,7 +183,7 @@ def _target_zero(http, disk_is_zero):
         return All()
     if "extents" not in http.features:
         return _ZeroRanges(())
-    return _ZeroRanges(http.extents("zero"))
+    return _ZeroRanges(http.extents(context="zero"))
 
 
 def download(url, filename, cafile, fmt="qcow2", incremental=False,
@@ -211,14 +211,14 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         _progress_start(progress, size)
         if incremental:
             dirty = [(e.start, e.length, e.zero)
-                     for e in http.extents("dirty") if e.dirty]
+                     for e in http.extents(context="dirty") if e.dirty]
             items = transfer.plan(dirty)
             # Clean extents come from the backing file: not copied.
             if progress:
                 progress.update(size - sum(e[1] for e in dirty))
         else:
             items = transfer.plan(transfer.merged(
-                (e.start, e.length, e.zero) for e in http.extents("zero")))
+                (e.start, e.length, e.zero) for e in http.extents(context="zero")))
             # A new image reads as zero: zero extents stay holes.
             if progress:
                 progress.update(sum(i.length for i in items if i.zero))
@@ -321,7 +321,7 @@ def extents(filename, member=None, bitmap=None):
                     bitmap=bitmap) as nbd_url:
         nbd = nbd_backend.connect(nbd_url, dirty=bitmap is not None)
         try:
-            result = nbd.extents("dirty" if bitmap else "zero")
+            result = nbd.extents(context="dirty" if bitmap else "zero")
         finally:
             nbd.close()
     yield from result
@@ -353,8 +353,8 @@ class ImageioClient:
     def size(self):
         return self._backend.size()
 
-    def extents(self, context="zero"):
-        yield from self._backend.extents(context)
+    def extents(self, offset=0, length=None, context="zero"):
+        yield from self._backend.extents(offset, length, context)
 
     def read(self, offset, buffer):
         """Read ``len(buffer)`` bytes at ``offset`` into ``buffer``."""

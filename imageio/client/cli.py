@@ -171,7 +171,7 @@ def _info(args):
         if "extents" in backend.features:
             data = zero = 0
             count = 0
-            for e in backend.extents("zero"):
+            for e in backend.extents(context="zero"):
                 count += 1
                 if e.zero:
                     zero += e.length

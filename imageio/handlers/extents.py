@@ -76,7 +76,7 @@ def _walk(backend, start, end, context):
     pos = start
     while pos < end:
         n = min(step, end - pos)
-        batch = backend.extents(pos, n, context)
+        batch = list(backend.extents(pos, n, context))
         yield batch
         pos += n
         if batch:
