@@ -375,7 +375,7 @@ def test_ticket_id_not_logged_on_errors(make_daemon, tmp_path):
     ro = add(d, path, len(data), ops=["read"])
     uid = t["uuid"]
     failing = [
-        ("HEAD", "/images/" + uid, None, {"Range": "bytes=0-99999999"}),
+        ("HEAD", "/images/" + uid, None, {"Range": "bytes=99999999-"}),
         ("DELETE", "/images/" + uid, None, {}),
         ("POST", "/images/" + uid, b"x", {}),
         ("GET", "/images/{}/nosuch".format(uid), None, {}),
@@ -383,7 +383,7 @@ def test_ticket_id_not_logged_on_errors(make_daemon, tmp_path):
         ("GET", "/images/{}/extents?context=dirty".format(uid), None, {}),
         ("GET", "/images/{}/checksum?algorithm=nosuch".format(uid), None,
          {}),
-        ("GET", "/images/" + uid, None, {"Range": "bytes=0-99999999"}),
+        ("GET", "/images/" + uid, None, {"Range": "bytes=99999999-"}),
         ("PUT", "/images/" + uid, b"x" * 10,
          {"Content-Range": "bytes 99999999-100000008/*"}),
         ("PATCH", "/images/" + uid, b"{not json", {}),
