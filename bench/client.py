@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 from . import images, peers, tls
 
@@ -110,18 +111,70 @@ def sparse_source(size=TiB, runs=256, run=4 * MiB):
     return path
 
 
+class ClientNamespace:
+    """A network namespace for the clients, joined to this one by a veth
+    pair (no shaping): the daemons listen on the host end, ``host``.  The
+    clients see a private tmpfs over the daemons' run directories, so no
+    client can take the unix socket: every byte goes over HTTPS."""
+
+    host = "10.219.0.1"
+    peer = "10.219.0.2"
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.ns = "imageio-client-" + tag
+        self.dev, self.ns_dev = "icl{}a".format(tag), "icl{}b".format(tag)
+        self.hidden = []
+        ip = ["ip"]
+        steps = [
+            ip + ["netns", "add", self.ns],
+            ip + ["link", "add", self.dev, "type", "veth", "peer", "name",
+                  self.ns_dev],
+            ip + ["link", "set", self.ns_dev, "netns", self.ns],
+            ip + ["addr", "add", self.host + "/24", "dev", self.dev],
+            ip + ["link", "set", self.dev, "up"],
+            ip + ["-n", self.ns, "addr", "add", self.peer + "/24", "dev",
+                  self.ns_dev],
+            ip + ["-n", self.ns, "link", "set", self.ns_dev, "up"],
+            ip + ["-n", self.ns, "link", "set", "lo", "up"],
+        ]
+        try:
+            for argv in steps:
+                subprocess.run(argv, check=True, capture_output=True,
+                               timeout=30)
+        except BaseException:
+            self.close()
+            raise
+
+    def wrap(self, argv):
+        mounts = "".join("mount -t tmpfs tmpfs {} && ".format(d)
+                         for d in self.hidden)
+        return ["ip", "netns", "exec", self.ns, "sh", "-c",
+                mounts + 'exec "$@"', "sh"] + list(argv)
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True,
+                       timeout=30)
+        subprocess.run(["ip", "link", "del", self.dev], capture_output=True,
+                       timeout=30)
+
+
 class Stacks:
     """Both daemons, started once; clients run in ``netns`` (a name or
     None)."""
 
     def __init__(self, workdir, netns=None):
         self.workdir = workdir
-        self.key, self.cert = tls.make_cert(workdir)
+        addresses = (netns.host,) if netns else ()
+        self.key, self.cert = tls.make_cert(workdir, addresses)
         self.netns = netns
         self.daemons = {}
         for kind in ("imageio", "established"):
             d = peers.Daemon(kind, os.path.join(workdir, kind), self.key,
                              self.cert)
+            if netns:
+                d.listen_host = netns.host
+                netns.hidden.append(d.run_dir)
             d.start()
             self.daemons[kind] = d
         self.established_python = os.path.join(
@@ -255,7 +308,6 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="imageio-bench-client-")
     netns = None
     if args.netns:
-        from .clientns import ClientNamespace
         netns = ClientNamespace()
     stacks = Stacks(workdir, netns)
     results = {}

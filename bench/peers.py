@@ -188,7 +188,7 @@ cert_file = {cert}
 ca_file = {cert}
 
 [remote]
-host = 127.0.0.1
+host = {host}
 port = {port}
 
 [local]
@@ -223,6 +223,9 @@ class Daemon:
     """
 
     LABELS = {"imageio": "imageio", "established": "established 2.5.1"}
+    # Where the remote service listens (bench/client.py --netns: the host
+    # end of a veth pair, for clients in another network namespace).
+    listen_host = "127.0.0.1"
 
     def __init__(self, kind, workdir, key, cert, role=None):
         if kind not in self.LABELS:
@@ -261,8 +264,9 @@ class Daemon:
         os.makedirs(os.path.join(self.confdir, "conf.d"), exist_ok=True)
         os.makedirs(self.run_dir, exist_ok=True)
         port = free_port()
-        self.https = ("127.0.0.1", port)
+        self.https = (self.listen_host, port)
         conf = DAEMON_CONF.format(
+            host=self.listen_host,
             run_dir=self.run_dir, key=self.key, cert=self.cert, port=port,
             local_socket=self.unix_socket,
             control_socket=self.control_socket, log=self.log)

@@ -29,6 +29,7 @@ LABELS = {
     "dd": "dd iflag=direct",
     "nbdcopy": "nbdcopy --no-extents",
     "data-only": "imageio, data only",
+    "qemu-img": "qemu-img convert",
     "direct": "imageio direct",
 }
 # Scenario order and descriptions.
@@ -53,6 +54,8 @@ SCENARIOS = {
     "nbd_checksum_1t": "checksum 1 TiB sparse qcow2 via NBD (time)",
     "sparse_upload_1t": "upload 1 TiB qcow2 (1 GiB data), established "
                         "client, to qemu-nbd (time)",
+    "client_upload": "ovirt-img upload qcow2 to a raw file ticket (time)",
+    "client_download": "ovirt-img download to qcow2 (time)",
 }
 
 

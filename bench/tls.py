@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def make_cert(directory):
-    """Write key.pem and cert.pem into directory; return their paths."""
+def make_cert(directory, addresses=()):
+    """Write key.pem and cert.pem into directory; return their paths.
+    ``addresses``: more IP addresses the certificate names."""
     os.makedirs(directory, exist_ok=True)
     key_path = os.path.join(directory, "key.pem")
     cert_path = os.path.join(directory, "cert.pem")
@@ -31,7 +32,7 @@ def make_cert(directory):
         x509.DNSName("localhost"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
-    ])
+    ] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
