@@ -387,17 +387,24 @@ def test_error_daemon_dies_mid_transfer(make_daemon, tmp_path):
     from nbdserver import nbdkit
     sock = tmp_path / "slow.sock"
     server = nbdkit("memory", str(SIZE), sock=sock, filters=["delay"])
-    server.argv += ["wdelay=100ms"]
+    server.argv += ["wdelay=200ms"]
     with server.start():
         t = new_ticket("nbd:unix:" + str(sock), SIZE)
         d.add_ticket(t)
+        # One worker, 32 delayed writes: about 6 seconds.
         proc = subprocess.Popen(
             [OVIRT_IMG, "upload", str(source), url_of(d, t), "--cafile",
-             d.ca_file, "-o", "json"], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-        time.sleep(1)
+             d.ca_file, "--max-workers", "1", "-o", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Kill the daemon once data moves.
+        while True:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if json.loads(line)["transferred"] > 0:
+                break
         d.proc.kill()
-        out, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate(timeout=60)
+        out = line + rest
     assert proc.returncode == 1, err
     assert len(err.strip().splitlines()) == 1, err
     assert "failed during" in err or "Cannot reach" in err, err
