@@ -22,6 +22,10 @@ DEFAULTS = {
         "poll_interval": 1.0,
         "max_connections": 8,
         "inactivity_timeout": 60,
+        # Not in the established service: see docs/config.md.
+        "max_clients": 10000,
+        "header_timeout": 10,
+        "max_buffer_memory": 768 * MiB,
         "run_dir": "/run/ovirt-imageio",
         "drop_privileges": True,
         "user_name": "ovirtimg",

@@ -7,6 +7,7 @@ import logging
 import logging.config
 import os
 import pwd
+import resource
 import signal
 import socket
 import sys
@@ -117,6 +118,7 @@ class Daemon:
         cfg = self.cfg
         log.info("Starting ovirt-imageio %s (pid %d, config %s)",
                  __version__, os.getpid(), ", ".join(cfg.files) or "defaults")
+        raise_fd_limit()
         ssl_context = None
         if cfg.tls.enable:
             if cfg.tls.create_dev_pki:
@@ -205,6 +207,26 @@ class Daemon:
             except OSError:
                 pass
         log.info("Stopped")
+
+
+def raise_fd_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every connection
+    costs a file descriptor, and the usual soft limit (1024) is far below
+    what the hard limit (and [daemon] max_clients) allow."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard
+        if hard == resource.RLIM_INFINITY:
+            # Not settable as a soft limit on Linux: the kernel's maximum.
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("Cannot raise the file descriptor limit from %d to "
+                        "%d: %s", soft, target, e)
+    log.info("File descriptor limit: %d", soft)
 
 
 def notify_systemd(state):

@@ -9,7 +9,9 @@ import errno
 import json
 import logging
 import re
+import select
 import socket
+import ssl
 import time
 
 from . import backends
@@ -17,6 +19,7 @@ from . import errors
 from . import httpparse
 from . import metrics
 from . import tickets
+from . import transport
 
 log = logging.getLogger("http")
 
@@ -44,30 +47,107 @@ DRAIN_LIMIT = 1024**2
 # that sent everything must not be kept waiting for bytes that never come.
 DRAIN_IDLE = 1.0
 # Once a request starts arriving, its request line and headers must be
-# complete within this time, however slowly a client trickles them in.
+# complete within this time, however slowly a client trickles them in
+# (blocking use; the daemon uses [daemon] header_timeout).
 HEADERS_TIMEOUT = 30
 
 
 class Reader:
-    """Reads lines and bodies from a socket.
+    """Reads request heads, lines and bodies from a connection.
 
-    Bytes received beyond a line stay in a small buffer and are returned
-    first; large reads go straight from the socket into the caller's
-    buffer (``readinto``), so bodies land in aligned buffers without a copy.
+    Bytes received beyond a head or line stay in a small buffer and are
+    returned first; large reads go straight from the socket into the
+    caller's buffer (``readinto``), so bodies land in aligned buffers
+    without a copy.
     """
 
     def __init__(self, sock):
-        self._sock = sock
+        self._sock = transport.wrap(sock)
         self._buf = bytearray()
         self._pos = 0
-        # Monotonic time by which the current request's headers must be
-        # complete; None while waiting for a request.
-        self.deadline = None
+        # The peer closed its side (seen by fill()).
+        self.eof = False
 
     def peek_buffered(self):
         return len(self._buf) - self._pos
 
+    # Request heads.
+
+    def parse_head(self):
+        """The next request head if all of it is buffered, else None.
+        Raises HTTPError for a malformed head (httpparse.parse_head)."""
+        if self._pos == len(self._buf):
+            return None
+        result = httpparse.parse_head(self._buf, self._pos)
+        if result is None:
+            return None
+        head, self._pos = result
+        self._compact()
+        return head
+
+    def only_blank(self):
+        """Whether the buffered bytes are only line ends (a client may
+        send a stray CRLF after a request)."""
+        return not self._buf[self._pos:].strip(b"\r\n")
+
+    def fill(self):
+        """Receive the bytes available now from a non-blocking socket;
+        return how many.  Sets ``eof`` when the peer closed."""
+        total = 0
+        while True:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                return total
+            if not data:
+                self.eof = True
+                return total
+            self._buf += data
+            total += len(data)
+            if len(data) < READ_SIZE and not self._sock.pending():
+                return total
+
+    def read_head(self, deadline=None):
+        """Block until a whole head is buffered (None at end of stream,
+        or HTTPError); the head must be complete by ``deadline``
+        (monotonic) once its first byte arrived.  For blocking use of a
+        connection (Connection.serve); the daemon reads heads in the
+        selector (imageio.connections)."""
+        while True:
+            head = self.parse_head()
+            if head is not None:
+                return head
+            if self.peek_buffered() and not self.only_blank() \
+                    and deadline is None:
+                deadline = time.monotonic() + HEADERS_TIMEOUT
+            chunk = self._recv_until(deadline)
+            if not chunk:
+                if self.peek_buffered() and not self.only_blank():
+                    raise ConnectionResetError("Client closed during head")
+                return None
+            self._buf += chunk
+
+    def _recv_until(self, deadline):
+        if deadline is None:
+            return self._sock.recv(READ_SIZE)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("Request headers not received in time")
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(remaining if timeout is None
+                              else min(timeout, remaining))
+        try:
+            return self._sock.recv(READ_SIZE)
+        finally:
+            self._sock.settimeout(timeout)
+
+    # Lines and bodies.
+
     def readline(self, limit=httpparse.MAX_LINE):
+        """Read one line inside a body (chunk sizes, trailers): it waits
+        only for the socket's timeout, so a streamed upload may last as
+        long as its data keeps coming."""
         while True:
             i = self._buf.find(b"\n", self._pos)
             if i >= 0:
@@ -79,29 +159,13 @@ class Reader:
                 return line
             if len(self._buf) - self._pos > limit:
                 raise _LineTooLong()
-            chunk = self._recv_line_data()
+            chunk = self._sock.recv(READ_SIZE)
             if not chunk:
                 line = bytes(self._buf[self._pos:])
                 self._buf.clear()
                 self._pos = 0
                 return line
             self._buf += chunk
-
-    def _recv_line_data(self):
-        if self.deadline is None:
-            chunk = self._sock.recv(READ_SIZE)
-            self.deadline = time.monotonic() + HEADERS_TIMEOUT
-            return chunk
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("Request headers not received in time")
-        timeout = self._sock.gettimeout()
-        self._sock.settimeout(remaining if timeout is None
-                              else min(timeout, remaining))
-        try:
-            return self._sock.recv(READ_SIZE)
-        finally:
-            self._sock.settimeout(timeout)
 
     def _compact(self):
         if self._pos == len(self._buf):
@@ -154,16 +218,15 @@ class Body:
 
     def __init__(self, reader, sock, length, timeout):
         self._reader = reader
-        self._sock = sock
+        self._transport = transport.wrap(sock)
         self.timeout = timeout
         self.remaining = length
-        self._plain = type(sock).__name__ != "SSLSocket"
 
     @property
     def fd(self):
-        if self._plain and not self._reader.peek_buffered():
-            return self._sock.fileno()
-        return -1
+        if self._reader.peek_buffered():
+            return -1
+        return self._transport.fd
 
     def consumed(self, n):
         """Account bytes read directly from ``fd`` by C code."""
@@ -197,18 +260,31 @@ class ChunkedBody:
         if self.remaining:
             raise errors.BadRequest("Chunk not fully read")
         if not self._first:
-            if self._reader.readline() not in (b"\r\n", b"\n"):
+            if self._readline("chunk end") not in (b"\r\n", b"\n"):
                 raise errors.BadRequest("Invalid chunked body: missing CRLF")
         self._first = False
-        size = httpparse.parse_chunk_size(self._reader.readline())
+        size = httpparse.parse_chunk_size(self._readline("chunk size line"))
         if size == 0:
             # Trailers, then an empty line.
             for _ in range(httpparse.MAX_HEADERS):
-                if self._reader.readline() in (b"\r\n", b"\n", b""):
+                if self._readline("trailer line") in (b"\r\n", b"\n", b""):
                     break
+            else:
+                # The rest would be parsed as the next request.
+                raise errors.BadRequest(
+                    "Too many trailer lines: at most {} allowed".format(
+                        httpparse.MAX_HEADERS))
             self.done = True
         self.remaining = size
         return size
+
+    def _readline(self, what):
+        try:
+            return self._reader.readline()
+        except _LineTooLong:
+            raise errors.BadRequest(
+                "Invalid chunked body: {} longer than {} bytes".format(
+                    what, httpparse.MAX_LINE))
 
     def consumed(self, n):  # pragma: no cover - fd is never >= 0
         self.remaining -= n
@@ -245,6 +321,12 @@ class Request:
         self.chunked = bool(codings)
         # The coding of the chunked body's bytes, None for identity.
         self.transfer_coding = codings[0] if len(codings) > 1 else None
+        if self.chunked and "content-length" in headers:
+            # RFC 9112 6.1: a request smuggling pattern; refuse it (the
+            # connection closes, as for every malformed head).
+            raise errors.BadRequest(
+                "Content-Length and Transfer-Encoding: chunked must not be "
+                "used together")
         if "content-length" in headers and not self.chunked:
             self.content_length = httpparse.parse_content_length(
                 headers["content-length"])
@@ -358,17 +440,7 @@ class Response:
             # (errors too: the client would read it as the next response).
             sock.sendall(head)
             return
-        if type(sock).__name__ == "SSLSocket":
-            sock.sendall(head + body)
-            return
-        parts = [memoryview(head), memoryview(body)]
-        while parts:
-            n = sock.sendmsg(parts)
-            while parts and n >= len(parts[0]):
-                n -= len(parts[0])
-                parts.pop(0)
-            if parts and n:
-                parts[0] = parts[0][n:]
+        sock.send_parts((head, body))
 
     def send(self, status, body=b"", content_type=None, headers=None):
         """Send a whole response."""
@@ -438,25 +510,32 @@ class Router:
 
 
 class Connection:
-    """Serves HTTP requests on one client socket until it closes.
+    """One client connection, served one request per ``serve_one`` call
+    (nbdkit's protocol_recv_request_send_reply).
+
+    ``imageio.connections`` reads request heads in its selector and calls
+    ``serve_one`` in a worker; ``serve`` is the blocking loop over the
+    same steps, for a socket owned by one thread (tests, fuzzing).
 
     ``timeout`` is the idle time allowed between requests and the socket
     timeout while a request runs; handlers may change it (a ticket's
     ``inactivity_timeout``).  ``context`` holds per-connection state the
     handlers keep (open backends, buffers); ``on_close`` callbacks run when
-    the connection ends.
+    the connection ends, ``on_idle`` ones each time it goes back to wait
+    for a request (buffers return to their pool there).
     """
 
     def __init__(self, sock, router, timeout=60, name="conn", service=""):
-        self.sock = sock
+        self.sock = transport.wrap(sock)
         self.router = router
         self.timeout = timeout
         self.name = name
         # The service label of this connection's request metrics.
         self.service = service
-        self.reader = Reader(sock)
+        self.reader = Reader(self.sock)
         self.context = {}
         self._on_close = []
+        self._on_idle = []
         self.closing = False
         # True while a request is being served.
         self.busy = False
@@ -464,39 +543,88 @@ class Connection:
     def on_close(self, func):
         self._on_close.append(func)
 
+    def on_idle(self, func):
+        """Run ``func()`` once, when the connection next goes idle."""
+        self._on_idle.append(func)
+
     def set_timeout(self, timeout):
         self.timeout = timeout
         self.sock.settimeout(timeout)
 
     def serve(self):
+        """Serve requests until the client closes (blocking)."""
         try:
             self.sock.settimeout(self.timeout)
             while not self.closing:
-                if not self._serve_one():
+                try:
+                    head = self.reader.read_head()
+                except errors.HTTPError as e:
+                    self.serve_error(e)
                     break
-        except (ConnectionError, socket.timeout, TimeoutError) as e:
-            log.debug("%s: connection ended: %s", self.name, e)
-        except OSError as e:
-            if e.errno not in (errno.EBADF, errno.ENOTCONN):
-                log.warning("%s: connection failed: %s", self.name, e)
-        except Exception:
-            # A bug; the daemon goes on serving everyone else.
-            log.exception("%s: unexpected error, closing connection",
-                          self.name)
+                if head is None or not self.serve_one(head):
+                    break
+                self.idle()
+        except Exception as e:
+            self.log_failure(e)
         finally:
             self.close()
 
+    def next_head(self, linger):
+        """The next request's head if it is buffered or arrives within
+        ``linger`` seconds (a keep-alive client that sends its next
+        request at once is served without a trip through the selector).
+        Return None otherwise: the caller hands the connection back.
+        Raises HTTPError for a malformed head, ConnectionError when the
+        client closed."""
+        head = self.reader.parse_head()
+        if head is not None or self.reader.peek_buffered():
+            return head
+        if not self.sock.pending():
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLIN)
+            if not p.poll(linger * 1000):
+                return None
+        self.sock.settimeout(0)
+        try:
+            self.reader.fill()
+        finally:
+            self.sock.settimeout(self.timeout)
+        if self.reader.eof and not self.reader.peek_buffered():
+            raise ConnectionResetError("Client closed")
+        return self.reader.parse_head()
+
+    def idle(self):
+        """The connection waits for its next request: run the on_idle
+        callbacks."""
+        funcs, self._on_idle = self._on_idle, []
+        for func in funcs:
+            try:
+                func()
+            except Exception:
+                log.exception("%s: error releasing idle connection",
+                              self.name)
+
+    def log_failure(self, e):
+        """Log why the connection ends (the caller closes it)."""
+        if isinstance(e, (ConnectionError, socket.timeout, TimeoutError)):
+            log.debug("%s: connection ended: %s", self.name, e)
+        elif isinstance(e, OSError):
+            if e.errno not in (errno.EBADF, errno.ENOTCONN):
+                log.warning("%s: connection failed: %s", self.name, e)
+        else:
+            # A bug; the daemon goes on serving everyone else.
+            log.exception("%s: unexpected error, closing connection",
+                          self.name, exc_info=e)
+
     def close(self):
+        self.idle()
         for func in reversed(self._on_close):
             try:
                 func()
             except Exception:
                 log.exception("%s: error closing connection", self.name)
         self._on_close = []
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.sock.close()
 
     def shutdown(self):
         """Stop the connection from another thread."""
@@ -506,37 +634,31 @@ class Connection:
         except OSError:
             pass
 
-    def _serve_one(self):
+    def serve_error(self, e):
+        """Answer a request whose head could not be parsed; the connection
+        cannot go on (where would the next request start?)."""
         resp = Response(self)
-        # Buffered bytes mean the next request already started arriving.
-        self.reader.deadline = time.monotonic() + HEADERS_TIMEOUT \
-            if self.reader.peek_buffered() else None
+        resp.close = True
         try:
-            line = self.reader.readline()
-        except _LineTooLong:
-            resp.close = True
-            resp.send_error(431, "Request line too long")
-            return False
-        if not line:
-            return False
-        if line in (b"\r\n", b"\n"):
-            # Tolerate a stray CRLF between requests (RFC 9112 2.2).
-            return True
+            resp.send_error(e.status, e.message)
+        finally:
+            metrics.request_done(self.service, None,
+                                 resp.status if resp.started else None, 0.0)
+
+    def serve_one(self, head):
+        """Serve the request of ``head`` (httpparse.Head); return True if
+        the connection may serve another one."""
+        resp = Response(self)
         start = time.monotonic()
         method = None
         try:
             try:
-                req = self._read_request(line)
+                req = Request(self, head.method, head.path, head.query,
+                              head.version, head.headers)
             except errors.HTTPError as e:
                 resp.close = True
                 resp.send_error(e.status, e.message)
                 return False
-            except _LineTooLong:
-                resp.close = True
-                resp.send_error(431, "Request header line too long")
-                return False
-
-            self.reader.deadline = None
             resp.request = req
             method = req.method
             self.busy = True
@@ -545,6 +667,7 @@ class Connection:
             finally:
                 self.busy = False
         finally:
+            # The one per-request hook: after the response.
             metrics.request_done(self.service, method,
                                  resp.status if resp.started else None,
                                  time.monotonic() - start)
@@ -566,30 +689,6 @@ class Connection:
             # next request.
             return False
         return True
-
-    def _read_request(self, line):
-        method, path, query, version = httpparse.parse_request_line(line)
-        headers = {}
-        for _ in range(httpparse.MAX_HEADERS + 1):
-            hline = self.reader.readline()
-            if hline in (b"\r\n", b"\n"):
-                break
-            if not hline:
-                raise ConnectionResetError("Client closed during headers")
-            name, value = httpparse.parse_header_line(hline)
-            if name in headers:
-                if name in ("content-length", "range", "content-range",
-                            "transfer-encoding", "host"):
-                    raise errors.BadRequest(
-                        "Duplicate header {!r}".format(name))
-                headers[name] += ", " + value
-            else:
-                headers[name] = value
-        else:
-            raise errors.HeadersTooLarge(
-                "Too many headers: at most {} allowed".format(
-                    httpparse.MAX_HEADERS))
-        return Request(self, method, path, query, version, headers)
 
     def _dispatch(self, req, resp):
         """Run the handler; turn every error into a response.  This is the

@@ -12,6 +12,9 @@ from . import errors
 
 MAX_LINE = 8192
 MAX_HEADERS = 100
+# A whole request head: bounds the work of re-parsing a head that arrives
+# in many small pieces (parse_head scans it again each time a line ends).
+MAX_HEAD = 64 * 1024
 
 # RFC 9110 token characters.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -172,3 +175,108 @@ def parse_chunk_size(line):
             c not in "0123456789abcdefABCDEF" for c in size):
         raise errors.BadRequest("Invalid chunk size {!r}".format(text[:50]))
     return int(size, 16)
+
+
+# Characters kept as they are in an RFC 6266 quoted filename fallback.
+_ASCII_FILENAME = re.compile(r'[^ !#-\[\]-~]')
+
+
+def content_disposition(filename):
+    """The Content-Disposition value for a download named ``filename``:
+    an ASCII ``filename="..."`` fallback for old clients, plus RFC 6266 /
+    RFC 8187 ``filename*=UTF-8''...`` when the name is not plain ASCII.
+    Header bytes are Latin-1 on the wire: a raw non-Latin-1 name cannot be
+    sent, and a raw CR/LF would inject a header."""
+    if not filename:
+        return "attachment"
+    fallback = _ASCII_FILENAME.sub("_", filename)
+    value = 'attachment; filename="{}"'.format(fallback)
+    if fallback != filename:
+        value += "; filename*=UTF-8''" + urllib.parse.quote(
+            filename, safe="!#$&+-.^_`|~")
+    return value
+
+
+class Head:
+    """A parsed request head: what ``parse_head`` returns."""
+
+    __slots__ = ("method", "path", "query", "version", "headers")
+
+    def __init__(self, method, path, query, version, headers):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+
+
+# Headers a request may carry once: a second one is a smuggling attempt or
+# a broken client, never something to merge.
+_SINGLE = ("content-length", "range", "content-range", "transfer-encoding",
+           "host")
+
+
+def parse_head(buf, start=0):
+    """Parse a request head (request line, headers, empty line) at
+    ``buf[start:]``.
+
+    Resumable and pure, as h11's readers: call it again with more bytes
+    appended until it returns something other than None.  Return None when
+    the head is not complete yet, else (Head, end) where ``end`` is the
+    offset just after the head in ``buf``.  Empty lines before the request
+    line are skipped (RFC 9112 2.2).
+
+    Raises BadRequest for a malformed head, HeadersTooLarge (431) when a
+    line is longer than MAX_LINE or there are more than MAX_HEADERS
+    headers, before the whole head has arrived whenever that is known.
+    """
+    pos = start
+    # Stray CRLFs between requests.
+    while True:
+        if buf[pos:pos + 2] == b"\r\n":
+            pos += 2
+        elif buf[pos:pos + 1] == b"\n":
+            pos += 1
+        else:
+            break
+    lines = []
+    head_start = pos
+    while True:
+        i = buf.find(b"\n", pos, head_start + MAX_HEAD + 1)
+        if i < 0 and len(buf) - head_start > MAX_HEAD:
+            raise errors.HeadersTooLarge(
+                "Request head too large: at most {} bytes allowed".format(
+                    MAX_HEAD))
+        if i < 0:
+            if len(buf) - pos > MAX_LINE:
+                raise errors.HeadersTooLarge(
+                    "Request line too long" if not lines
+                    else "Request header line too long")
+            return None
+        if i + 1 - pos > MAX_LINE:
+            raise errors.HeadersTooLarge(
+                "Request line too long" if not lines
+                else "Request header line too long")
+        line = bytes(buf[pos:i + 1])
+        pos = i + 1
+        if lines and line in (b"\r\n", b"\n"):
+            break
+        lines.append(line)
+        if len(lines) > MAX_HEADERS + 1:
+            raise errors.HeadersTooLarge(
+                "Too many headers: at most {} allowed".format(MAX_HEADERS))
+    return _make_head(lines), pos
+
+
+def _make_head(lines):
+    method, path, query, version = parse_request_line(lines[0])
+    headers = {}
+    for line in lines[1:]:
+        name, value = parse_header_line(line)
+        if name in headers:
+            if name in _SINGLE:
+                raise errors.BadRequest("Duplicate header {!r}".format(name))
+            headers[name] += ", " + value
+        else:
+            headers[name] = value
+    return Head(method, path, query, version, headers)

@@ -1,17 +1,16 @@
 """The three services: remote (TCP, TLS), local (unix socket) and control
 (unix socket or TCP on localhost).
 
-Each service accepts connections in its own thread and serves each
-connection in a thread of its own (``imageio.http.Connection``).
+Each service holds its connections in a selector thread of its own and
+runs their requests in its own worker threads (``imageio.connections``),
+so a flood on the remote port cannot slow the control service down.
 """
 
-import itertools
 import logging
 import os
 import socket
-import ssl
-import threading
 
+from . import connections
 from . import http
 from . import metrics
 from .handlers import checksum, extents, images, info, tickets
@@ -19,109 +18,42 @@ from .handlers import metrics as metrics_handler
 
 log = logging.getLogger("services")
 
-_conn_ids = itertools.count(1)
-
-# A client must finish the TLS handshake within this time.
-HANDSHAKE_TIMEOUT = 30
-
 
 class Service:
+    """One listening socket and its connections (imageio.connections)."""
 
     name = "service"
 
     def __init__(self, sock, router, cfg, ssl_context=None):
-        self._sock = sock
         self._router = router
         self._cfg = cfg
         self._ssl = ssl_context
-        self._lock = threading.Lock()
-        self._connections = set()
-        self._running = False
-        self._thread = None
+        self.server = connections.Server(
+            self.name, sock, self._make_conn, ssl_context=ssl_context,
+            max_clients=cfg.daemon.max_clients,
+            header_timeout=cfg.daemon.header_timeout,
+            idle_timeout=cfg.daemon.inactivity_timeout)
+
+    def _make_conn(self, sock, name):
+        return http.Connection(sock, self._router,
+                               timeout=self._cfg.daemon.inactivity_timeout,
+                               name=name, service=self.name)
 
     @property
     def address(self):
-        return self._sock.getsockname()
+        return self.server.address
 
     def start(self):
-        metrics.track_connections(self.name, self._connection_count)
-        self._running = True
-        self._thread = threading.Thread(
-            target=self._accept_loop, name=self.name, daemon=True)
-        self._thread.start()
+        metrics.track_connections(self.name, self.server.connection_count)
+        self.server.start()
 
     def stop(self):
         """Stop accepting and shut down open connections."""
-        self._running = False
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if self._thread:
-            self._thread.join(5)
-        self._sock.close()
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:
-            conn.shutdown()
-
-    def _connection_count(self):
-        with self._lock:
-            return len(self._connections)
+        self.server.stop()
 
     def wait_connections(self, timeout):
-        """Wait until connection threads end; return those still running."""
-        import time
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._connections:
-                    return 0
-            time.sleep(0.05)
-        with self._lock:
-            return len(self._connections)
-
-    def _accept_loop(self):
-        self._sock.settimeout(1.0)
-        while self._running:
-            try:
-                sock, _ = self._sock.accept()
-            except socket.timeout:
-                continue
-            except OSError as e:
-                if self._running:
-                    log.warning("%s: accept failed: %s", self.name, e)
-                    continue
-                break
-            name = "{}/{}".format(self.name, next(_conn_ids))
-            t = threading.Thread(target=self._serve, args=(sock, name),
-                                 name=name, daemon=True)
-            t.start()
-
-    def _serve(self, sock, name):
-        if self._ssl:
-            try:
-                sock.settimeout(HANDSHAKE_TIMEOUT)
-                sock = self._ssl.wrap_socket(sock, server_side=True)
-            except (OSError, ssl.SSLError) as e:
-                log.debug("%s: TLS handshake failed: %s", name, e)
-                sock.close()
-                return
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = http.Connection(sock, self._router,
-                               timeout=self._cfg.daemon.inactivity_timeout,
-                               name=name, service=self.name)
-        with self._lock:
-            if not self._running:
-                sock.close()
-                return
-            self._connections.add(conn)
-        try:
-            conn.serve()
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
+        """Wait until connections end; return how many are left."""
+        return self.server.wait_connections(timeout)
 
 
 def _images_routes(store, cfg, local_socket):

@@ -9,6 +9,7 @@ import bisect
 import logging
 import threading
 import time
+import unicodedata
 
 from . import backends
 from . import errors
@@ -91,6 +92,14 @@ def validate(d, default_inactivity_timeout=60):
         raise errors.BadRequest(
             "Invalid ticket: field 'uuid' must not contain '/' or "
             "control characters")
+    filename = clean.get("filename")
+    if filename is not None and any(
+            unicodedata.category(c) == "Cc" for c in filename):
+        # The name goes into a Content-Disposition header: CR/LF would
+        # inject headers, and no file name needs control characters.
+        raise errors.BadRequest(
+            "Invalid ticket: field 'filename' must not contain control "
+            "characters")
     for op in clean["ops"]:
         if op not in VALID_OPS:
             raise errors.BadRequest(
@@ -313,9 +322,7 @@ class Ticket:
 
     def _start(self, op):
         with self._lock:
-            if self._canceled:
-                raise errors.Forbidden(
-                    "Ticket {} was canceled".format(short_id(self.uuid)))
+            self._check_live_locked()
             op.metered_at = self._clock()
             self._ops.append(op)
 
@@ -352,8 +359,13 @@ class Ticket:
         with ``force``.  With ``limit``, wait up to ``wait`` seconds for a
         free slot and return False if none freed.  (A client that closes
         one connection and opens the next races the daemon's clean-up of
-        the first: it got its whole answer before the daemon closed.)"""
+        the first: it got its whole answer before the daemon closed.)
+
+        Raise Forbidden if the ticket was canceled: a request that
+        authorized just before a DELETE must not open the backend after
+        the DELETE returned."""
         with self._lock:
+            self._check_live_locked()
             if limit is not None:
                 deadline = self._clock() + wait
                 while len(self._connections) >= limit:
@@ -361,15 +373,22 @@ class Ticket:
                     if left <= 0:
                         return False
                     self._slots.wait(left)
+                    self._check_live_locked()
             self._connections[conn_id] = closer
             return True
+
+    def _check_live_locked(self):
+        if self._canceled:
+            raise errors.Forbidden(
+                "Ticket {} was canceled".format(short_id(self.uuid)))
 
     def remove_connection(self, conn_id):
         with self._lock:
             self._connections.pop(conn_id, None)
-            self._slots.notify()
-            if not self._ops:
-                self._idle.notify_all()
+            # All waiters: a cancel waits for no connection, a request for
+            # a free slot (and learns of the cancel).
+            self._slots.notify_all()
+            self._idle.notify_all()
 
     def connection_count(self):
         with self._lock:
@@ -390,7 +409,8 @@ class Ticket:
         operations to stop.
 
         Idle connections are shut down at once; running operations stop at
-        their next chunk.  An operation that does not get there (a client
+        their next chunk.  Return only once no connection holds the
+        ticket's backend (each closes it as it ends).  An operation that does not get there (a client
         that stopped reading, so the daemon is blocked sending to it) has
         its connection shut down after half the timeout (at most
         ``CANCEL_GRACE`` seconds).  Raise Conflict if operations are still
@@ -398,12 +418,14 @@ class Ticket:
         """
         with self._lock:
             self._canceled = True
+            # Requests waiting for a slot learn of the cancel.
+            self._slots.notify_all()
         self._close_connections(force=False)
         deadline = self._clock() + timeout
         grace = self._clock() + min(timeout / 2, CANCEL_GRACE)
         forced = False
         with self._lock:
-            while self._ops:
+            while self._ops or self._connections:
                 now = self._clock()
                 if not forced and now >= grace:
                     forced = True
@@ -417,10 +439,19 @@ class Ticket:
                 if remaining <= 0:
                     raise errors.Conflict(
                         "Timeout cancelling ticket {}: {} operations still "
-                        "running; try again".format(
-                            short_id(self.uuid), len(self._ops)))
+                        "running, {} connections open; try again".format(
+                            short_id(self.uuid), len(self._ops),
+                            len(self._connections)))
                 wait = remaining if forced else grace - now
                 self._idle.wait(max(0.01, min(wait, 0.5)))
+                if not self._ops and self._connections and not forced:
+                    # A connection that was busy at the first pass may
+                    # have gone idle since, still holding the backend.
+                    self._lock.release()
+                    try:
+                        self._close_connections(force=False)
+                    finally:
+                        self._lock.acquire()
 
     def _close_connections(self, force):
         with self._lock:

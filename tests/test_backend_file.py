@@ -94,6 +94,12 @@ def holey_image(request, tmp_path):
     yield from _image(request.param, tmp_path)
 
 
+# O_DIRECT images: partial blocks are read-modify-written.
+@pytest.fixture(params=["ext4", "loop-device"])
+def direct_image(request, tmp_path):
+    yield from _image(request.param, tmp_path)
+
+
 def _image(kind, tmp_path):
     if kind == "ext4":
         path = "/var/tmp/imageio-backend-{}".format(os.getpid())
@@ -420,6 +426,38 @@ def test_zero_grows_file_exactly(growable_image, reference, punch_hole,
         assert backend.size() == offset + length
     assert image.content() == reference[:offset] + bytes(
         offset + length - min(offset, SIZE))
+
+
+@pytest.mark.parametrize("offset,length", [(100, 200), (4000, 200),
+                                           (SIZE - 100, 100)])
+def test_zero_partial_block_takes_write_lock(direct_image, reference,
+                                             offset, length):
+    # Writes to a partial block read, modify and write the whole block
+    # under the block lock; a zero of part of a block done outside it
+    # would be undone by a concurrent unaligned PUT to the same block.
+    image = direct_image
+    image.write(reference)
+    with image.open(sparse=True) as backend:
+        backend._lock.acquire()
+        th = threading.Thread(target=backend.zero,
+                              args=(offset, length, True))
+        try:
+            th.start()
+            th.join(0.3)
+            assert th.is_alive(), "zero did not wait for the block lock"
+        finally:
+            backend._lock.release()
+        th.join(10)
+        # A whole aligned range takes no lock (nothing to read back).
+        backend._lock.acquire()
+        try:
+            backend.zero(8192, 4096, True)
+        finally:
+            backend._lock.release()
+    ref = bytearray(reference)
+    ref[offset:offset + length] = bytes(length)
+    ref[8192:8192 + 4096] = bytes(4096)
+    assert image.content() == ref
 
 
 def test_zero_write_fallback(image, reference):

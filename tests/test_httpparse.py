@@ -1,6 +1,7 @@
 import pytest
 
 from imageio import errors
+from imageio import httpparse
 from imageio import httpparse as hp
 
 
@@ -85,3 +86,59 @@ def test_bad_percent_encoding():
         hp.parse_request_line(b"PUT /images/%%%%%%%%%%%%%%%%abc HTTP/1.1\r\n")
     with pytest.raises(errors.BadRequest):
         hp.parse_request_line(b"GET /images/%ff%fe HTTP/1.1\r\n")
+
+
+# parse_head: resumable, fed one byte at a time as a slow client sends.
+
+HEAD = (b"\r\nPUT /images/abc?flush=n HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello")
+
+
+def test_parse_head_one_byte_at_a_time():
+    end_of_head = HEAD.index(b"\r\n\r\n") + 4
+    buf = bytearray()
+    for i, byte in enumerate(HEAD):
+        buf.append(byte)
+        result = httpparse.parse_head(buf)
+        if i + 1 < end_of_head:
+            assert result is None, i
+        else:
+            head, end = result
+            assert end == end_of_head
+            break
+    assert head.method == "PUT"
+    assert head.path == "/images/abc"
+    assert head.query == {"flush": "n"}
+    assert head.version == "HTTP/1.1"
+    assert head.headers == {"host": "x", "content-length": "5",
+                            "x-a": "1, 2"}
+
+
+def test_parse_head_bare_lf_and_start():
+    buf = b"junkGET / HTTP/1.0\nA: b\n\nrest"
+    head, end = httpparse.parse_head(buf, start=4)
+    assert head.method == "GET" and head.headers == {"a": "b"}
+    assert buf[end:] == b"rest"
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"GET /" + b"a" * httpparse.MAX_LINE, 431),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * httpparse.MAX_LINE, 431),
+    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (httpparse.MAX_HEADERS + 1), 431),
+    (b"GET / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n",
+     400),
+    (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"GET /\r\n\r\n", 400),
+])
+def test_parse_head_errors(data, status):
+    # Raised as soon as the limit is passed, without waiting for the end.
+    with pytest.raises(errors.HTTPError) as e:
+        httpparse.parse_head(bytearray(data))
+    assert e.value.status == status
+
+
+def test_parse_head_too_large_in_total():
+    line = b"X: " + b"y" * 1000 + b"\r\n"
+    data = b"GET / HTTP/1.1\r\n" + line * 70
+    with pytest.raises(errors.HeadersTooLarge):
+        httpparse.parse_head(data)

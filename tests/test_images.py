@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import request, add, connect
+from conftest import request, add, connect, new_ticket
 
 MiB = 1024**2
 
@@ -82,6 +82,39 @@ def test_get_whole(daemon, service, image):
     assert resp.getheader("Content-Disposition") == \
         'attachment; filename="disk.raw"'
     assert resp.getheader("Access-Control-Allow-Origin") == "*"
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("диск.raw", "attachment; filename=\"____.raw\"; "
+     "filename*=UTF-8''%D0%B4%D0%B8%D1%81%D0%BA.raw"),
+    ('a "b" c.raw', "attachment; filename=\"a _b_ c.raw\"; "
+     "filename*=UTF-8''a%20%22b%22%20c.raw"),
+    ("back\\slash", "attachment; filename=\"back_slash\"; "
+     "filename*=UTF-8''back%5Cslash"),
+])
+def test_get_unicode_filename(daemon, service, image, name, expected):
+    # RFC 6266: an ASCII fallback and the UTF-8 name; outside Latin-1 the
+    # daemon once dropped the connection without a response.
+    path, data = image
+    t = add(daemon, path, len(data), filename=name)
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/" + t["uuid"],
+                         headers={"Range": "bytes=0-99"})
+    assert resp.status == 206 and body == data[:100]
+    assert resp.getheader("Content-Disposition") == expected
+
+
+def test_filename_with_crlf_refused(daemon, image):
+    # A header injection at ticket add: 400, and no ticket.
+    path, data = image
+    t = new_ticket("file://" + str(path), len(data),
+                   filename="disk.raw\r\nX-Injected: yes")
+    con = daemon.control()
+    resp, body = request(con, "PUT", "/tickets/" + t["uuid"],
+                         body=json.dumps(t))
+    assert resp.status == 400 and b"filename" in body
+    resp, _ = request(con, "GET", "/tickets/" + t["uuid"])
+    assert resp.status == 404
 
 
 @pytest.mark.parametrize("first,last", [

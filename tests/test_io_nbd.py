@@ -809,3 +809,24 @@ def test_gil_released(tmp_path):
         h.close()
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("timeout", [2147484, 2**32, 1e300])
+def test_long_timeouts_clamped(handle, timeout):
+    # A ticket's inactivity_timeout may be up to 2**32 s; <int>(t * 1000)
+    # overflowed to a negative poll timeout and every request failed.
+    data = os.urandom(MiB)
+    assert handle.pwrite_pipelined(data, 0, len(data), timeout=timeout) \
+        == len(data)
+    out = bytearray(MiB)
+    assert handle.pread_pipelined(out, 0, len(out), timeout=timeout) \
+        == len(out)
+    assert out == data
+    a, b = socket.socketpair()
+    with a, b:
+        reader = Reader(b)
+        handle.send_to_socket(a.fileno(), 0, len(data), bytearray(MiB),
+                              timeout)
+        a.shutdown(socket.SHUT_WR)
+        reader.join(10)
+    assert reader.data == data

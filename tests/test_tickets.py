@@ -183,9 +183,86 @@ def test_cancel_conflict_when_operation_does_not_stop(store):
 def test_cancel_closes_idle_connections(store):
     t = store.add(ticket_dict())
     closed = []
-    t.add_connection(1, lambda force: closed.append(force))
+
+    def close(force):
+        # As a real connection does once its socket is shut down.
+        closed.append(force)
+        t.remove_connection(1)
+
+    t.add_connection(1, close)
     store.remove(t.uuid, timeout=1)
     assert closed == [False]
+
+
+def test_cancel_waits_for_connections(store):
+    # DELETE answers only once no connection holds the backend: a busy
+    # connection (its closer refuses to close it) that finishes later.
+    t = store.add(ticket_dict())
+    t.add_connection(1, lambda force: None)
+    threading.Timer(0.3, t.remove_connection, args=(1,)).start()
+    start = time.monotonic()
+    store.remove(t.uuid, timeout=5)
+    assert 0.25 < time.monotonic() - start < 2
+    assert t.connection_count() == 0
+
+
+def test_cancel_conflict_when_connection_stays(store):
+    t = store.add(ticket_dict())
+    t.add_connection(1, lambda force: None)
+    with pytest.raises(errors.Conflict) as e:
+        store.remove(t.uuid, timeout=0.3)
+    assert "1 connections open" in str(e.value)
+
+
+def test_canceled_ticket_binds_no_connection(store):
+    # A request that authorized just before the DELETE must not open the
+    # backend after it.
+    t = store.add(ticket_dict())
+    t.authorize("read")
+    store.remove(t.uuid, timeout=1)
+    with pytest.raises(errors.Forbidden):
+        t.add_connection(1, lambda force: None)
+    with pytest.raises(errors.Forbidden):
+        with t.operation():
+            pass
+    assert t.connection_count() == 0
+
+
+def test_cancel_wakes_request_waiting_for_slot(store):
+    t = store.add(ticket_dict())
+    t.add_connection(1, lambda force: t.remove_connection(1))
+    result = []
+
+    def waiter():
+        try:
+            result.append(t.add_connection(2, lambda force: None, limit=1,
+                                           wait=5))
+        except errors.Forbidden as e:
+            result.append(e)
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    time.sleep(0.2)
+    store.remove(t.uuid, timeout=2)
+    th.join(5)
+    assert isinstance(result[0], errors.Forbidden), result
+    assert t.connection_count() == 0
+
+
+@pytest.mark.parametrize("name", [
+    "disk\r\nX-Injected: 1", "a\nb", "nul\0", "tab\there", "del\x7f",
+    "c1\x85",
+])
+def test_validate_filename_control_characters(name):
+    with pytest.raises(errors.BadRequest) as e:
+        tickets.validate(ticket_dict(filename=name))
+    assert "'filename'" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["disk.raw", "диск.raw", "a b\"c.qcow2",
+                                  "\u00e9t\u00e9 \U0001f600.img"])
+def test_validate_filename_unicode(name):
+    assert tickets.validate(ticket_dict(filename=name))["filename"] == name
 
 
 def test_cancel_forces_stuck_connections(store):
@@ -198,6 +275,7 @@ def test_cancel_forces_stuck_connections(store):
         if force:
             forced.append(True)
             released.set()
+            t.remove_connection(1)
 
     t.add_connection(1, close)
 

@@ -22,9 +22,9 @@ from libc.errno cimport (
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, strcmp, strlen, strncmp, strncpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from imageio._io cimport libnbd as lib
+from imageio._io.timeouts cimport now_ms, timeout_ms
 
 import os
 
@@ -159,18 +159,6 @@ cdef int _raise_last() except -1:
     f.kind = FAIL_NONE
     _fail_nbd(&f)
     return _raise_failure(&f)
-
-
-cdef int _timeout_ms(timeout) except? -2:
-    if timeout is None or timeout < 0:
-        return -1
-    return <int>(timeout * 1000)
-
-
-cdef int64_t _now_ms() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
 # Pipelined transfers.
@@ -357,7 +345,7 @@ cdef int _drain(Pipe *p) noexcept nogil:
     time (server hung, handle dead with requests not retired); the caller
     must then close the handle, which frees them.
     """
-    cdef int64_t deadline = _now_ms() + DRAIN_TIMEOUT_MS
+    cdef int64_t deadline = now_ms() + DRAIN_TIMEOUT_MS
     cdef int i, r
     for i in range(p.depth):
         while p.cookie[i] != 0:
@@ -367,7 +355,7 @@ cdef int _drain(Pipe *p) noexcept nogil:
                 break
             if lib.nbd_aio_is_dead(p.h) or lib.nbd_aio_is_closed(p.h):
                 return -1
-            if _now_ms() > deadline:
+            if now_ms() > deadline:
                 return -1
             if lib.nbd_poll(p.h, 1000) == -1:
                 return -1
@@ -982,7 +970,7 @@ cdef class Handle:
         if length == 0:
             return 0
         _pipe_init(&p, h, -1, <char *>&buf[0], length, offset, length,
-                   self.max_request, _timeout_ms(timeout))
+                   self.max_request, timeout_ms(timeout))
         # Memory transfers: a request size that splits the buffer evenly.
         p.linear = True
         p.req = min(self.max_request, request_size)
@@ -1009,7 +997,7 @@ cdef class Handle:
         if length == 0:
             return 0
         _pipe_init(&p, h, -1, <char *>&buf[0], length, offset, length,
-                   self.max_request, _timeout_ms(timeout))
+                   self.max_request, timeout_ms(timeout))
         p.linear = True
         p.req = min(self.max_request, request_size)
         p.depth = depth_limit
@@ -1042,7 +1030,7 @@ cdef class Handle:
         if buf.shape[0] < 4096:
             raise ValueError("buffer too small: {}".format(buf.shape[0]))
         _pipe_init(&p, h, fd, <char *>&buf[0], buf.shape[0], offset, length,
-                   self.max_request, _timeout_ms(timeout))
+                   self.max_request, timeout_ms(timeout))
         with nogil:
             while p.next < p.end and p.used < p.depth:
                 r = _issue(&p, False)
@@ -1083,7 +1071,7 @@ cdef class Handle:
         if buf.shape[0] < 4096:
             raise ValueError("buffer too small: {}".format(buf.shape[0]))
         _pipe_init(&p, h, fd, <char *>&buf[0], buf.shape[0], offset, length,
-                   self.max_request, _timeout_ms(timeout))
+                   self.max_request, timeout_ms(timeout))
         # Receive positions are absolute offsets too.
         p.received = offset
         try:

@@ -13,11 +13,9 @@ without progress, then raise TimeoutError.  A peer that goes away raises
 BrokenPipeError / ConnectionResetError (OSError subclasses from the errno).
 """
 
-import math
-
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from imageio._io.buffer cimport AlignedBuffer
+from imageio._io.timeouts cimport now_ms, timeout_ms
 from imageio._io cimport syscalls as sc
 from imageio._io.syscalls cimport off_t
 from imageio._io.directio cimport (
@@ -28,18 +26,6 @@ cdef enum:
     TIMED_OUT = -100000
     # sendfile() moves at most this much per call; a bound keeps calls short.
     SENDFILE_MAX = 1 << 30
-
-
-cdef int timeout_ms(timeout) except? -2:
-    if timeout is None or timeout < 0:
-        return -1
-    return min(<long>math.ceil(timeout * 1000), 0x7fffffff)
-
-
-cdef long long now_ms() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
 cdef ssize_t wait_fd(int fd, short events, int timeout) noexcept nogil:

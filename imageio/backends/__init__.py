@@ -59,6 +59,7 @@ import collections
 import urllib.parse
 
 from .. import errors
+from .. import transport
 
 Extent = collections.namedtuple("Extent", "start length zero hole")
 DirtyExtent = collections.namedtuple("DirtyExtent", "start length dirty zero")
@@ -74,9 +75,9 @@ class Sink:
     """
 
     def __init__(self, sock, timeout=None):
-        self._sock = sock
+        self._sock = transport.wrap(sock)
         self.timeout = timeout
-        self.fd = -1 if _is_tls(sock) else sock.fileno()
+        self.fd = self._sock.fd
 
     def write(self, data):
         """Send all of ``data`` (bytes-like)."""
@@ -93,11 +94,6 @@ def check_extents_range(offset, length, size):
             "Extents range {}+{} is outside the image (size {})".format(
                 offset, length, size), size=size)
     return end
-
-
-def _is_tls(sock):
-    # Avoid importing ssl in every backend user.
-    return type(sock).__name__ == "SSLSocket"
 
 
 def scheme_of(url):

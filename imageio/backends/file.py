@@ -400,10 +400,23 @@ class FileBackend:
     def zero(self, offset, length, punch_hole):
         if length <= 0:
             return
-        if self._block:
-            self._zero_block_device(offset, length, punch_hole)
-        else:
-            self._zero_file(offset, length, punch_hole)
+        # An unaligned head or tail is written as zeroes through the
+        # partial-block lock that writes take: fallocate on part of a
+        # block, between another writer's read and write of that block,
+        # would be undone by it while both report success.  Whole blocks
+        # are zeroed with fallocate (or the ioctls).
+        end = offset + length
+        first = min(end, -(-offset // ALIGN) * ALIGN)
+        last = max(first, end - end % ALIGN)
+        if first > offset:
+            self._write_zeroes(offset, first - offset)
+        if last > first:
+            if self._block:
+                self._zero_block_device(first, last - first, punch_hole)
+            else:
+                self._zero_file(first, last - first, punch_hole)
+        if end > last:
+            self._write_zeroes(last, end - last)
 
     def _zero_file(self, offset, length, punch_hole):
         end = offset + length
@@ -446,29 +459,20 @@ class FileBackend:
         self._write_zeroes(offset, length)
 
     def _zero_block_device(self, offset, length, punch_hole):
-        # The ioctls and fallocate need whole logical blocks: an unaligned
-        # head or tail is written.
-        end = offset + length
-        first = min(end, -(-offset // ALIGN) * ALIGN)
-        last = max(first, end - end % ALIGN)
-        if first > offset:
-            self._write_zeroes(offset, first - offset)
-        if last > first:
-            # fallocate on a block device guarantees zeroes: PUNCH_HOLE
-            # unmaps only where the device reads unmapped blocks as zero;
-            # ZERO_RANGE keeps blocks allocated.  BLKDISCARD guarantees
-            # nothing, so it is never used to zero.
-            mode = directio.FALLOC_FL_KEEP_SIZE | (
-                directio.FALLOC_FL_PUNCH_HOLE if punch_hole
-                else directio.FALLOC_FL_ZERO_RANGE)
-            try:
-                directio.fallocate(self._fd, mode, first, last - first)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV):
-                    raise
-                directio.blkzeroout(self._fd, first, last - first)
-        if end > last:
-            self._write_zeroes(last, end - last)
+        # Whole logical blocks (zero() wrote the unaligned parts).
+        # fallocate on a block device guarantees zeroes: PUNCH_HOLE unmaps
+        # only where the device reads unmapped blocks as zero; ZERO_RANGE
+        # keeps blocks allocated.  BLKDISCARD guarantees nothing, so it is
+        # never used to zero.
+        mode = directio.FALLOC_FL_KEEP_SIZE | (
+            directio.FALLOC_FL_PUNCH_HOLE if punch_hole
+            else directio.FALLOC_FL_ZERO_RANGE)
+        try:
+            directio.fallocate(self._fd, mode, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV):
+                raise
+            directio.blkzeroout(self._fd, offset, length)
 
     def _write_zeroes(self, offset, length):
         if self._zeroes is None:

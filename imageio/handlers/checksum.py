@@ -42,5 +42,9 @@ class Algorithms:
         self.cfg = cfg
 
     def get(self, req, resp, ticket_id):
-        open_image(req, ticket_id, "read", self.store, self.cfg)
-        resp.send_json({"algorithms": checksum.algorithms()}, headers=CORS)
+        ticket, _, _ = open_image(req, ticket_id, "read", self.store,
+                                  self.cfg)
+        # An operation, so a DELETE waits for this answer (or it is 403).
+        with ticket.operation():
+            resp.send_json({"algorithms": checksum.algorithms()},
+                           headers=CORS)

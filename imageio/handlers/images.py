@@ -15,6 +15,10 @@ ALL_FEATURES = ["extents", "zero", "flush", "checksum"]
 # GETs up to this size are read before the response starts and sent with
 # the headers.
 SMALL_READ = 256 * 1024
+# A zero request is done in steps of this size, checking for cancel
+# between them: fallocate or NBD WRITE_ZEROES of 1 GiB takes milliseconds
+# to a few seconds even on slow storage.
+ZERO_STEP = 1024**3
 
 
 class Images:
@@ -40,6 +44,11 @@ class Images:
             return
         ticket, backend, _ = open_image(req, ticket_id, None, self.store,
                                         self.cfg)
+        # An operation, so a DELETE waits for this answer (or it is 403).
+        with ticket.operation():
+            self._send_options(resp, ticket, backend, headers)
+
+    def _send_options(self, resp, ticket, backend, headers):
         writable = ticket.may("write")
         headers["Allow"] = "OPTIONS,GET,PUT,PATCH" if writable \
             else "OPTIONS,GET"
@@ -124,12 +133,15 @@ class Images:
                     backend.flush()
             resp.send(200, headers=CORS)
             return
+        if not req.chunked:
+            # Before req.body(): a client waiting for 100 Continue gets 416
+            # instead of sending a body that cannot be written.
+            _check_range(offset, req.content_length, ticket.size)
         body = req.body()
         if req.chunked:
             self._put_chunked(ticket, backend, buf, body, offset)
         else:
             length = req.content_length
-            _check_range(offset, length, ticket.size)
             with ticket.operation(offset, length) as op:
                 if length:
                     backend.write_from(body, offset, length, buf,
@@ -164,13 +176,17 @@ class Images:
             size = _int_field(msg, "size", None)
             flush = _bool_field(msg, "flush", False)
             _check_range(offset, size, ticket.size)
+            if "zero" not in backend.features:
+                raise errors.MethodNotAllowed("Backend does not support zero")
             with ticket.operation(offset, size) as running:
-                if "zero" in backend.features:
-                    backend.zero(offset, size, punch_hole=ticket.sparse)
-                else:
-                    raise errors.MethodNotAllowed(
-                        "Backend does not support zero")
-                running.progress(size)
+                # In steps: a cancel stops a zero of a huge range between
+                # two of them (progress raises Canceled).
+                end = offset + size
+                while offset < end:
+                    n = min(ZERO_STEP, end - offset)
+                    backend.zero(offset, n, punch_hole=ticket.sparse)
+                    offset += n
+                    running.progress(n)
                 if flush:
                     backend.flush()
         elif op == "flush":
@@ -191,12 +207,8 @@ def _read_answer(req, ticket):
     headers = dict(CORS)
     headers["Content-Type"] = "application/octet-stream"
     headers["Accept-Ranges"] = "bytes"
-    if ticket.filename:
-        headers["Content-Disposition"] = \
-            'attachment; filename="{}"'.format(
-                ticket.filename.replace('"', ""))
-    else:
-        headers["Content-Disposition"] = "attachment"
+    headers["Content-Disposition"] = httpparse.content_disposition(
+        ticket.filename)
     if "range" in req.headers:
         offset, length = httpparse.parse_range(req.headers["range"], size)
         headers["Content-Range"] = "bytes {}-{}/{}".format(

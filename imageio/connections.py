@@ -1,0 +1,596 @@
+"""Client connections: one selector thread per service, a worker pool.
+
+As nbdkit's ``connections.c``: this module owns a connection's life.  A
+connection that is not running a request (TLS handshake in progress,
+keep-alive between requests, a client that sent nothing yet) waits in one
+epoll selector and costs a file descriptor and a few small objects, not a
+thread or a buffer.  When a whole request head has arrived (parsed by the
+pure ``httpparse.parse_head`` on each readable event) the connection goes
+to a worker, which serves it with ``http.Connection.serve_one`` and keeps
+serving while the client's next request is already there; otherwise it
+hands the connection back through a wake-up pipe.
+
+Deadlines (header_timeout for a head, the inactivity timeout between
+requests) live in one heap.  Running out of file descriptors (EMFILE,
+ENFILE) or threads is survived: the oldest connection that never sent a
+request makes room, or accepting pauses with a growing back-off; the log
+says so at most once every LOG_INTERVAL seconds.
+"""
+
+import collections
+import errno
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import socket
+import ssl
+import threading
+import time
+
+from . import transport
+
+log = logging.getLogger("connections")
+
+# A worker waits this long for a keep-alive client's next request before
+# handing the connection back to the selector: a client sending requests
+# back to back (a ranged-GET loop) is served without the selector's round
+# trip, and an idle one holds a thread for no longer than this.
+LINGER = 0.02
+
+# An idle worker thread exits after this many seconds.
+WORKER_IDLE = 5
+
+# Back-off of accept() after EMFILE/ENFILE, and of a failed thread start.
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 1.0
+
+# Rate-limited warnings: at most one line per kind and interval.
+LOG_INTERVAL = 10.0
+
+# File descriptors kept free for everything but client connections
+# (backends, NBD sockets, log files, the other services).
+FD_RESERVE = 256
+
+# Accepts per readable event of the listening socket, so one service's
+# flood cannot starve its own connections' events.
+ACCEPT_BATCH = 64
+
+_ids = itertools.count(1)
+
+# Client states.
+HANDSHAKE = "handshake"
+HEAD = "head"
+BUSY = "busy"
+
+
+class RateLimitedLog:
+    """Log a warning at most once per ``interval`` per key, counting the
+    ones left out."""
+
+    def __init__(self, logger, interval=LOG_INTERVAL, clock=time.monotonic):
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._last = {}
+        self._skipped = collections.Counter()
+        self._lock = threading.Lock()
+
+    def warning(self, key, fmt, *args):
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval:
+                self._skipped[key] += 1
+                return
+            self._last[key] = now
+            skipped = self._skipped.pop(key, 0)
+        if skipped:
+            fmt += " (%d more since the last report)"
+            args += (skipped,)
+        self._log.warning(fmt, *args)
+
+
+def fd_limit():
+    """The soft RLIMIT_NOFILE."""
+    import resource
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Client:
+    """A connection as the selector sees it."""
+
+    __slots__ = ("conn", "state", "deadline", "seq", "served", "events",
+                 "accepted")
+
+    def __init__(self, conn, state, deadline):
+        self.conn = conn
+        self.state = state
+        self.deadline = deadline
+        self.seq = 0
+        # Requests served: a client that never sent one is the first to
+        # make room when file descriptors run out.
+        self.served = 0
+        self.events = 0
+        self.accepted = time.monotonic()
+
+
+class Workers:
+    """Threads that run requests; their number follows the active
+    requests, never the connections."""
+
+    def __init__(self, name, ratelog):
+        self._name = name
+        self._ratelog = ratelog
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._tasks = collections.deque()
+        self._idle = 0
+        self._count = 0
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_MIN
+        self._stopped = False
+
+    @property
+    def count(self):
+        return self._count
+
+    def submit(self, func, *args):
+        with self._lock:
+            self._tasks.append((func, args))
+            if self._idle > len(self._tasks) - 1:
+                self._ready.notify()
+                return
+        self._grow()
+
+    def pending(self):
+        """Tasks waiting for a thread that could not be started; the
+        selector calls ``retry`` once ``retry_at`` has passed."""
+        with self._lock:
+            return bool(self._tasks) and self._idle == 0
+
+    @property
+    def retry_at(self):
+        return self._retry_at
+
+    def retry(self):
+        if self.pending() and time.monotonic() >= self._retry_at:
+            self._grow()
+
+    def _grow(self):
+        with self._lock:
+            self._count += 1
+        try:
+            threading.Thread(target=self._run, daemon=True,
+                             name="{}/w{}".format(self._name,
+                                                  next(_ids))).start()
+        except RuntimeError as e:
+            # Thread limit (RLIMIT_NPROC, the pids cgroup): the task waits
+            # for a worker to free up, or for the retry after back-off.
+            with self._lock:
+                self._count -= 1
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                count, waiting = self._count, len(self._tasks)
+            self._ratelog.warning(
+                "thread", "%s: cannot start a worker thread (%d running, "
+                "%d requests waiting): %s", self._name, count, waiting, e)
+        else:
+            self._backoff = BACKOFF_MIN
+
+    def _run(self):
+        while True:
+            with self._lock:
+                while not self._tasks:
+                    if self._stopped:
+                        self._count -= 1
+                        return
+                    self._idle += 1
+                    woke = self._ready.wait(WORKER_IDLE)
+                    self._idle -= 1
+                    if not woke and not self._tasks:
+                        self._count -= 1
+                        return
+                func, args = self._tasks.popleft()
+            try:
+                func(*args)
+            except Exception:
+                log.exception("%s: worker task failed", self._name)
+
+    def stop(self):
+        with self._lock:
+            self._stopped = True
+            self._ready.notify_all()
+
+
+class Server:
+    """Accepts and holds the connections of one service.
+
+    ``make_conn(sock, name)`` returns the ``http.Connection`` for an
+    accepted (and, with ``ssl_context``, TLS-wrapped) socket.
+    """
+
+    def __init__(self, name, sock, make_conn, ssl_context=None,
+                 max_clients=10000, header_timeout=10, idle_timeout=60):
+        self.name = name
+        self._listener = sock
+        self._make_conn = make_conn
+        self._ssl = ssl_context
+        self.max_clients = max(1, min(max_clients,
+                                      fd_limit() - FD_RESERVE))
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self._ratelog = RateLimitedLog(log)
+        self.workers = Workers(name, self._ratelog)
+        # Touched by workers and the selector thread.
+        self._lock = threading.Lock()
+        self._clients = set()
+        self._returned = []
+        # Only the selector thread touches these.
+        self._sel = selectors.DefaultSelector()
+        self._heap = []
+        self._seq = itertools.count()
+        # Clients that never sent a request, oldest first.
+        self._fresh = collections.OrderedDict()
+        self._accepting = False
+        # Paused at max_clients: resume when a connection closes.
+        self._full = False
+        self._accept_at = 0.0
+        self._accept_backoff = BACKOFF_MIN
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._running = False
+        self._thread = None
+        # Callbacks: per connection open/close (metrics may count them).
+        self.on_open = None
+        self.on_close = None
+
+    @property
+    def address(self):
+        return self._listener.getsockname()
+
+    def connection_count(self):
+        with self._lock:
+            return len(self._clients)
+
+    # Life.
+
+    def start(self):
+        self._listener.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._resume_accept()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name=self.name,
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop accepting and shut down every connection."""
+        self._running = False
+        self._wake()
+        if self._thread:
+            self._thread.join(5)
+        self._listener.close()
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.conn.shutdown()
+            if client.state != BUSY:
+                self._close(client)
+        self.workers.stop()
+
+    def wait_connections(self, timeout):
+        """Wait until connections end; return how many are left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.connection_count():
+                return 0
+            time.sleep(0.05)
+        return self.connection_count()
+
+    # The selector thread.
+
+    def _loop(self):
+        while self._running:
+            try:
+                self._step()
+            except Exception:
+                log.exception("%s: selector step failed", self.name)
+                time.sleep(BACKOFF_MIN)
+
+    def _step(self):
+        now = time.monotonic()
+        timeout = 1.0
+        if self._heap:
+            timeout = min(timeout, max(0.0, self._heap[0][0] - now))
+        if not self._accepting and not self._full:
+            timeout = min(timeout, max(0.0, self._accept_at - now))
+        if self.workers.pending():
+            timeout = min(timeout, max(0.0, self.workers.retry_at - now))
+        for key, mask in self._sel.select(timeout):
+            if key.data == "listen":
+                self._accept()
+            elif key.data == "wake":
+                self._drain_wake()
+            else:
+                self._ready(key.data)
+        self._take_back()
+        self._expire()
+        if not self._accepting:
+            if self._full:
+                if self.connection_count() < self.max_clients:
+                    self._resume_accept()
+            elif time.monotonic() >= self._accept_at:
+                self._resume_accept()
+        self.workers.retry()
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # Already awake.
+
+    def _drain_wake(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # Accepting.
+
+    def _resume_accept(self):
+        if not self._accepting:
+            self._sel.register(self._listener, selectors.EVENT_READ,
+                               "listen")
+            self._accepting = True
+            self._full = False
+
+    def _pause_accept(self, delay):
+        if self._accepting:
+            self._sel.unregister(self._listener)
+            self._accepting = False
+        self._accept_at = time.monotonic() + delay
+
+    def _accept(self):
+        for _ in range(ACCEPT_BATCH):
+            if self.connection_count() >= self.max_clients \
+                    and not self._evict():
+                # Until a connection closes.
+                self._pause_accept(0)
+                self._full = True
+                self._ratelog.warning(
+                    "max_clients", "%s: %d connections, the most allowed "
+                    "([daemon] max_clients); not accepting more",
+                    self.name, self.max_clients)
+                return
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                               errno.ENOMEM) and self._evict():
+                    continue
+                self._pause_accept(self._accept_backoff)
+                self._ratelog.warning(
+                    "accept", "%s: accept failed, pausing %.2f s: %s",
+                    self.name, self._accept_backoff, e)
+                self._accept_backoff = min(self._accept_backoff * 2,
+                                           BACKOFF_MAX)
+                return
+            self._accept_backoff = BACKOFF_MIN
+            self._add(sock)
+
+    def _evict(self):
+        """Close the oldest connection that never sent a request; return
+        False if there is none."""
+        while self._fresh:
+            client, _ = self._fresh.popitem(last=False)
+            if client.state != BUSY and client.served == 0:
+                log.debug("%s: closing %s to make room", self.name,
+                          client.conn.name)
+                self._close(client)
+                return True
+        return False
+
+    def _add(self, sock):
+        name = "{}/{}".format(self.name, next(_ids))
+        try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            state = HEAD
+            if self._ssl:
+                sock = self._ssl.wrap_socket(sock, server_side=True,
+                                             do_handshake_on_connect=False)
+                state = HANDSHAKE
+            conn = self._make_conn(sock, name)
+        except Exception as e:
+            sock.close()
+            self._ratelog.warning("setup", "%s: cannot set up a connection: "
+                                  "%s", self.name, e)
+            return
+        client = Client(conn, state, time.monotonic() + self.header_timeout)
+        with self._lock:
+            self._clients.add(client)
+        self._fresh[client] = None
+        if self.on_open:
+            self.on_open()
+        self._watch(client, selectors.EVENT_READ)
+
+    # Waiting clients.
+
+    def _watch(self, client, events):
+        fd = client.conn.sock.fileno()
+        if client.events:
+            if client.events != events:
+                self._sel.modify(fd, events, client)
+        else:
+            self._sel.register(fd, events, client)
+        client.events = events
+        self._arm(client)
+
+    def _unwatch(self, client):
+        if client.events:
+            try:
+                self._sel.unregister(client.conn.sock.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            client.events = 0
+
+    def _arm(self, client):
+        client.seq = next(self._seq)
+        heapq.heappush(self._heap, (client.deadline, client.seq, client))
+        if len(self._heap) > 4 * len(self._clients) + 64:
+            # Entries of re-armed and closed clients pile up (they are
+            # skipped when popped): keep the heap proportional.
+            self._heap = [(c.deadline, c.seq, c) for _, seq, c in self._heap
+                          if seq == c.seq and c.state != BUSY]
+            heapq.heapify(self._heap)
+
+    def _expire(self):
+        now = time.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            deadline, seq, client = heapq.heappop(self._heap)
+            if seq != client.seq or client.state == BUSY:
+                continue  # Re-armed since, or running.
+            log.debug("%s: %s timed out (%s)", self.name, client.conn.name,
+                      client.state)
+            self._close(client)
+
+    def _ready(self, client):
+        conn = client.conn
+        if client.state == HANDSHAKE:
+            try:
+                conn.sock.sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._watch(client, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._watch(client, selectors.EVENT_WRITE)
+                return
+            except (ssl.SSLError, OSError) as e:
+                log.debug("%s: TLS handshake failed: %s", conn.name, e)
+                self._close(client)
+                return
+            client.state = HEAD
+            self._watch(client, selectors.EVENT_READ)
+        try:
+            got = conn.reader.fill()
+        except (ssl.SSLError, OSError) as e:
+            log.debug("%s: receive failed: %s", conn.name, e)
+            self._close(client)
+            return
+        if conn.reader.eof:
+            self._close(client)
+            return
+        if got and client.served and client.deadline > \
+                time.monotonic() + self.header_timeout:
+            # A keep-alive client started its next request.
+            client.deadline = time.monotonic() + self.header_timeout
+            self._arm(client)
+        self._try_head(client)
+
+    def _try_head(self, client):
+        try:
+            head = client.conn.reader.parse_head()
+        except Exception as e:  # HTTPError: answered by a worker.
+            self._dispatch(client, None, e)
+            return
+        if head is not None:
+            self._dispatch(client, head, None)
+
+    def _dispatch(self, client, head, error):
+        self._unwatch(client)
+        client.state = BUSY
+        self._fresh.pop(client, None)
+        self.workers.submit(self._serve, client, head, error)
+
+    # Workers.
+
+    def _serve(self, client, head, error):
+        conn = client.conn
+        keep = False
+        try:
+            conn.sock.settimeout(conn.timeout)
+            if error is not None:
+                conn.serve_error(error)
+                return
+            keep = self._serve_request(client, head)
+            while keep and not conn.closing:
+                head = conn.next_head(LINGER)
+                if head is None:
+                    break
+                keep = self._serve_request(client, head)
+        except Exception as e:
+            keep = False
+            if getattr(e, "status", None) and not conn.busy:
+                # A malformed next head (HTTPError).
+                try:
+                    conn.serve_error(e)
+                except Exception as e2:
+                    conn.log_failure(e2)
+            else:
+                conn.log_failure(e)
+        finally:
+            if keep and not conn.closing and self._running:
+                conn.idle()
+                self._give_back(client)
+            else:
+                self._close(client)
+
+    def _serve_request(self, client, head):
+        client.served += 1
+        return client.conn.serve_one(head)
+
+    def _give_back(self, client):
+        with self._lock:
+            self._returned.append(client)
+        self._wake()
+
+    def _take_back(self):
+        with self._lock:
+            returned, self._returned = self._returned, []
+        now = time.monotonic()
+        for client in returned:
+            conn = client.conn
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                self._close(client)
+                continue
+            client.state = HEAD
+            timeout = conn.timeout if conn.timeout else self.idle_timeout
+            # Bytes of the next head may be buffered already.
+            client.deadline = now + (self.header_timeout
+                                     if conn.reader.peek_buffered()
+                                     else timeout)
+            self._watch(client, selectors.EVENT_READ)
+            if conn.sock.pending():
+                self._ready(client)
+
+    # Closing.
+
+    def _close(self, client):
+        """Close a client's connection (any thread; never one that another
+        thread is serving)."""
+        with self._lock:
+            if client not in self._clients:
+                return
+            self._clients.discard(client)
+        if threading.current_thread() is self._thread:
+            self._unwatch(client)
+            self._fresh.pop(client, None)
+        client.state = "closed"
+        client.seq = -1
+        try:
+            client.conn.close()
+        except Exception:
+            log.exception("%s: error closing %s", self.name,
+                          client.conn.name)
+        if self.on_close:
+            self.on_close()
+        if threading.current_thread() is not self._thread:
+            self._wake()
+

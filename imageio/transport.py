@@ -1,0 +1,80 @@
+"""One object per client connection: how bytes get to and from it.
+
+Chosen once at accept (nbdkit's ``conn->recv/send/close``), so nothing
+downstream asks "is this TLS?": ``fd`` is the raw socket fd when C code may
+move bytes on it directly (sendfile, splice, recv into a file), -1 on TLS,
+where only the ``ssl`` module may touch the stream.
+"""
+
+import socket
+import ssl
+
+
+class Transport:
+    """A connected socket, plain or TLS (an ``ssl.SSLSocket``)."""
+
+    __slots__ = ("sock", "is_tls")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.is_tls = isinstance(sock, ssl.SSLSocket)
+
+    @property
+    def fd(self):
+        return -1 if self.is_tls else self.sock.fileno()
+
+    def fileno(self):
+        """The socket's fd, for poll and selectors (TLS included)."""
+        return self.sock.fileno()
+
+    def recv(self, n):
+        return self.sock.recv(n)
+
+    def recv_into(self, view):
+        return self.sock.recv_into(view)
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def send_parts(self, parts):
+        """Send bytes-like ``parts`` in order: one TLS record, or one
+        ``sendmsg`` on a plain socket, where there would be several."""
+        if self.is_tls:
+            self.sock.sendall(b"".join(parts))
+            return
+        parts = [memoryview(p) for p in parts]
+        while parts:
+            n = self.sock.sendmsg(parts)
+            while parts and n >= len(parts[0]):
+                n -= len(parts[0])
+                parts.pop(0)
+            if parts and n:
+                parts[0] = parts[0][n:]
+
+    def pending(self):
+        """Bytes decrypted and waiting inside TLS: readable without the
+        socket being readable."""
+        return self.sock.pending() if self.is_tls else 0
+
+    def settimeout(self, timeout):
+        self.sock.settimeout(timeout)
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def setblocking(self, flag):
+        self.sock.setblocking(flag)
+
+    def shutdown(self, how=socket.SHUT_RDWR):
+        self.sock.shutdown(how)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def wrap(sock):
+    """A Transport for ``sock`` (a Transport is returned as it is)."""
+    return sock if isinstance(sock, Transport) else Transport(sock)
