@@ -18,6 +18,11 @@ from .handlers import metrics as metrics_handler
 
 log = logging.getLogger("services")
 
+# Connections the kernel completes before the daemon accepts them: a
+# burst of clients (or of a flood) beyond it sees its SYNs dropped and
+# retried a second later.  The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 class Service:
     """One listening socket and its connections (imageio.connections)."""
@@ -100,7 +105,7 @@ def bind_tcp(host, port):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -122,7 +127,7 @@ def bind_unix(path, mode=None):
         sock.bind(path)
         if mode is not None and path and not path.startswith("\0"):
             os.chmod(path, mode)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise
