@@ -21,7 +21,8 @@ from .. import compression
 from .. import errors
 from .. import http as http_layer
 from .. import tls
-from . import DirtyExtent, Extent, Sink, _is_tls, check_extents_range
+from .. import transport
+from . import DirtyExtent, Extent, Sink, check_extents_range
 
 log = logging.getLogger("backends.http")
 
@@ -680,7 +681,7 @@ class _BodySource:
     def __init__(self, sock, rest, timeout):
         self._sock = sock
         self._rest = memoryview(bytes(rest))
-        self._plain = not _is_tls(sock)
+        self._plain = not transport.wrap(sock).is_tls
         self.timeout = timeout
         self.received = 0
 
