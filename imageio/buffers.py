@@ -4,11 +4,12 @@ when the connection goes idle.
 
 An idle connection holds no buffer, so thousands of keep-alive clients
 cost no memory; a busy daemon holds at most ``limit`` bytes of buffers
-whatever the number of transfers.  A transfer that finds the budget spent
-waits up to ``wait`` seconds for a buffer to come back, then gets 503.  A
-second buffer for pipelining (read the next chunk while this one is sent)
-is given only while it leaves half of the budget for other transfers'
-first buffers: it speeds one transfer up, it must not make another wait.
+whatever the number of transfers.  Under pressure buffers get smaller
+(see SHARE); a transfer that finds the budget spent waits up to ``wait``
+seconds for a buffer to come back, then gets 503.  A second buffer for
+pipelining (read the next chunk while this one is sent) is given only
+while the daemon is not busy: it speeds one transfer up, it must not make
+another's smaller.
 """
 
 import logging
@@ -23,76 +24,110 @@ log = logging.getLogger("buffers")
 # How long a transfer waits for buffer memory before 503.
 WAIT = 10.0
 
+# Under memory pressure a transfer gets a smaller buffer (halved down to
+# this size) rather than waiting: a full buffer while the free budget is
+# at least SHARE times its size.  With the defaults (768 MiB, 8 MiB) 64
+# transfers get 8 MiB, the next ones 4, 2, then 1 MiB: about 190 transfers
+# run at once before any waits, where 8 MiB each would allow 96.  Chunks
+# of 1 MiB cost little: at that concurrency the CPU, not the syscall
+# count, is the limit.
+MIN_SIZE = 1024**2
+SHARE = 32
+
+
+# spare_for() of a buffer that did not come from a pool.
+UNPOOLED = object()
+
 
 class Pool:
+    """Buffers of at most ``limit`` bytes in all (in use or kept free for
+    reuse)."""
 
     def __init__(self, limit, wait=WAIT):
         self.limit = limit
         self.wait = wait
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
-        # Bytes of buffers allocated (in use or free).
+        # Bytes of buffers allocated (in use or free), and in use.
         self._allocated = 0
-        # Bytes of buffers in use.
-        self.used = 0
+        self._used = 0
         # size -> free buffers of that size.
         self._free = {}
+        # id(buffer) -> its spare (None until asked for), for leased ones.
+        self._leases = {}
 
     def get(self, size):
         """An AlignedBuffer of ``size`` bytes; waits up to ``wait`` seconds
-        for memory, then raises ServiceUnavailable."""
+        for memory, then raises ServiceUnavailable.  Give it back with
+        ``release``."""
         deadline = time.monotonic() + self.wait
         with self._lock:
             while True:
-                buf = self._take(size, self.limit)
+                buf = self._take(self._grant(size), self.limit)
                 if buf is not None:
+                    self._leases[id(buf)] = None
                     return buf
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise errors.ServiceUnavailable(
-                        "No buffer memory free: {} transfers use the "
-                        "{} MiB of [daemon] max_buffer_memory; try again"
-                        .format(self._count_used(), self.limit >> 20))
+                        "No transfer buffer free: {} MiB of {} MiB "
+                        "([daemon] max_buffer_memory) in use by other "
+                        "transfers; try again".format(
+                            self._used >> 20, self.limit >> 20))
                 self._returned.wait(left)
 
-    def get_spare(self, size):
-        """A second buffer for pipelining, or None if it would use the
-        half of the budget kept for first buffers.  Never waits."""
-        with self._lock:
-            return self._take(size, self.limit // 2)
+    def _grant(self, size):
+        room = self.limit - self._used
+        while size > MIN_SIZE and size * SHARE > room:
+            size //= 2
+        return size
 
-    def put(self, buf):
-        """Return a buffer taken from this pool."""
+    def spare(self, buf):
+        """A second buffer like ``buf`` for pipelining, or None when the
+        daemon is busy (a quarter of the budget in use): with many
+        transfers the CPU is the limit and overlap does not pay, while the
+        memory would make other transfers' buffers smaller.  Never waits;
+        released with ``buf``."""
         with self._lock:
-            self.used -= len(buf)
-            self._free.setdefault(len(buf), []).append(buf)
-            self._returned.notify()
+            spare = self._leases[id(buf)]
+            if spare is None:
+                spare = self._take(len(buf), self.limit // 4)
+                self._leases[id(buf)] = spare
+            return spare
+
+    def release(self, buf):
+        """Return ``buf`` (and its spare) to the pool."""
+        with self._lock:
+            spare = self._leases.pop(id(buf))
+            for b in (buf, spare):
+                if b is not None:
+                    self._used -= len(b)
+                    self._free.setdefault(len(b), []).append(b)
+            self._returned.notify_all()
+
+    def owns(self, buf):
+        with self._lock:
+            return id(buf) in self._leases
 
     def _take(self, size, bound):
-        if self.used + size > bound:
+        if self._used + size > bound:
             return None
         free = self._free.get(size)
         if free:
             buf = free.pop()
         else:
-            # Free buffers of other sizes make room (buffer_size is the
-            # same for every transfer unless the config changed).
-            while self._allocated + size > self.limit and \
-                    self._drop_one(size):
+            # Free buffers of other sizes make room (buffer_size changes
+            # only with the configuration, but tests vary it).
+            while self._allocated + size > self.limit and self._drop_free():
                 pass
             if self._allocated + size > self.limit:
                 return None
             buf = AlignedBuffer(size)
             self._allocated += size
-        self.used += size
+        self._used += size
         return buf
 
-    def _drop_one(self, keep):
-        for size, bufs in self._free.items():
-            if bufs and size != keep:
-                bufs.pop()
-                self._allocated -= size
-                return True
+    def _drop_free(self):
         for size, bufs in self._free.items():
             if bufs:
                 bufs.pop()
@@ -100,10 +135,33 @@ class Pool:
                 return True
         return False
 
-    def _count_used(self):
-        return sum(1 for _ in range(0))  # Sizes differ: report bytes.
-
     def stats(self):
+        """Bytes: ``limit``, ``used`` by transfers, ``allocated`` (used or
+        kept for reuse)."""
         with self._lock:
-            return {"limit": self.limit, "used": self.used,
+            return {"limit": self.limit, "used": self._used,
                     "allocated": self._allocated}
+
+
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def pool(cfg):
+    """The daemon's pool (one per configuration object)."""
+    with _pools_lock:
+        p = _pools.get(id(cfg))
+        if p is None:
+            p = _pools[id(cfg)] = Pool(cfg.daemon.max_buffer_memory)
+        return p
+
+
+def spare_for(buf):
+    """The spare of a pooled ``buf`` (None when the budget is short), or
+    UNPOOLED for a buffer no pool leased (tests, the client)."""
+    with _pools_lock:
+        pools = list(_pools.values())
+    for p in pools:
+        if p.owns(buf):
+            return p.spare(buf)
+    return UNPOOLED

@@ -257,3 +257,36 @@ def _slow_put(daemon, ticket, results, seconds):
     resp.read()
     con.close()
     results.append(resp.status)
+
+
+def test_160_concurrent_downloads_bounded_memory(tmp_path):
+    # 40 tickets x 4 connections, 64 MiB each over HTTPS, at the default
+    # buffer size: buffers come from the bounded pool ([daemon]
+    # max_buffer_memory), so the daemon peaks under 1 GiB RSS (it peaked
+    # at 2.6 GiB with a buffer and a spare per connection; the
+    # established daemon peaks at 1.3 GiB).
+    size = 64 * MiB
+    path = tmp_path / "image.raw"
+    with open(path, "wb") as f:
+        chunk = os.urandom(MiB)
+        for _ in range(64):
+            f.write(chunk)
+    d = start_daemon(tmp_path, [])
+    try:
+        tickets = [add(d, path, size, ops=["read"]) for _ in range(40)]
+        argv = ["curl", "--parallel", "--parallel-immediate",
+                "--parallel-max", "160", "--silent", "--show-error",
+                "--cacert", d.ca_file, "--write-out", "%{http_code} "
+                "%{size_download}\\n"]
+        for i in range(160):
+            argv += ["-o", "/dev/null", "https://localhost:{}/images/{}"
+                     .format(d.remote_port, tickets[i % 40]["uuid"])]
+        out = subprocess.run(argv, capture_output=True, text=True,
+                             timeout=240)
+        results = out.stdout.split("\n")
+        assert results.count("200 {}".format(size)) == 160, \
+            (out.stderr[-2000:], sorted(set(results)))
+        peak = status(d.proc.pid, "VmHWM")
+        assert peak < 1024 * 1024, "peak RSS {} MiB".format(peak >> 10)
+    finally:
+        d.stop()

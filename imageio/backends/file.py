@@ -15,6 +15,7 @@ import stat
 import threading
 import weakref
 
+from .. import buffers
 from .. import errors
 from .._io import directio
 from .._io import stream
@@ -177,7 +178,7 @@ class FileBackend:
                 self._send_cached(sink, offset, length, buf, progress)
             else:
                 self._send_file(sink, offset, length, buf, progress)
-        elif self._pipelined(length):
+        elif self._pipelined(length) and self._spare(buf) is not None:
             self._read_pipelined(sink, offset, length, buf, progress)
         else:
             end = offset + length
@@ -284,7 +285,7 @@ class FileBackend:
         return data >= offset + length
 
     def write_from(self, source, offset, length, buf, progress):
-        if self._pipelined(length):
+        if self._pipelined(length) and self._spare(buf) is not None:
             self._write_pipelined(source, offset, length, buf, progress)
             return
         fd = self._fd
@@ -369,8 +370,12 @@ class FileBackend:
         return self._pool
 
     def _spare(self, buf):
-        # A second buffer for pipelined transfers, allocated once per
-        # backend (connection and ticket).
+        # A second buffer for pipelined transfers: the pool's spare for a
+        # pooled buf (None when the daemon is busy: then transfers run
+        # without overlap), else allocated once per backend.
+        spare = buffers.spare_for(buf)
+        if spare is not buffers.UNPOOLED:
+            return spare
         if self._spare_buffer is None or len(self._spare_buffer) != len(buf):
             self._spare_buffer = AlignedBuffer(len(buf))
         return self._spare_buffer

@@ -8,6 +8,7 @@ operations become responses in ``imageio.http``.
 import logging
 
 from .. import backends
+from .. import buffers
 from .. import errors
 from .. import metrics
 
@@ -49,7 +50,8 @@ def open_image(req, ticket_id, op, store, cfg):
     if binding is None:
         binding = _bind(conn, ticket, cfg)
         bindings[ticket_id] = binding
-    return ticket, binding.backend, _buffer(conn, cfg)
+    # OPTIONS (op None) moves no image bytes: no buffer.
+    return ticket, binding.backend, _buffer(conn, cfg) if op else None
 
 
 def _bind(conn, ticket, cfg):
@@ -97,11 +99,22 @@ def _close(conn, force):
 
 
 def _buffer(conn, cfg):
+    """The connection's transfer buffer: taken from the daemon's bounded
+    pool on first use (ServiceUnavailable when none frees up in time) and
+    given back when the connection goes idle, so idle connections hold no
+    buffer memory."""
     buf = conn.context.get("buffer")
     if buf is None:
-        from .._io.buffer import AlignedBuffer
+        pool = buffers.pool(cfg)
         size = max(cfg.backend_file.buffer_size, cfg.backend_nbd.buffer_size,
                    cfg.backend_http.buffer_size)
-        buf = AlignedBuffer(size)
+        buf = pool.get(size)
         conn.context["buffer"] = buf
+
+        def release():
+            if conn.context.get("buffer") is buf:
+                del conn.context["buffer"]
+            pool.release(buf)
+
+        conn.on_idle(release)
     return buf

@@ -1,0 +1,61 @@
+"""imageio.buffers: the bounded pool of transfer buffers."""
+
+import threading
+import time
+
+import pytest
+
+from imageio import buffers, errors
+
+MiB = 1024**2
+
+
+def test_bounded_smaller_under_pressure_then_503():
+    pool = buffers.Pool(64 * MiB, wait=0.2)
+    got = []
+    start = time.monotonic()
+    with pytest.raises(errors.ServiceUnavailable) as e:
+        while True:
+            got.append(pool.get(8 * MiB))
+    assert time.monotonic() - start >= 0.2
+    assert "max_buffer_memory" in str(e.value)
+    sizes = [len(b) for b in got]
+    assert sum(sizes) == 64 * MiB
+    # Full buffers while the budget is large, then halved down to 1 MiB.
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] == buffers.MIN_SIZE
+    assert all(len(b) % 4096 == 0 for b in got)
+
+
+def test_release_reuses_and_wakes_waiter():
+    pool = buffers.Pool(2 * MiB, wait=5)
+    a, b = pool.get(8 * MiB), pool.get(8 * MiB)
+    assert len(a) == len(b) == buffers.MIN_SIZE
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.get(8 * MiB)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not got
+    pool.release(a)
+    waiter.join(5)
+    assert got and got[0] is a
+    assert pool.stats() == {"limit": 2 * MiB, "used": 2 * MiB,
+                            "allocated": 2 * MiB}
+
+
+def test_spare_only_when_not_busy():
+    # Buffers are not touched here: no memory is used for them.
+    pool = buffers.Pool(1024 * MiB)
+    first = pool.get(8 * MiB)
+    assert len(first) == 8 * MiB
+    spare = pool.spare(first)
+    assert spare is not None and len(spare) == len(first)
+    assert pool.spare(first) is spare
+    assert buffers.spare_for(bytearray(10)) is buffers.UNPOOLED
+    others = [pool.get(8 * MiB) for _ in range(30)]
+    # A quarter of the budget is in use: no more spares.
+    assert pool.stats()["used"] == 256 * MiB
+    assert pool.spare(others[-1]) is None
+    for buf in [first] + others:
+        pool.release(buf)
+    assert pool.stats()["used"] == 0
