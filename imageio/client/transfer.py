@@ -78,13 +78,22 @@ def merged(extents):
     return out
 
 
-class Upload:
-    """One worker's endpoints for an upload: NBD source, HTTP target."""
+class _Endpoints:
+    """One worker's connections (NBD toward qemu-nbd, HTTP toward the
+    daemon) and its buffer, allocated once."""
 
     def __init__(self, nbd, http, buffer_size):
         self.nbd = nbd
         self.http = http
         self.buf = AlignedBuffer(buffer_size)
+
+    def close(self):
+        self.nbd.close()
+        self.http.close()
+
+
+class Upload(_Endpoints):
+    """An upload: NBD source, HTTP target."""
 
     def copy_data(self, item):
         off, n = item.start, item.length
@@ -95,18 +104,9 @@ class Upload:
     def zero(self, item):
         self.http.zero(item.start, item.length, True)
 
-    def close(self):
-        self.nbd.close()
-        self.http.close()
 
-
-class Download:
-    """One worker's endpoints for a download: HTTP source, NBD target."""
-
-    def __init__(self, nbd, http, buffer_size):
-        self.nbd = nbd
-        self.http = http
-        self.buf = AlignedBuffer(buffer_size)
+class Download(_Endpoints):
+    """A download: HTTP source, NBD target."""
 
     def copy_data(self, item):
         off, n = item.start, item.length
@@ -116,10 +116,6 @@ class Download:
 
     def zero(self, item):
         _local("zero", self.nbd.zero, item.start, item.length, True)
-
-    def close(self):
-        self.nbd.close()
-        self.http.close()
 
 
 def run(items, endpoints, progress=None, done=None):
