@@ -24,6 +24,7 @@ import struct
 import zstandard
 
 from . import errors
+from . import ops
 from ._io import zstd as _zstd
 
 ZSTD = "zstd"
@@ -417,8 +418,8 @@ def receive(body, backend, buf, scratch, inbuf, offset, limit, exact,
     while True:
         n = _read_full(source, view)
         if n:
-            backend.write_from(MemorySource(view[:n]), pos, n, buf,
-                               lambda _: check())
+            ops.write(backend, MemorySource(view[:n]), pos, n, buf,
+                      lambda _: check())
             pos += n
         if n < len(view):
             return pos - offset

@@ -205,7 +205,7 @@ class _LineTooLong(Exception):
 
 class Body:
     """A request body of known length, never read past its end: the
-    source that backends' ``write_from`` reads.
+    source that ``ops.write`` reads.
 
     ``readinto(view)`` reads up to ``len(view)`` bytes (0 at the end);
     bytes the reader buffered beyond the headers come first.  ``fd`` is

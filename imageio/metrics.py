@@ -139,8 +139,9 @@ class Metered:
 
     Wraps the backend a connection opened for a ticket; everything but the
     counted operations is the backend's own (``__getattr__``).  One call of
-    a counted method is one operation, whatever its size: the C loops
-    inside it are not touched.
+    a counted method, or one engine call (``operation``), is one
+    operation, whatever its size: the chunks and C loops inside it are not
+    touched.
     """
 
     def __init__(self, backend, kind, conn_name, ticket_name,
@@ -159,31 +160,15 @@ class Metered:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
+    def operation(self, op, nbytes):
+        """A context manager counting one copy engine call (imageio.ops)
+        as one ``op`` of ``nbytes``; it yields the backend to move the
+        bytes with, so the chunks inside are not counted again."""
+        return _Operation(self, op, nbytes)
+
     def _run(self, op, nbytes, func, *args):
-        start = self._clock()
-        try:
-            result = func(*args)
-        except BaseException as e:
-            if _is_backend_failure(e):
-                _child(BACKEND_ERRORS, self._kind, op).inc()
-            raise
-        else:
-            if nbytes:
-                _child(BACKEND_BYTES, self._kind, op).inc(nbytes)
-                self._bytes += nbytes
-        finally:
-            _child(BACKEND_OPS_TOTAL, self._kind, op).inc()
-            self._ops[op] += 1
-            self._busy += self._clock() - start
-        return result
-
-    def read_to(self, sink, offset, length, buf, progress):
-        return self._run("read", length, self._backend.read_to, sink,
-                         offset, length, buf, progress)
-
-    def write_from(self, source, offset, length, buf, progress):
-        return self._run("write", length, self._backend.write_from, source,
-                         offset, length, buf, progress)
+        with _Operation(self, op, nbytes):
+            return func(*args)
 
     def readinto(self, buf, offset, length):
         return self._run("read", length, self._backend.readinto, buf,
@@ -228,3 +213,31 @@ class Metered:
                  " ".join("{}={}".format(op, n)
                           for op, n in self._ops.items()),
                  self._bytes, busy, rate / 1024**2, open_for)
+
+
+class _Operation:
+    """One counted operation of a Metered backend (see Metered.operation)."""
+
+    __slots__ = ("_meter", "_op", "_nbytes", "_start")
+
+    def __init__(self, meter, op, nbytes):
+        self._meter = meter
+        self._op = op
+        self._nbytes = nbytes
+
+    def __enter__(self):
+        self._start = self._meter._clock()
+        return self._meter._backend
+
+    def __exit__(self, exc_type, exc, tb):
+        m = self._meter
+        if exc_type is not None:
+            if _is_backend_failure(exc):
+                _child(BACKEND_ERRORS, m._kind, self._op).inc()
+        elif self._nbytes:
+            _child(BACKEND_BYTES, m._kind, self._op).inc(self._nbytes)
+            m._bytes += self._nbytes
+        _child(BACKEND_OPS_TOTAL, m._kind, self._op).inc()
+        m._ops[self._op] += 1
+        m._busy += m._clock() - self._start
+        return False

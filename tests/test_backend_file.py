@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from imageio import backends, errors, http, tls
+from imageio import backends, errors, http, ops, tls
 from imageio._io.buffer import AlignedBuffer
 from imageio.backends import Extent, file as file_backend
 
@@ -172,7 +172,7 @@ def drain(sock):
     return t, out
 
 
-# TLS: a real SSLSocket, so the sink has no fd and read_to goes through the
+# TLS: a real SSLSocket, so the sink has no fd and ops.read goes through the
 # buffer and SSLSocket.sendall.
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_read_to(image, reference, buf, timeout):
                 assert sink.fd == a.fileno()
                 t, out = drain(b)
                 progress = Progress()
-                backend.read_to(sink, offset, length, buf, progress)
+                ops.read(backend, sink, offset, length, buf, progress)
                 a.shutdown(socket.SHUT_WR)
                 t.join()
             assert out == reference[offset:offset + length], (offset, length)
@@ -236,7 +236,7 @@ def test_read_to_tls(image, reference, buf, pki):
                 _recv_exactly(b, length)))
             t.start()
             progress = Progress()
-            backend.read_to(sink, offset, length, buf, progress)
+            ops.read(backend, sink, offset, length, buf, progress)
             t.join()
             assert got == reference[offset:offset + length], (offset, length)
             assert sum(progress.calls) == length
@@ -257,7 +257,8 @@ def test_read_to_past_end(image, reference, buf):
     with image.open() as backend, a, b:
         t, out = drain(b)
         with pytest.raises(errors.BackendError):
-            backend.read_to(backends.Sink(a), SIZE - 10, 20, buf, Progress())
+            ops.read(backend, backends.Sink(a), SIZE - 10, 20, buf,
+                     Progress())
 
 
 def test_read_to_canceled(image, reference, buf):
@@ -270,7 +271,7 @@ def test_read_to_canceled(image, reference, buf):
     with image.open() as backend, a, b:
         t, out = drain(b)
         with pytest.raises(errors.Canceled):
-            backend.read_to(backends.Sink(a), 0, SIZE, buf, progress)
+            ops.read(backend, backends.Sink(a), 0, SIZE, buf, progress)
         a.shutdown(socket.SHUT_WR)
         t.join()
         # Stopped after the first chunk.
@@ -316,7 +317,7 @@ def test_write_from(image, reference, buf, transport, pki):
                 t = send_request(b, data, close=transport != "tls")
                 source = request_source(a, length)
                 progress = Progress()
-                backend.write_from(source, offset, length, buf, progress)
+                ops.write(backend, source, offset, length, buf, progress)
                 t.join()
                 assert sum(progress.calls) == length
             ref[offset:offset + length] = data
@@ -331,7 +332,7 @@ def test_write_from_partial(image, reference, buf):
         t = send_request(b, b"x" * 5000)
         source = request_source(a, 2 * MiB)
         with pytest.raises(errors.PartialContent) as e:
-            backend.write_from(source, 100, 2 * MiB, buf, Progress())
+            ops.write(backend, source, 100, 2 * MiB, buf, Progress())
         assert e.value.requested == 2 * MiB
         assert e.value.received == 5000
         t.join()
@@ -347,7 +348,7 @@ def test_write_from_timeout(image, reference, buf):
         t = send_request(b, b"x" * 5000, close=False)
         source = request_source(a, 2 * MiB)
         with pytest.raises(TimeoutError):
-            backend.write_from(source, 0, 2 * MiB, buf, Progress())
+            ops.write(backend, source, 0, 2 * MiB, buf, Progress())
         t.join()
 
 
@@ -357,7 +358,8 @@ def test_write_read_only(image, reference, buf):
     with image.open(ops=["read"]) as backend, a, b:
         sender = send_request(b, b"x" * 8192)
         with pytest.raises(OSError):
-            backend.write_from(request_source(a, 8192), 0, 8192, buf, Progress())
+            ops.write(backend, request_source(a, 8192), 0, 8192, buf,
+                      Progress())
         # The request fits the socket buffer: the sender is done before
         # the sockets close under it.
         sender.join(10)
@@ -556,7 +558,7 @@ def test_extents_empty_and_all_data(growable_image):
     image.write(b"")
     with image.open() as backend:
         assert backend.extents() == []
-        backend._write(b"x" * 10000, 0)
+        backend.write(b"x" * 10000, 0)
         assert backend.extents() == [Extent(0, 10000, False, False)]
 
 
@@ -636,8 +638,8 @@ def test_concurrent_write_from_sharing_blocks(image, buf):
             data = bytes([i + 1]) * piece
             with image.open() as backend, a, b:
                 t = send_request(b, data)
-                backend.write_from(request_source(a, piece), i * piece, piece,
-                                   AlignedBuffer(BUF_SIZE), Progress())
+                ops.write(backend, request_source(a, piece), i * piece, piece,
+                          AlignedBuffer(BUF_SIZE), Progress())
                 t.join()
         except Exception as e:
             errors_seen.append(e)
@@ -664,7 +666,7 @@ def test_write_from_reports_consumed(image, reference, buf):
         source = request_source(a, 2 * MiB)
         seen = []
         source.consumed = seen.append
-        backend.write_from(source, 100, 2 * MiB, buf, Progress())
+        ops.write(backend, source, 100, 2 * MiB, buf, Progress())
         t.join()
         # The reader buffered part of the body; the rest came through fd.
         assert seen and sum(seen) < 2 * MiB

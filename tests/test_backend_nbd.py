@@ -8,7 +8,7 @@ import types
 import pytest
 
 import nbdserver
-from imageio import backends, errors, http
+from imageio import backends, errors, http, ops
 from imageio._io.buffer import AlignedBuffer
 from imageio.backends import nbd as nbd_backend
 
@@ -68,7 +68,7 @@ def read_all(backend, buf, offset=0, length=None):
     with a, b:
         drain = Drain(b)
         calls = []
-        backend.read_to(backends.Sink(a), offset, length, buf, calls.append)
+        ops.read(backend, backends.Sink(a), offset, length, buf, calls.append)
         a.shutdown(socket.SHUT_WR)
         drain.join(20)
     assert sum(calls) == length
@@ -108,8 +108,8 @@ def write_all(backend, buf, data, offset=0, prefix=b""):
         assert reader.readline() == b"HEADER\r\n"
         body = http.Body(reader, a, len(prefix) + len(data), None)
         calls = []
-        backend.write_from(body, offset, len(prefix) + len(data), buf,
-                           calls.append)
+        ops.write(backend, body, offset, len(prefix) + len(data), buf,
+                  calls.append)
         t.join(20)
         assert body.remaining == 0
         assert sum(calls) == len(prefix) + len(data)
@@ -250,7 +250,7 @@ def test_tls_x509(tmp_path, pki, buf):
                 write_all(backend, buf, data, offset=MiB)
                 assert read_all(backend, buf, MiB, len(data)) == data
                 sink = TLSLikeSink()
-                backend.read_to(sink, MiB, len(data), buf, None)
+                ops.read(backend, sink, MiB, len(data), buf, None)
                 assert sink.data == data
             finally:
                 backend.close()
@@ -356,7 +356,7 @@ def test_write_read(memory, buf, offset, length):
         write_all(backend, buf, data, offset)
         assert read_all(backend, buf, offset, length) == data
         sink = TLSLikeSink()
-        backend.read_to(sink, offset, length, buf, None)
+        ops.read(backend, sink, offset, length, buf, None)
         assert sink.data == data
         view = backend.readinto(buf, offset, min(length, len(buf) - 4096))
         assert bytes(view) == data[:len(view)]
@@ -387,7 +387,7 @@ def test_write_short_body(memory, buf):
                 daemon=True).start()
             source = http.Body(http.Reader(a), a, 10 * MiB, None)
             with pytest.raises(errors.PartialContent) as e:
-                backend.write_from(source, 0, 10 * MiB, buf, None)
+                ops.write(backend, source, 0, 10 * MiB, buf, None)
         assert e.value.requested == 10 * MiB
         assert e.value.received == 3 * MiB
     finally:
@@ -398,7 +398,7 @@ def test_range_outside_image(memory, buf):
     backend = open_backend(memory.url())
     try:
         with pytest.raises(errors.RangeNotSatisfiable):
-            backend.read_to(TLSLikeSink(), 64 * MiB - 1, 2, buf, None)
+            ops.read(backend, TLSLikeSink(), 64 * MiB - 1, 2, buf, None)
         with pytest.raises(errors.RangeNotSatisfiable):
             backend.zero(0, 64 * MiB + 1, False)
     finally:
@@ -538,7 +538,7 @@ def test_server_dies_then_reconnect(tmp_path, buf):
         with a, b:
             Drain(b)
             with pytest.raises(OSError):
-                backend.read_to(backends.Sink(a), 0, 256 * MiB, buf, None)
+                ops.read(backend, backends.Sink(a), 0, 256 * MiB, buf, None)
         killer.join()
         # While the server is down: a clear error.
         os.unlink(sock)
@@ -563,7 +563,7 @@ def test_injected_errors(tmp_path, buf):
         with pytest.raises(OSError):
             read_all(backend, buf, 0, 8 * MiB)
         with pytest.raises(OSError):
-            backend.read_to(TLSLikeSink(), 0, 8 * MiB, buf, None)
+            ops.read(backend, TLSLikeSink(), 0, 8 * MiB, buf, None)
         with pytest.raises(OSError):
             write_all(backend, buf, b"x" * MiB)
         with pytest.raises(OSError):

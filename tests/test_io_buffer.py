@@ -67,3 +67,29 @@ def test_huge_size():
 
 def test_repr():
     assert "size=4096" in repr(AlignedBuffer(4096))
+
+
+def test_part_shares_memory():
+    buf = AlignedBuffer(8192)
+    part = buf.part(4096, 4096)
+    assert len(part) == 4096 and part.align == buf.align
+    assert part.address == buf.address + 4096
+    assert part.owner is buf
+    memoryview(part)[:3] = b"abc"
+    assert bytes(memoryview(buf)[4096:4099]) == b"abc"
+
+
+def test_part_keeps_owner_alive():
+    part = AlignedBuffer(8192).part(0, 4096)
+    gc.collect()
+    memoryview(part)[:] = b"x" * 4096
+    assert bytes(part) == b"x" * 4096
+    assert len(part.owner) == 8192
+
+
+@pytest.mark.parametrize("start,size", [
+    (1, 4096), (0, 0), (4096, 4097), (8192, 1), (12288, 1),
+])
+def test_bad_part(start, size):
+    with pytest.raises(ValueError):
+        AlignedBuffer(8192).part(start, size)

@@ -3,7 +3,9 @@
 ``AlignedBuffer`` owns memory from ``posix_memalign`` and exposes it through
 the writable buffer protocol, so Python code can slice it with
 ``memoryview(buf)`` and the ``_io`` modules (``cimport`` of ``buffer.pxd``)
-use its ``data`` pointer directly, without copies.
+use its ``data`` pointer directly, without copies.  ``part()`` lends an
+aligned piece of it as another AlignedBuffer: the copy engine splits one
+transfer buffer into halves to overlap reads and writes.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo
@@ -20,9 +22,17 @@ cdef class AlignedBuffer:
     alignment, MemoryError when out of memory.
     """
 
-    def __cinit__(self, size, align=4096):
+    def __cinit__(self, size, align=4096, AlignedBuffer _owner=None,
+                  size_t _start=0):
         cdef void *p = NULL
         cdef int err
+        if _owner is not None:
+            # A part of _owner (see part()): shares its memory, keeps it alive.
+            self.owner = _owner
+            self.data = _owner.data + _start
+            self.size = size
+            self.align = _owner.align
+            return
         if size <= 0:
             raise ValueError("Invalid size: {}".format(size))
         if align < sizeof(void *) or align & (align - 1):
@@ -34,14 +44,26 @@ cdef class AlignedBuffer:
             raise MemoryError(
                 "Cannot allocate {} bytes aligned to {}".format(size, align))
         self.data = <char *>p
+        self.allocated = True
         # Zeroed: the buffer never leaks old heap contents to a client, and a
         # fresh buffer can be the source of zeroes.
         with nogil:
             memset(self.data, 0, self.size)
 
     def __dealloc__(self):
-        free(self.data)
+        if self.allocated:
+            free(self.data)
         self.data = NULL
+
+    def part(self, size_t start, size_t size):
+        """An AlignedBuffer of ``size`` bytes at ``start`` of this one,
+        sharing its memory.  ``start`` must keep the alignment.  Raises
+        ValueError when the part does not fit."""
+        if start % self.align or size == 0 or start > self.size or \
+                size > self.size - start:
+            raise ValueError("Invalid part {}+{} of {!r}".format(
+                start, size, self))
+        return AlignedBuffer(size, self.align, self, start)
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)

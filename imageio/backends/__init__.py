@@ -1,8 +1,10 @@
 """Backends: one module per ticket URL scheme, one interface.
 
-Like nbdcopy's ``struct rw_ops``: ``imageio.ops`` and the handlers never ask
-which kind of backend they hold.  A backend is opened once per (client
-connection, ticket) and reused across that connection's requests.
+Like nbdcopy's ``struct rw_ops``: backends offer primitives, the one copy
+engine (``imageio.ops``) chunks, overlaps and reports, and neither it nor
+the handlers ask which kind of backend they hold.  A backend is opened once
+per (client connection, ticket) and reused across that connection's
+requests.
 
 The interface (every backend implements all of it):
 
@@ -15,23 +17,20 @@ The interface (every backend implements all of it):
 ``max_readers``, ``max_writers`` (int)
     Connections the backend supports for this image at once.
 
-``read_to(sink, offset, length, buf, progress)``
-    Send exactly ``length`` bytes of the image starting at ``offset`` to
-    ``sink`` (see ``Sink``).  ``buf`` is the connection's aligned buffer
-    (``imageio._io.buffer.AlignedBuffer``).  ``progress(n)`` is called after
-    each chunk with the number of bytes moved; it raises
-    ``errors.Canceled`` to stop the transfer.
-
-``write_from(source, offset, length, buf, progress)``
-    Read exactly ``length`` bytes from ``source`` and write them at
-    ``offset``.  ``source`` is the request body, ``imageio.http.Body`` or
-    ``ChunkedBody`` (their docstrings define what a source offers).  A
-    source that ends early raises ``errors.PartialContent``.  Does not
-    flush.
-
 ``readinto(buf, offset, length) -> memoryview``
-    Read ``length`` bytes (at most ``len(buf) - 4096``) at ``offset`` and
-    return a view of ``buf`` holding exactly them.  Used by checksum.
+    Read exactly ``length`` bytes at ``offset`` (at most ``len(buf)``
+    counting the O_DIRECT alignment around them: ``imageio.ops`` chunks
+    fit) and return a view holding them: of ``buf``, or of a shared zero
+    buffer for a hole.  ``buf`` is an ``imageio._io.buffer.AlignedBuffer``.
+
+``write(data, offset)``
+    Write all of ``data`` (bytes-like) at ``offset``.  Does not flush.
+
+``overlap`` (bool)
+    Whether this backend's I/O waits for a disk or a peer, so that
+    ``imageio.ops`` overlaps it with the other side of a transfer (False
+    where a read is a memory copy and the handoff would cost more than it
+    hides).
 
 ``zero(offset, length, punch_hole)``
     Make the range read as zeroes.  ``punch_hole=True`` may deallocate.
@@ -50,6 +49,23 @@ The interface (every backend implements all of it):
 ``close()``
     Release the backend; idempotent.
 
+Optional fast paths and streams, used by ``imageio.ops`` when present:
+
+``send_to(fd, offset, length, buf, timeout, progress)``
+    Send the range to the plain socket ``fd`` in C (sendfile, libnbd
+    requests in flight), calling ``progress(n)`` about once per ``len(buf)``
+    bytes; what ``progress`` raises stops it.  The fd may be non-blocking:
+    C loops poll on EAGAIN for at most ``timeout`` seconds.
+
+``recv_from(fd, offset, length, buf, timeout, progress) -> int``
+    Receive up to ``length`` bytes from the plain socket ``fd`` and write
+    them at ``offset`` in C; returns the bytes received (fewer only when the
+    peer closed).
+
+``reader(offset, length)``, ``writer(offset, length)``
+    Context managers giving the range as one stream: a ``Source`` read in
+    order, a ``Sink`` written in order (the proxy's GET and PUT).
+
 Backend failures raise ``OSError`` (or ``errors.BackendError``); the HTTP
 layer turns them into a ``500`` naming the operation, offset and length
 (``507`` for ``ENOSPC``).
@@ -66,7 +82,7 @@ DirtyExtent = collections.namedtuple("DirtyExtent", "start length dirty zero")
 
 
 class Sink:
-    """Where read_to() sends bytes: the client's socket.
+    """Where ops.read() sends bytes: the client's socket.
 
     ``fd`` is the raw socket fd when bytes can go to it directly (plain
     socket: sendfile/splice/send from C), else -1 (TLS: use ``write``).

@@ -2,12 +2,11 @@
 
 Opened with O_DIRECT (no page cache pollution, no stale-cache surprises for
 the VM that owns the disk) and falling back to buffered I/O where the file
-system refuses it.  Bytes move in ``imageio._io``: ``sendfile`` or aligned
-reads to plain sockets, ``recv`` then O_DIRECT ``pwrite`` from them, and
-aligned reads/writes through the connection's buffer for TLS.
+system refuses it.  Bytes move in ``imageio._io``: ``sendfile`` to plain
+sockets (``send_to``), aligned reads and O_DIRECT writes of chunks
+(``readinto``, ``write``) that ``imageio.ops`` moves to and from sockets.
 """
 
-import concurrent.futures
 import errno
 import logging
 import os
@@ -15,7 +14,6 @@ import stat
 import threading
 import weakref
 
-from .. import buffers
 from .. import errors
 from .._io import directio
 from .._io import stream
@@ -31,13 +29,10 @@ ALIGN = 4096
 # middles of data that is not aligned in memory.
 BOUNCE_SIZE = 1024**2
 
-# Transfers at least this long on O_DIRECT storage overlap storage I/O with
-# the network: a worker thread reads the next chunk (or writes the last
-# one) into a second buffer while this thread sends (or receives) the
-# other.  Both sides release the GIL.  Only where there is I/O wait to
-# hide: on memory-backed files (buffered, a memcpy) measured A/B with curl
-# on 2 cores the handoffs cost ~0.05 s CPU/GiB and gained nothing.
-PIPELINE_MIN = 2 * 1024**2
+# Reads at least this long on O_DIRECT storage (the copy engine's chunks,
+# not small ranged GETs) first ask whether they fall in a hole (one lseek),
+# and then read nothing.
+HOLE_CHECK_MIN = 256 * 1024
 
 # Paths already logged as not supporting O_DIRECT (log once, not per
 # connection).
@@ -143,8 +138,6 @@ class FileBackend:
         self._lock = _block_lock(st)
         self._bounce_buffer = None
         self._zeroes = None
-        self._spare_buffer = None
-        self._pool = None
         self._read_fd = -1
         log.debug("Opened %s direct=%s writable=%s block_device=%s",
                   path, direct, writable, self._block)
@@ -166,112 +159,56 @@ class FileBackend:
             return self._device_size
         return os.fstat(self._fd).st_size
 
-    # Bulk transfer.
+    @property
+    def overlap(self):
+        # Overlap storage I/O with the network only where there is I/O
+        # wait to hide: on memory-backed files (buffered, a memcpy)
+        # measured A/B with curl on 2 cores the handoffs cost ~0.05 s
+        # CPU/GiB and gained nothing.
+        return self._align > 1
 
-    def _pipelined(self, length):
-        return self._align > 1 and length >= PIPELINE_MIN
+    # Bulk transfer: primitives for imageio.ops.
 
-    def read_to(self, sink, offset, length, buf, progress):
-        if sink.fd >= 0:
-            # Plain socket: sendfile in C, no copy through user space.
-            if self._align > 1:
-                self._send_cached(sink, offset, length, buf, progress)
-            else:
-                self._send_file(sink, offset, length, buf, progress)
-        elif self._pipelined(length) and self._spare(buf) is not None:
-            self._read_pipelined(sink, offset, length, buf, progress)
-        else:
-            end = offset + length
-            while offset < end:
-                n = self._chunk(offset, end, len(buf))
-                start, count = directio.readinto(self._fd, buf, offset, n,
-                                                 self._align)
-                self._check_read(offset, n, count)
-                with memoryview(buf)[start:start + count] as view:
-                    sink.write(view)
-                offset += n
-                progress(n)
+    def send_to(self, fd, offset, length, buf, timeout, progress):
+        """Send the range to the plain socket ``fd`` with sendfile(2), in
+        C, reporting each buffer-sized chunk.
 
-    def _send_cached(self, sink, offset, length, buf, progress):
-        """sendfile() from a second, buffered fd, dropping the pages once
-        sent.
-
-        On O_DIRECT storage this beats pread + send (measured A/B with curl
-        over the unix socket, 1 GiB half-sparse image on ext4: ~2300 vs
-        ~1800 MiB/s): the kernel reads ahead while we send, holes come
-        from the zero page without touching the disk, and pages go to the
-        socket without a copy.  POSIX_FADV_DONTNEED after each chunk keeps
-        the host's page cache as O_DIRECT would; O_DIRECT writes to the
-        same file invalidate cached pages, so reads stay coherent.
+        On O_DIRECT storage from a second, buffered fd, dropping the pages
+        once sent.  This beats pread + send (measured A/B with curl over
+        the unix socket, 1 GiB half-sparse image on ext4: ~2300 vs ~1800
+        MiB/s): the kernel reads ahead while we send, holes come from the
+        zero page without touching the disk, and pages go to the socket
+        without a copy.  POSIX_FADV_DONTNEED after each chunk keeps the
+        host's page cache as O_DIRECT would; O_DIRECT writes to the same
+        file invalidate cached pages, so reads stay coherent.
         """
+        cached = self._align > 1
+        src = self._cached_fd() if cached else self._fd
+        end = offset + length
+        while offset < end:
+            n = self._chunk(offset, end, len(buf))
+            count = stream.send_file(fd, src, offset, n, buf, 1, timeout)
+            self._check_read(offset, n, count)
+            if cached:
+                os.posix_fadvise(src, offset, n, os.POSIX_FADV_DONTNEED)
+            offset += n
+            progress(n)
+
+    def _cached_fd(self):
         if self._read_fd == -1:
             self._read_fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             os.posix_fadvise(self._read_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        end = offset + length
-        while offset < end:
-            n = self._chunk(offset, end, len(buf))
-            count = stream.send_file(sink.fd, self._read_fd, offset, n, buf,
-                                     1, sink.timeout)
-            self._check_read(offset, n, count)
-            os.posix_fadvise(self._read_fd, offset, n,
-                             os.POSIX_FADV_DONTNEED)
-            offset += n
-            progress(n)
+        return self._read_fd
 
-    def _send_file(self, sink, offset, length, buf, progress):
-        end = offset + length
-        while offset < end:
-            n = self._chunk(offset, end, len(buf))
-            count = stream.send_file(sink.fd, self._fd, offset, n, buf,
-                                     self._align, sink.timeout)
-            self._check_read(offset, n, count)
-            offset += n
-            progress(n)
-
-    def _read_pipelined(self, sink, offset, length, buf, progress):
-        """Read chunk i+1 in the worker while chunk i is sent: from C to a
-        plain socket, through OpenSSL (which releases the GIL) to TLS.
-        Chunks inside a hole are not read: zeroes are sent from a shared
-        zero buffer."""
-        bufs = (buf, self._spare(buf))
-        pool = self._worker()
-        end = offset + length
-        n = self._chunk(offset, end, len(buf))
-        pending = pool.submit(self._read_chunk, bufs[0], offset, n)
-        i = 0
-        try:
-            while pending is not None:
-                start, count, hole = pending.result()
-                pending = None
-                self._check_read(offset, n, count)
-                next_offset = offset + n
-                if next_offset < end:
-                    next_n = self._chunk(next_offset, end, len(buf))
-                    pending = pool.submit(self._read_chunk, bufs[i ^ 1],
-                                          next_offset, next_n)
-                data = _zero_buffer(len(buf)) if hole else bufs[i]
-                if sink.fd >= 0:
-                    stream.send_from(sink.fd, data, start, count,
-                                     sink.timeout)
-                else:
-                    with memoryview(data)[start:start + count] as view:
-                        sink.write(view)
-                progress(n)
-                if pending is not None:
-                    offset, n, i = next_offset, next_n, i ^ 1
-        finally:
-            # Never leave the worker filling a buffer we handed back.
-            if pending is not None:
-                concurrent.futures.wait([pending])
-
-    def _read_chunk(self, buf, offset, length):
-        """Read a chunk; return (start, count, hole).  A chunk inside a
-        hole of a regular file is not read: (0, length, True)."""
-        if not self._block and self._in_hole(offset, length):
-            return 0, length, True
+    def readinto(self, buf, offset, length):
+        if length >= HOLE_CHECK_MIN and self._align > 1 and \
+                not self._block and self._in_hole(offset, length):
+            # Inside a hole: zeroes from a shared buffer, the disk untouched.
+            return memoryview(_zero_buffer(length)).toreadonly()[:length]
         start, count = directio.readinto(self._fd, buf, offset, length,
                                          self._align)
-        return start, count, False
+        self._check_read(offset, length, count)
+        return memoryview(buf)[start:start + count]
 
     def _in_hole(self, offset, length):
         try:
@@ -284,107 +221,9 @@ class FileBackend:
             return offset + length <= self.size()
         return data >= offset + length
 
-    def write_from(self, source, offset, length, buf, progress):
-        if self._pipelined(length) and self._spare(buf) is not None:
-            self._write_pipelined(source, offset, length, buf, progress)
-            return
-        fd = self._fd
-        align = self._align
-        end = offset + length
-        done = 0
-        while offset < end:
-            n = self._chunk(offset, end, len(buf))
-            sock = source.fd
-            if sock >= 0:
-                got = stream.recv_to_file(sock, fd, offset, n, buf,
-                                          self._bounce, align, source.timeout,
-                                          self._lock)
-                source.consumed(got)
-            else:
-                # Same alignment in memory as in the file: only the head and
-                # tail blocks go through the bounce buffer.
-                skip = offset % align
-                with memoryview(buf)[skip:skip + n] as view:
-                    got = _read_full(source, view)
-                    directio.write(fd, view[:got], offset, self._bounce,
-                                   align, self._lock)
-            done += got
-            if got < n:
-                raise errors.PartialContent(length, done)
-            offset += n
-            progress(n)
-
-    def _write_pipelined(self, source, offset, length, buf, progress):
-        """Receive chunk i+1 while the worker writes chunk i."""
-        bufs = (buf, self._spare(buf))
-        pool = self._worker()
-        align = self._align
-        end = offset + length
-        pending = None
-        pending_n = 0
-        done = 0
-        i = 0
-        try:
-            while offset < end:
-                n = self._chunk(offset, end, len(buf))
-                # Same alignment in memory as in the file: only the head
-                # and tail blocks go through the bounce buffer.
-                skip = offset % align
-                view = memoryview(bufs[i])[skip:skip + n]
-                sock = source.fd
-                if sock >= 0:
-                    # Plain socket: the receive loop runs in C.
-                    got = stream.recv_into(sock, bufs[i], skip, n,
-                                           source.timeout)
-                    source.consumed(got)
-                else:
-                    got = _read_full(source, view)
-                if pending is not None:
-                    pending.result()
-                    pending = None
-                    done += pending_n
-                    progress(pending_n)
-                if got < n:
-                    if got:
-                        # What arrived is written; the error says how much.
-                        directio.write(self._fd, view[:got], offset,
-                                       self._bounce, align, self._lock)
-                    raise errors.PartialContent(length, done + got)
-                pending = pool.submit(directio.write, self._fd, view, offset,
-                                      self._bounce, align, self._lock)
-                pending_n = n
-                offset += n
-                i ^= 1
-            if pending is not None:
-                pending.result()
-                pending = None
-                progress(pending_n)
-        finally:
-            if pending is not None:
-                concurrent.futures.wait([pending])
-
-    def _worker(self):
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="file-io")
-        return self._pool
-
-    def _spare(self, buf):
-        # A second buffer for pipelined transfers: the pool's spare for a
-        # pooled buf (None when the daemon is busy: then transfers run
-        # without overlap), else allocated once per backend.
-        spare = buffers.spare_for(buf)
-        if spare is not buffers.UNPOOLED:
-            return spare
-        if self._spare_buffer is None or len(self._spare_buffer) != len(buf):
-            self._spare_buffer = AlignedBuffer(len(buf))
-        return self._spare_buffer
-
-    def readinto(self, buf, offset, length):
-        start, count = directio.readinto(self._fd, buf, offset, length,
-                                         self._align)
-        self._check_read(offset, length, count)
-        return memoryview(buf)[start:start + count]
+    def write(self, data, offset):
+        directio.write(self._fd, data, offset, self._bounce, self._align,
+                       self._lock)
 
     def _chunk(self, offset, end, bufsize):
         """Length of the next chunk at ``offset``: its aligned superset fits
@@ -439,7 +278,7 @@ class FileBackend:
                 # A hole punched past end of file does not grow it; one
                 # written byte does, leaving the rest a hole.
                 if os.fstat(self._fd).st_size < end:
-                    self._write(b"\0", end - 1)
+                    self.write(b"\0", end - 1)
                 return
         # Allocated zeroes: ZERO_RANGE grows the file when needed.
         try:
@@ -487,12 +326,8 @@ class FileBackend:
             # Aligned steps after the first keep writes direct.
             n = min(end, offset - offset % ALIGN + BOUNCE_SIZE) - offset
             with memoryview(self._zeroes)[:n] as view:
-                self._write(view, offset)
+                self.write(view, offset)
             offset += n
-
-    def _write(self, data, offset):
-        directio.write(self._fd, data, offset, self._bounce, self._align,
-                       self._lock)
 
     def flush(self):
         directio.fdatasync(self._fd)
@@ -545,9 +380,6 @@ class FileBackend:
             pos = hole
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         if self._read_fd != -1:
             fd, self._read_fd = self._read_fd, -1
             os.close(fd)
@@ -580,14 +412,3 @@ def _zero_buffer(size):
             memoryview(_zeros)[:] = bytes(size)
         return _zeros
 
-
-def _read_full(source, view):
-    """Read into view until full or end of stream; return the count."""
-    done = 0
-    n = len(view)
-    while done < n:
-        got = source.readinto(view[done:])
-        if not got:
-            break
-        done += got
-    return done

@@ -4,11 +4,12 @@ The ticket's url is ``https://host:port/images/ID``.  One keep-alive
 connection to the remote daemon per (client connection, ticket), verified
 with ``[backend_http] ca_file`` (or ``[tls] ca_file``).  When the remote
 daemon runs on this host and offers a local unix socket, requests go
-there instead of through TLS.  Bodies move in buffer-sized chunks through
-the connection's aligned buffer; nothing holds a whole body in memory.
+there instead of through TLS.  A range moves as one GET (``reader``) or one
+PUT (``writer``) whose body ``imageio.ops`` streams in buffer-sized chunks
+through the connection's aligned buffer; nothing holds a whole body in
+memory.
 """
 
-import concurrent.futures
 import http.client
 import ipaddress
 import json
@@ -99,8 +100,6 @@ class HTTPBackend:
         self._con = http.client.HTTPSConnection(
             self._url.hostname, self._url.port or 443,
             context=self._context, timeout=timeout)
-        self._pool = None
-        self._spare_buffer = None
         self.features = frozenset()
         self.max_readers = 1
         self.max_writers = 1
@@ -267,51 +266,14 @@ class HTTPBackend:
     def size(self):
         return self._size
 
-    def read_to(self, sink, offset, length, buf, progress):
-        """Stream the remote range to the sink: a worker fills one buffer
-        from the remote while this thread sends the other (both sides
-        release the GIL in the socket and TLS calls)."""
-        resp = self._get_range(offset, length)
-        views = (memoryview(buf), memoryview(self._spare(buf)))
-        pool = self._worker()
-        chunk = len(buf)
-        n = min(chunk, length)
-        pending = pool.submit(self._fill, resp, views[0][:n])
-        left = length
-        i = 0
-        try:
-            while pending is not None:
-                pending.result()
-                pending = None
-                left -= n
-                next_n = min(chunk, left)
-                if next_n:
-                    pending = pool.submit(self._fill, resp,
-                                          views[i ^ 1][:next_n])
-                sink.write(views[i][:n])
-                progress(n)
-                n, i = next_n, i ^ 1
-        finally:
-            if pending is not None:
-                concurrent.futures.wait([pending])
-                self._con.close()
+    # Overlapping requests to the remote with the client side pays: both
+    # wait for a peer.
+    overlap = True
 
-    def _fill(self, resp, view):
-        got = 0
-        while got < len(view):
-            got += self._readinto(resp, view[got:])
-
-    def _worker(self):
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="proxy-io")
-        return self._pool
-
-    def _spare(self, buf):
-        if self._spare_buffer is None or len(self._spare_buffer) != len(buf):
-            from .._io.buffer import AlignedBuffer
-            self._spare_buffer = AlignedBuffer(len(buf))
-        return self._spare_buffer
+    def reader(self, offset, length):
+        """The range as one GET, read in order (a ``Source``); closing it
+        before the end closes the connection."""
+        return _Reader(self, self._get_range(offset, length), length)
 
     def readinto(self, buf, offset, length):
         resp = self._get_range(offset, length)
@@ -346,8 +308,10 @@ class HTTPBackend:
                 "read".format(self._where()))
         return n
 
-    def write_from(self, source, offset, length, buf, progress):
-        con = self._con
+    def writer(self, offset, length):
+        """The range as one PUT whose body is written in order (a
+        ``Sink``); the response is checked when it closes.  Raises
+        BadGateway when the remote cannot be reached."""
         headers = {
             "Content-Range": "bytes {}-{}/*".format(
                 offset, offset + length - 1),
@@ -359,54 +323,20 @@ class HTTPBackend:
             except ConnectionError:
                 # A kept-alive connection the remote closed meanwhile;
                 # nothing of the body was sent yet.
-                con.close()
+                self._con.close()
                 self._put_headers(headers)
         except (OSError, http.client.HTTPException) as e:
-            con.close()
+            self._con.close()
             raise errors.BadGateway(
                 "Cannot reach the remote imageio daemon {}: {}".format(
                     self._where(), e))
-        # This thread fills one buffer from the client while a worker sends
-        # the other to the remote.
-        views = (memoryview(buf), memoryview(self._spare(buf)))
-        pool = self._worker()
-        pending = None
-        pending_n = 0
-        left = length
-        i = 0
+        return _Writer(self)
+
+    def _finish_put(self):
         try:
-            while left:
-                n = min(left, len(views[i]))
-                view = views[i][:n]
-                got = 0
-                while got < n:
-                    k = source.readinto(view[got:])
-                    if k == 0:
-                        break
-                    got += k
-                if pending is not None:
-                    pending.result()
-                    pending = None
-                    progress(pending_n)
-                if got < n:
-                    con.close()
-                    raise errors.PartialContent(length, length - left + got)
-                pending = pool.submit(self._send_body, view)
-                pending_n = n
-                left -= n
-                i ^= 1
-            if pending is not None:
-                pending.result()
-                pending = None
-                progress(pending_n)
-        finally:
-            if pending is not None:
-                concurrent.futures.wait([pending])
-                con.close()
-        try:
-            resp = con.getresponse()
+            resp = self._con.getresponse()
         except (OSError, http.client.HTTPException) as e:
-            con.close()
+            self._con.close()
             raise errors.BadGateway(
                 "Remote imageio daemon {} failed during write: {}".format(
                     self._where(), e))
@@ -583,7 +513,7 @@ class HTTPBackend:
             err.retriable = True
             raise err
 
-    def write(self, offset, data):
+    def write(self, data, offset):
         """Write bytes-like ``data`` at ``offset`` (not flushed)."""
         self.put_with(offset, len(data), lambda sink: sink.write(data))
 
@@ -667,9 +597,6 @@ class HTTPBackend:
         raise err
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self._con.close()
 
 
@@ -737,3 +664,57 @@ class _LineReader:
             del self._buf[:n]
             return n
         return self._source.readinto(view)
+
+
+class _Reader:
+    """A GET response of a range, as a ``Source`` (Python reads: fd -1)."""
+
+    fd = -1
+    timeout = TIMEOUT
+
+    def __init__(self, backend, resp, length):
+        self._backend = backend
+        self._resp = resp
+        self._left = length
+
+    def readinto(self, view):
+        if not self._left:
+            return 0
+        n = self._backend._readinto(self._resp, view[:self._left])
+        self._left -= n
+        return n
+
+    def consumed(self, n):  # pragma: no cover - fd is never >= 0
+        self._left -= n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._left:
+            # The rest of the body is still coming: the connection cannot
+            # serve another request.
+            self._backend._con.close()
+
+
+class _Writer:
+    """A PUT's body as a ``Sink`` (Python writes: fd -1); the response is
+    read when the body is complete."""
+
+    fd = -1
+    timeout = TIMEOUT
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def write(self, data):
+        self._backend._send_body(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self._backend._finish_put()
+        else:
+            self._backend._con.close()

@@ -13,7 +13,6 @@ One backend holds one libnbd handle; bulk bytes move in
 ``imageio._io.nbd`` with several requests in flight and the GIL released.
 """
 
-import concurrent.futures
 import logging
 import os
 import pwd
@@ -211,9 +210,9 @@ class NbdBackend:
     """One connection to an NBD export (see ``imageio.backends``).
 
     Built from plain parameters: an ``Address``, whether to ask for the
-    dirty bitmap, the size of the halves used to overlap NBD I/O with TLS
-    (``buffer_size``) and the connections the export allows a client
-    (``max_connections``).  ``clone()`` opens another connection to the
+    dirty bitmap, the size of the buffer for writing zeroes where the
+    server cannot (``buffer_size``) and the connections the export allows
+    a client (``max_connections``).  ``clone()`` opens another connection to the
     same export (multi-conn), instead of sharing one handle.
     """
 
@@ -227,8 +226,6 @@ class NbdBackend:
         self._max_connections = max_connections
         self._h = None
         self._zero_buf = None
-        # A helper thread overlapping NBD I/O with TLS, started on demand.
-        self._executor = None
         # readinto() is the one call made from several threads at once
         # (checksum workers): two pipelined pumps polling one NBD socket
         # take each other's replies and wait for ever.  Hashing stays
@@ -289,9 +286,6 @@ class NbdBackend:
                 log.debug("Error closing NBD handle: %s", e)
 
     def close(self):
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
         self._close_handle()
 
     # Properties.
@@ -321,117 +315,29 @@ class NbdBackend:
 
     # I/O.
 
-    def read_to(self, sink, offset, length, buf, progress):
+    # Overlapping NBD requests with the other side of a transfer pays:
+    # the server's replies are waited for.
+    overlap = True
+
+    def send_to(self, fd, offset, length, buf, timeout, progress):
+        """Send the range to the plain socket ``fd``: NBD -> socket in C,
+        requests in flight, completed in order into the socket."""
         self._check_range(offset, length)
-        h = self._handle()
-        if sink.fd != -1:
-            # Plain socket: NBD -> socket in C, requests in flight.
-            h.send_to_socket(sink.fd, offset, length, buf, sink.timeout,
-                             progress)
-            return
-        # TLS: Python drives the socket.  Halves of the buffer take turns:
-        # the helper thread fills one with requests in flight while this
-        # thread sends the other (ssl releases the GIL).
-        halves = self._halves(buf)
-        worker = self._worker()
-        pending = None
-        try:
-            n = min(len(halves[0]), length)
-            pending = worker.submit(h.pread_pipelined, halves[0], offset, n)
-            turn = 0
-            while length:
-                pending.result()
-                pending = None
-                cur = n
-                offset += cur
-                length -= cur
-                if length:
-                    n = min(len(halves[turn ^ 1]), length)
-                    pending = worker.submit(h.pread_pipelined,
-                                            halves[turn ^ 1], offset, n)
-                sink.write(halves[turn][:cur])
-                if progress:
-                    progress(cur)
-                turn ^= 1
-        finally:
-            # Never return while libnbd may still write into buf.
-            self._wait_quietly(pending)
+        self._handle().send_to_socket(fd, offset, length, buf, timeout,
+                                      progress)
 
-    def write_from(self, source, offset, length, buf, progress):
+    def recv_from(self, fd, offset, length, buf, timeout, progress):
+        """Receive up to ``length`` bytes from the plain socket ``fd`` and
+        write them at ``offset``: socket -> NBD in C, requests in flight.
+        Returns the bytes received (fewer when the peer closed early)."""
         self._check_range(offset, length)
-        h = self._handle()
-        requested = length
-        halves = self._halves(buf)
-        pending = None
-        turn = 0
-        try:
-            while length:
-                fd = source.fd
-                if fd != -1:
-                    # Plain socket, nothing buffered: socket -> NBD in C.
-                    self._wait(pending)
-                    pending = None
-                    received = h.recv_from_socket(fd, offset, length, buf,
-                                                  source.timeout, progress)
-                    consumed = getattr(source, "consumed", None)
-                    if consumed:
-                        consumed(received)
-                    if received < length:
-                        raise errors.PartialContent(
-                            requested, requested - length + received)
-                    return
-                # Bytes the HTTP reader buffered, or TLS: receive into one
-                # half while the helper thread writes the other.
-                view = halves[turn]
-                n = min(len(view), length)
-                got = 0
-                while got < n:
-                    r = source.readinto(view[got:n])
-                    if not r:
-                        raise errors.PartialContent(
-                            requested, requested - length + got)
-                    got += r
-                    if source.fd != -1:
-                        break  # The buffered bytes are used up.
-                self._wait(pending)
-                pending = self._worker().submit(
-                    h.pwrite_pipelined, view, offset, got, source.timeout)
-                offset += got
-                length -= got
-                if progress:
-                    progress(got)
-                turn ^= 1
-            self._wait(pending)
-            pending = None
-        finally:
-            self._wait_quietly(pending)
+        return self._handle().recv_from_socket(fd, offset, length, buf,
+                                               timeout, progress)
 
-    def _halves(self, buf):
-        view = memoryview(buf)
-        half = min(len(view) // 2, self._buffer_size)
-        half -= half % 4096
-        if half < 4096:
-            return view, view
-        return view[:half], view[half:2 * half]
-
-    def _worker(self):
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="nbd-io")
-        return self._executor
-
-    @staticmethod
-    def _wait(pending):
-        if pending is not None:
-            pending.result()
-
-    @staticmethod
-    def _wait_quietly(pending):
-        if pending is not None:
-            try:
-                pending.result()
-            except Exception:
-                pass  # The first error is already propagating.
+    def write(self, data, offset):
+        n = len(data)
+        self._check_range(offset, n)
+        self._handle().pwrite_pipelined(data, offset, n)
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)

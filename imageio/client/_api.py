@@ -364,7 +364,7 @@ class ImageioClient:
 
     def write(self, offset, buffer):
         """Write ``buffer`` at ``offset``."""
-        self._backend.write(offset, memoryview(buffer))
+        self._backend.write(memoryview(buffer), offset)
         return len(memoryview(buffer))
 
     def read_from(self, reader, offset, length):
@@ -380,7 +380,7 @@ class ImageioClient:
                 if not k:
                     raise errors.PartialContent(n, got)
                 got += k
-            self._backend.write(offset, view)
+            self._backend.write(view, offset)
             offset += n
             length -= n
 

@@ -5,11 +5,10 @@ The source's extents are split into work items: data items of at most
 items become one zero request (or nothing when the target already reads
 as zero).  Several workers take items in order, each with its own
 connections (``backend.clone()``) and its own buffer, allocated once.  No
-byte moves here: a data item is one HTTP request whose body the NBD
-backend sends or receives in C (``imageio._io.nbd``), the GIL released.
-
-This module is the one place where the client copies; when ``imageio.ops``
-exposes the engine, ``Copier.copy_data`` is what changes.
+byte moves here: a data item is one HTTP request whose body the copy
+engine (``imageio.ops``, the daemon's) moves between the NBD backend and
+the request's socket, in C (``imageio._io.nbd``) with the GIL released
+when the socket is plain.
 """
 
 import collections
@@ -18,6 +17,7 @@ import threading
 import time
 
 from .. import errors
+from .. import ops
 from .._io import nbd as _nbd
 from .._io.buffer import AlignedBuffer
 
@@ -98,8 +98,8 @@ class Upload(_Endpoints):
     def copy_data(self, item):
         off, n = item.start, item.length
         self.http.put_with(
-            off, n, lambda sink: _local("read", self.nbd.read_to, sink, off,
-                                        n, self.buf, None))
+            off, n, lambda sink: _local("read", ops.read, self.nbd, sink, off,
+                                        n, self.buf))
 
     def zero(self, item):
         self.http.zero(item.start, item.length, True)
@@ -111,8 +111,8 @@ class Download(_Endpoints):
     def copy_data(self, item):
         off, n = item.start, item.length
         self.http.get_with(
-            off, n, lambda source: _local("write", self.nbd.write_from,
-                                          source, off, n, self.buf, None))
+            off, n, lambda source: _local("write", ops.write, self.nbd,
+                                          source, off, n, self.buf))
 
     def zero(self, item):
         _local("zero", self.nbd.zero, item.start, item.length, True)

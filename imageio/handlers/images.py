@@ -5,6 +5,7 @@ import logging
 from .. import compression
 from .. import errors
 from .. import httpparse
+from .. import ops
 from . import compressed
 from .access import CORS, open_image
 
@@ -15,10 +16,6 @@ ALL_FEATURES = ["extents", "zero", "flush", "checksum"]
 # GETs up to this size are read before the response starts and sent with
 # the headers.
 SMALL_READ = 256 * 1024
-# A zero request is done in steps of this size, checking for cancel
-# between them: fallocate or NBD WRITE_ZEROES of 1 GiB takes milliseconds
-# to a few seconds even on slow storage.
-ZERO_STEP = 1024**3
 
 
 class Images:
@@ -101,8 +98,8 @@ class Images:
                 op.progress(length)
             else:
                 resp.send_headers(status, length, headers)
-                backend.read_to(resp.sink(), offset, length, buf,
-                                op.progress)
+                ops.read(backend, resp.sink(), offset, length, buf,
+                         op.progress)
 
     def put(self, req, resp, ticket_id):
         ticket, backend, buf = open_image(req, ticket_id, "write",
@@ -144,8 +141,8 @@ class Images:
             length = req.content_length
             with ticket.operation(offset, length) as op:
                 if length:
-                    backend.write_from(body, offset, length, buf,
-                                       op.progress)
+                    ops.write(backend, body, offset, length, buf,
+                              op.progress)
                 if flush:
                     backend.flush()
         if flush and req.chunked:
@@ -161,7 +158,7 @@ class Images:
                     break
                 _check_range(offset, size, ticket.size)
                 op.op.length += size
-                backend.write_from(body, offset, size, buf, op.progress)
+                ops.write(backend, body, offset, size, buf, op.progress)
                 offset += size
 
     def patch(self, req, resp, ticket_id):
@@ -179,14 +176,8 @@ class Images:
             if "zero" not in backend.features:
                 raise errors.MethodNotAllowed("Backend does not support zero")
             with ticket.operation(offset, size) as running:
-                # In steps: a cancel stops a zero of a huge range between
-                # two of them (progress raises Canceled).
-                end = offset + size
-                while offset < end:
-                    n = min(ZERO_STEP, end - offset)
-                    backend.zero(offset, n, punch_hole=ticket.sparse)
-                    offset += n
-                    running.progress(n)
+                ops.zero(backend, offset, size, ticket.sparse,
+                         running.progress)
                 if flush:
                     backend.flush()
         elif op == "flush":
