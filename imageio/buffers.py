@@ -6,10 +6,9 @@ An idle connection holds no buffer, so thousands of keep-alive clients
 cost no memory; a busy daemon holds at most ``limit`` bytes of buffers
 whatever the number of transfers.  Under pressure buffers get smaller
 (see SHARE); a transfer that finds the budget spent waits up to ``wait``
-seconds for a buffer to come back, then gets 503.  A second buffer for
-pipelining (read the next chunk while this one is sent) is given only
-while the daemon is not busy: it speeds one transfer up, it must not make
-another's smaller.
+seconds for a buffer to come back, then gets 503.  A transfer needs no
+second buffer to overlap reads and writes: the copy engine (imageio.ops)
+uses the halves of this one.
 """
 
 import logging
@@ -35,10 +34,6 @@ MIN_SIZE = 1024**2
 SHARE = 32
 
 
-# spare_for() of a buffer that did not come from a pool.
-UNPOOLED = object()
-
-
 class Pool:
     """Buffers of at most ``limit`` bytes in all (in use or kept free for
     reuse)."""
@@ -53,8 +48,8 @@ class Pool:
         self._used = 0
         # size -> free buffers of that size.
         self._free = {}
-        # id(buffer) -> its spare (None until asked for), for leased ones.
-        self._leases = {}
+        # id() of the buffers leased.
+        self._leases = set()
 
     def get(self, size):
         """An AlignedBuffer of ``size`` bytes; waits up to ``wait`` seconds
@@ -65,7 +60,7 @@ class Pool:
             while True:
                 buf = self._take(self._grant(size), self.limit)
                 if buf is not None:
-                    self._leases[id(buf)] = None
+                    self._leases.add(id(buf))
                     return buf
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -82,32 +77,13 @@ class Pool:
             size //= 2
         return size
 
-    def spare(self, buf):
-        """A second buffer like ``buf`` for pipelining, or None when the
-        daemon is busy (a quarter of the budget in use): with many
-        transfers the CPU is the limit and overlap does not pay, while the
-        memory would make other transfers' buffers smaller.  Never waits;
-        released with ``buf``."""
-        with self._lock:
-            spare = self._leases[id(buf)]
-            if spare is None:
-                spare = self._take(len(buf), self.limit // 4)
-                self._leases[id(buf)] = spare
-            return spare
-
     def release(self, buf):
-        """Return ``buf`` (and its spare) to the pool."""
+        """Return ``buf`` to the pool."""
         with self._lock:
-            spare = self._leases.pop(id(buf))
-            for b in (buf, spare):
-                if b is not None:
-                    self._used -= len(b)
-                    self._free.setdefault(len(b), []).append(b)
+            self._leases.remove(id(buf))
+            self._used -= len(buf)
+            self._free.setdefault(len(buf), []).append(buf)
             self._returned.notify_all()
-
-    def owns(self, buf):
-        with self._lock:
-            return id(buf) in self._leases
 
     def _take(self, size, bound):
         if self._used + size > bound:
@@ -155,13 +131,3 @@ def pool(cfg):
             p = _pools[id(cfg)] = Pool(cfg.daemon.max_buffer_memory)
         return p
 
-
-def spare_for(buf):
-    """The spare of a pooled ``buf`` (None when the budget is short), or
-    UNPOOLED for a buffer no pool leased (tests, the client)."""
-    with _pools_lock:
-        pools = list(_pools.values())
-    for p in pools:
-        if p.owns(buf):
-            return p.spare(buf)
-    return UNPOOLED

@@ -41,21 +41,3 @@ def test_release_reuses_and_wakes_waiter():
     assert got and got[0] is a
     assert pool.stats() == {"limit": 2 * MiB, "used": 2 * MiB,
                             "allocated": 2 * MiB}
-
-
-def test_spare_only_when_not_busy():
-    # Buffers are not touched here: no memory is used for them.
-    pool = buffers.Pool(1024 * MiB)
-    first = pool.get(8 * MiB)
-    assert len(first) == 8 * MiB
-    spare = pool.spare(first)
-    assert spare is not None and len(spare) == len(first)
-    assert pool.spare(first) is spare
-    assert buffers.spare_for(bytearray(10)) is buffers.UNPOOLED
-    others = [pool.get(8 * MiB) for _ in range(30)]
-    # A quarter of the budget is in use: no more spares.
-    assert pool.stats()["used"] == 256 * MiB
-    assert pool.spare(others[-1]) is None
-    for buf in [first] + others:
-        pool.release(buf)
-    assert pool.stats()["used"] == 0
