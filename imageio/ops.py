@@ -122,7 +122,8 @@ class _Bare:
 
 def _reporter(op, progress):
     """The one place that learns how many bytes each chunk of an operation
-    moved (``op``: "read", "write", "copy", "zero"); metrics count here."""
+    moved (``op``: "read", "write", "copy", "zero"): per-chunk counters
+    belong here; per-operation ones are ``metrics.Metered.operation``."""
     def report(n):
         if progress is not None:
             progress(n)
