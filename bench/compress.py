@@ -11,7 +11,9 @@ every client goes over the link (TLS, as from another host).
 The image: an ext4 file system of 2 GiB built by ``mkfs.ext4 -d`` from a
 tree of /usr's binaries, libraries, headers and Python sources (hard links,
 about 1.4 GB: the whole of /usr does not fit in 2 GiB here) into a sparse
-file, cached in ``IMAGEIO_BENCH_CACHE`` (default /var/tmp/imageio-bench).
+file, cached in ``IMAGEIO_BENCH_CACHE`` (default /var/tmp/imageio-bench)
+and copied for the run into ``--dir`` (default /dev/shm: the shared disk is
+not what is measured).
 
 Rows, each run ``--reps`` times, interleaved: curl GET of the whole image
 with and without ``--compressed``; curl PUT of the whole image, plain and
@@ -372,11 +374,13 @@ def main():
                    "daemon (exported and built in a temporary directory), "
                    "e.g. the commit before compression")
     p.add_argument("--skip-link", action="store_true")
+    p.add_argument("--dir", default="/dev/shm",
+                   help="where the image, targets and downloads live "
+                   "(default /dev/shm: memory, so the link and the CPU are "
+                   "measured, not a shared disk)")
     args = p.parse_args()
 
-    image = build_image()
-    print("image {}: {} bytes, {} allocated".format(
-        image, IMAGE_SIZE, allocated(image)), flush=True)
+    cached = build_image()
     established = os.path.join(os.path.dirname(peers.ensure_established()),
                                "python")
     try:
@@ -384,9 +388,14 @@ def main():
         our_client = hasattr(imageio.client, "upload")
     except ImportError:
         our_client = False
-    workdir = tempfile.mkdtemp(prefix="imageio-bench-compress-")
     results = {}
+    workdir = tempfile.mkdtemp(prefix="imageio-bench-compress-",
+                               dir=args.dir)
     try:
+        image = os.path.join(workdir, "usr-ext4-2g.raw")
+        run(["cp", "--sparse=always", cached, image])
+        print("image {}: {} bytes, {} allocated".format(
+            image, IMAGE_SIZE, allocated(image)), flush=True)
         if not args.skip_link:
             with Link() as link:
                 d = start_daemon(os.path.join(workdir, "link"), link)

@@ -18,6 +18,7 @@ GIL; zstd's own worker threads compress large images); decoding uses
 ends.
 """
 
+import concurrent.futures
 import os
 import struct
 
@@ -255,23 +256,55 @@ def pieces(backend, offset, length):
             return
 
 
-def send(backend, buf, offset, length, write, progress):
+def send(backend, bufs, offset, length, write, progress):
     """Send ``[offset, offset + length)`` of the image as one zstd stream
-    to ``write``; ``progress(n)`` after each piece (raises Canceled)."""
+    to ``write``; ``progress(n)`` after each piece (raises Canceled).
+
+    ``bufs`` are two aligned buffers: the next chunk is read into one while
+    the other is compressed and sent (reading from storage with O_DIRECT
+    would otherwise wait in turn with compressing).
+    """
     encoder = Encoder(write, length)
-    chunk = min(READ_SIZE, len(buf) - 4096)
+    chunk = min([READ_SIZE] + [len(b) - 8192 for b in bufs])
+    pending = None
+    turn = 0
+    with concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="zstd-read") as pool:
+        for start, size, zero in _chunks(backend, offset, length, chunk):
+            if zero:
+                if pending:
+                    _encode(encoder, pending, progress)
+                    pending = None
+                encoder.zeros(size)
+                progress(size)
+                continue
+            read = pool.submit(backend.readinto, bufs[turn], start, size)
+            turn ^= 1
+            if pending:
+                _encode(encoder, pending, progress)
+            pending = (read, size)
+        if pending:
+            _encode(encoder, pending, progress)
+    encoder.close()
+
+
+def _chunks(backend, offset, length, chunk):
+    """pieces() with data pieces split into at most ``chunk`` bytes."""
     for start, size, zero in pieces(backend, offset, length):
         if zero:
-            encoder.zeros(size)
-            progress(size)
+            yield start, size, True
             continue
         end = start + size
         while start < end:
             n = min(chunk, end - start)
-            encoder.data(backend.readinto(buf, start, n))
+            yield start, n, False
             start += n
-            progress(n)
-    encoder.close()
+
+
+def _encode(encoder, pending, progress):
+    read, size = pending
+    encoder.data(read.result())
+    progress(size)
 
 
 # Decoding.

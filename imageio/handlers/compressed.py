@@ -26,9 +26,20 @@ def get(req, resp, ticket, backend, buf, offset, length, status, headers,
     with ticket.operation(offset, length) as op:
         resp.send_headers(status, None, headers)
         writer = resp.chunked_writer()
-        compression.send(backend, buf, offset, length, writer.write,
-                         op.progress)
+        compression.send(backend, (buf, _read_buffer(req.conn)), offset,
+                         length, writer.write, op.progress)
         writer.close()
+
+
+def _read_buffer(conn):
+    """The connection's second aligned buffer for compressed GETs (read
+    ahead while the first is compressed), allocated once."""
+    buf = conn.context.get("zstd_read_buffer")
+    if buf is None:
+        from .._io.buffer import AlignedBuffer
+        buf = AlignedBuffer(compression.READ_SIZE + 8192)
+        conn.context["zstd_read_buffer"] = buf
+    return buf
 
 
 def put(req, ticket, backend, buf, offset, exact_length):
