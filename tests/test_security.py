@@ -230,7 +230,7 @@ def test_options_star_reveals_no_image(daemon, guarded):
         resp, answer = request(con, "OPTIONS", "/images/*")
         assert resp.status == 200
         info = json.loads(answer)
-        assert set(info) <= {"features", "unix_socket"}
+        assert set(info) <= {"features", "unix_socket", "encodings"}
         con.close()
 
 
