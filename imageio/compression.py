@@ -260,12 +260,21 @@ def send(backend, bufs, offset, length, write, progress):
     """Send ``[offset, offset + length)`` of the image as one zstd stream
     to ``write``; ``progress(n)`` after each piece (raises Canceled).
 
-    ``bufs`` are two aligned buffers: the next chunk is read into one while
-    the other is compressed and sent (reading from storage with O_DIRECT
-    would otherwise wait in turn with compressing).
+    ``bufs`` are one or two aligned buffers; with two, the next chunk is
+    read into one while the other is compressed and sent (reading from
+    storage with O_DIRECT would otherwise wait in turn with compressing).
     """
     encoder = Encoder(write, length)
     chunk = min([READ_SIZE] + [len(b) - 8192 for b in bufs])
+    if len(bufs) == 1:
+        for start, size, zero in _chunks(backend, offset, length, chunk):
+            if zero:
+                encoder.zeros(size)
+            else:
+                encoder.data(backend.readinto(bufs[0], start, size))
+            progress(size)
+        encoder.close()
+        return
     pending = None
     turn = 0
     with concurrent.futures.ThreadPoolExecutor(

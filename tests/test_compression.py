@@ -564,3 +564,23 @@ def test_library_compress_argument(tcp_daemon, tmp_path, aligned,
     r = subprocess.run(["qemu-img", "compare", str(qcow2_source), str(out)],
                        capture_output=True, timeout=60)
     assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("nbufs", [1, 2])
+def test_send_with_and_without_read_ahead(tmp_path, content, nbufs):
+    # Without the pool's spare buffer (a busy daemon) and with it.
+    from imageio._io.buffer import AlignedBuffer
+    from imageio.backends.file import FileBackend
+    path = write_sparse(tmp_path / "disk.raw", content)
+    fd = os.open(str(path), os.O_RDONLY)
+    backend = FileBackend(fd, str(path), direct=False, writable=False)
+    try:
+        out = []
+        done = []
+        bufs = tuple(AlignedBuffer(2 * MiB) for _ in range(nbufs))
+        compression.send(backend, bufs, 5, len(content) - 10, out.append,
+                         done.append)
+        assert decompress(b"".join(out)) == content[5:-5]
+        assert sum(done) == len(content) - 10
+    finally:
+        backend.close()

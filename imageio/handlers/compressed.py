@@ -26,20 +26,19 @@ def get(req, resp, ticket, backend, buf, offset, length, status, headers,
     with ticket.operation(offset, length) as op:
         resp.send_headers(status, None, headers)
         writer = resp.chunked_writer()
-        compression.send(backend, (buf, _read_buffer(req.conn)), offset,
-                         length, writer.write, op.progress)
+        compression.send(backend, _halves(buf), offset, length,
+                         writer.write, op.progress)
         writer.close()
 
 
-def _read_buffer(conn):
-    """The connection's second aligned buffer for compressed GETs (read
-    ahead while the first is compressed), allocated once."""
-    buf = conn.context.get("zstd_read_buffer")
-    if buf is None:
-        from .._io.buffer import AlignedBuffer
-        buf = AlignedBuffer(compression.READ_SIZE + 8192)
-        conn.context["zstd_read_buffer"] = buf
-    return buf
+def _halves(buf):
+    """Two halves of the transfer buffer to read ahead into, as the copy
+    engine overlaps (imageio.ops); the whole buffer when it is small (the
+    pool's buffers shrink under pressure)."""
+    half = len(buf) // 2 // 4096 * 4096
+    if half < 1024**2:
+        return (buf,)
+    return buf.part(0, half), buf.part(half, half)
 
 
 def put(req, ticket, backend, buf, offset, exact_length):
@@ -57,11 +56,10 @@ def put(req, ticket, backend, buf, offset, exact_length):
                 "Requested range {}-{} is outside the image (size {})".format(
                     offset, offset + limit - 1, ticket.size),
                 size=ticket.size)
-    context = req.conn.context
-    if "zstd_buffers" not in context:
-        context["zstd_buffers"] = (bytearray(compression.DECODE_SIZE),
-                                   bytearray(compression.INPUT_SIZE))
-    scratch, inbuf = context["zstd_buffers"]
+    # Per request, so an idle connection holds none (4 MiB: zeroing it
+    # costs a fraction of a millisecond).
+    scratch = bytearray(compression.DECODE_SIZE)
+    inbuf = bytearray(compression.INPUT_SIZE)
     body = req.body()
     with ticket.operation(offset, limit) as op:
         try:
