@@ -273,9 +273,11 @@ class Server:
         self._listener.close()
         with self._lock:
             clients = list(self._clients)
+            returned, self._returned = self._returned, []
         for client in clients:
             client.conn.shutdown()
-            if client.state != BUSY:
+            # Idle, or handed back by a worker the selector never saw again.
+            if client.state != BUSY or client in returned:
                 self._close(client)
         self.workers.stop()
 
