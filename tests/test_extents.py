@@ -3,6 +3,7 @@ checked against SEEK_DATA and qemu-img map, bad values, and a million
 extents streamed while the daemon's memory stays flat."""
 
 import errno
+import http.client
 import json
 import os
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 
 import nbdserver
-from conftest import add, connect, new_ticket, request
+from conftest import add, connect, connect_raw, new_ticket, request
 
 KiB = 1024
 MiB = 1024**2
@@ -106,6 +107,37 @@ def test_file_ranges_match_seek_data(daemon, service, striped):
         assert got == cut(whole, s, end)
     # Past the end: nothing, not an error.
     assert get_extents(con, t["uuid"], "?start={}".format(size + 1)) == []
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_long_answer_streamed(daemon, tmp_path, version):
+    # 8,192 extents, ~500 KB of JSON: past the size sent with
+    # Content-Length.  HTTP/1.1 gets it chunked, HTTP/1.0 (no chunked
+    # framing) until the connection closes.
+    size = 64 * MiB
+    path = tmp_path / "many.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(0, size, 16 * KiB):
+            os.pwrite(f.fileno(), b"d" * 8 * KiB, i)
+    t = add(daemon, path, size, ops=["read"])
+    sock = connect_raw(daemon, "local")
+    with sock:
+        sock.sendall("GET /images/{}/extents {}\r\nHost: x\r\n\r\n".format(
+            t["uuid"], version).encode())
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 200
+        if version == "HTTP/1.1":
+            assert resp.getheader("Transfer-Encoding") == "chunked"
+        else:
+            assert resp.getheader("Transfer-Encoding") is None
+            assert resp.getheader("Connection") == "close"
+        assert resp.getheader("Content-Length") is None
+        got = json.loads(resp.read())
+    assert [(e["start"], e["length"], e["zero"]) for e in got] == \
+        seek_extents(path, 0, size)
+    assert len(got) == 8192
 
 
 def test_nbd_qcow2_ranges_match_qemu_img_map(daemon, service, tmp_path):

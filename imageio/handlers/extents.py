@@ -139,14 +139,30 @@ def _send(resp, pieces):
         resp.send_with_body(200, b"".join(head), _headers())
         return
     headers = _headers()
-    headers["Transfer-Encoding"] = "chunked"
-    resp.send_headers(200, None, headers)
-    out = resp.chunked_writer()
+    if resp.request is not None and resp.request.version == "HTTP/1.0":
+        # No chunked framing in HTTP/1.0: the body ends at the close.
+        resp.close = True
+        resp.send_headers(200, None, headers)
+        out = _UntilClose(resp.sink())
+    else:
+        headers["Transfer-Encoding"] = "chunked"
+        resp.send_headers(200, None, headers)
+        out = resp.chunked_writer()
     for piece in head:
         out.write(piece)
     for piece in pieces:
         out.write(piece)
     out.close()
+
+
+class _UntilClose:
+    """A body delimited by closing the connection (HTTP/1.0)."""
+
+    def __init__(self, sink):
+        self.write = sink.write
+
+    def close(self):
+        pass
 
 
 def _headers():
