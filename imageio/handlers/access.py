@@ -118,3 +118,23 @@ def _buffer(conn, cfg):
 
         conn.on_idle(release)
     return buf
+
+
+class Resource:
+    """A handler over the ticket store and the daemon configuration."""
+
+    def __init__(self, store, cfg):
+        self.store = store
+        self.cfg = cfg
+
+
+def query_int(query, name, default):
+    """The query parameter ``name`` as an integer >= 0, or ``default`` when
+    absent; BadRequest naming the parameter otherwise."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 20:
+        raise errors.BadRequest(
+            "Invalid {} {!r}: expected an integer >= 0".format(name, raw))
+    return int(raw)

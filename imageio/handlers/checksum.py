@@ -1,24 +1,17 @@
 """/images/{ticket}/checksum and /images/{ticket}/checksum/algorithms."""
 
 from .. import checksum
-from .. import errors
-from .access import CORS, open_image
+from .access import CORS, Resource, open_image, query_int
 
 
-class Checksum:
-
-    def __init__(self, store, cfg):
-        self.store = store
-        self.cfg = cfg
+class Checksum(Resource):
 
     def get(self, req, resp, ticket_id):
         ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
                                         self.cfg)
         algorithm = req.query.get("algorithm", checksum.DEFAULT_ALGORITHM)
-        raw = req.query.get("block_size", str(checksum.DEFAULT_BLOCK_SIZE))
-        if not raw.isdigit() or len(raw) > 12:
-            raise errors.BadRequest("Invalid block_size {!r}".format(raw))
-        block_size = int(raw)
+        block_size = query_int(req.query, "block_size",
+                               checksum.DEFAULT_BLOCK_SIZE)
         checksum.validate_block_size(block_size)
         checksum.new_hash(algorithm)
         with ticket.operation(0, ticket.size) as op:
@@ -35,11 +28,7 @@ class Checksum:
         resp.send_json(result, headers=CORS)
 
 
-class Algorithms:
-
-    def __init__(self, store, cfg):
-        self.store = store
-        self.cfg = cfg
+class Algorithms(Resource):
 
     def get(self, req, resp, ticket_id):
         ticket, _, _ = open_image(req, ticket_id, "read", self.store,

@@ -8,7 +8,7 @@ on 8 TiB disks.
 """
 
 from .. import errors
-from .access import CORS, open_image
+from .access import CORS, Resource, open_image, query_int
 
 # Extents a batch aims at: about 600 KiB of JSON.
 BATCH = 10000
@@ -21,11 +21,7 @@ MIN_STEP = 1024**2
 MAX_STEP = 2 * 1024**3
 
 
-class Extents:
-
-    def __init__(self, store, cfg):
-        self.store = store
-        self.cfg = cfg
+class Extents(Resource):
 
     def get(self, req, resp, ticket_id):
         ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
@@ -52,21 +48,11 @@ class Extents:
 def _range(query, size):
     """[start, end) asked by ``start`` and ``length``, clipped to the
     image; BadRequest for values that are not integers >= 0."""
-    start = _query_int(query, "start", 0)
-    length = _query_int(query, "length", None)
+    start = query_int(query, "start", 0)
+    length = query_int(query, "length", None)
     start = min(start, size)
     end = size if length is None else min(start + length, size)
     return start, end
-
-
-def _query_int(query, name, default):
-    raw = query.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or len(raw) > 20:
-        raise errors.BadRequest(
-            "Invalid {} {!r}: expected an integer >= 0".format(name, raw))
-    return int(raw)
 
 
 def _walk(backend, start, end, context):
