@@ -231,3 +231,120 @@ def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
                     r.cancel()
             raise
     return outer.hexdigest()
+
+
+class BlockHasher:
+    """The block hash of an image computed from its bytes as a transfer
+    moves them (the client's verification, computed while the data flows).
+
+    ``data(offset, view)`` and ``zero(offset, length)`` feed pieces; every
+    block must be fed from its start to its end in order (several blocks
+    may be fed by several threads at once, one block by one thread at a
+    time).  ``checkpoint(offset)`` / ``restore(mark, end)`` take back what
+    a failed request fed, so its retry can feed it again.  ``hexdigest()``
+    is the same digest ``compute`` gives for the same image, and raises
+    errors.Error if a byte was never fed.
+    """
+
+    def __init__(self, size, algorithm=DEFAULT_ALGORITHM,
+                 block_size=DEFAULT_BLOCK_SIZE):
+        validate_block_size(block_size)
+        new_hash(algorithm)
+        self.size = size
+        self.algorithm = algorithm
+        self.block_size = block_size
+        self._zeros = _ZeroStates(algorithm)
+        self._lock = threading.Lock()
+        # Block index -> [hash object, next offset] while it is fed.
+        self._open = {}
+        self._digests = [None] * (-(-size // block_size))
+
+    def _bounds(self, index):
+        start = index * self.block_size
+        return start, min(start + self.block_size, self.size)
+
+    def _state(self, offset):
+        """The open state of the block holding ``offset``, which must be
+        the block's next byte; None when ``offset`` starts the block."""
+        index = offset // self.block_size
+        with self._lock:
+            st = self._open.get(index)
+        start, _ = self._bounds(index)
+        if st is None and offset != start or st is not None and \
+                st[1] != offset or self._digests[index] is not None:
+            raise RuntimeError("Block hash fed out of order at {}".format(
+                offset))
+        return index, st
+
+    def _put(self, index, st, end):
+        _, block_end = self._bounds(index)
+        with self._lock:
+            if end == block_end:
+                self._open.pop(index, None)
+                self._digests[index] = st[0].digest()
+            else:
+                st[1] = end
+                self._open[index] = st
+
+    def data(self, offset, view):
+        """Feed the bytes ``view`` found at ``offset``."""
+        with memoryview(view) as view:
+            view = view.cast("B")
+            pos, end = offset, offset + len(view)
+            while pos < end:
+                index, st = self._state(pos)
+                _, block_end = self._bounds(index)
+                n = min(end, block_end) - pos
+                if st is None:
+                    st = [new_hash(self.algorithm), pos]
+                st[0].update(view[pos - offset:pos - offset + n])
+                self._put(index, st, pos + n)
+                pos += n
+
+    def zero(self, offset, length):
+        """Feed ``length`` zero bytes at ``offset`` (whole zero blocks
+        cost one cached digest each)."""
+        pos, end = offset, offset + length
+        while pos < end:
+            index, st = self._state(pos)
+            block_start, block_end = self._bounds(index)
+            n = min(end, block_end) - pos
+            if st is None and n == block_end - block_start:
+                with self._lock:
+                    self._digests[index] = self._zeros.digest(n)
+            else:
+                if st is None:
+                    st = [self._zeros.state(n), pos]
+                else:
+                    _hash_zeros(st[0], n)
+                self._put(index, st, pos + n)
+            pos += n
+
+    def checkpoint(self, offset):
+        """A mark to ``restore`` what is fed from ``offset`` on."""
+        index = offset // self.block_size
+        with self._lock:
+            st = self._open.get(index)
+            return offset, None if st is None else [st[0].copy(), st[1]]
+
+    def restore(self, mark, end):
+        """Forget what was fed in ``[mark's offset, end)``."""
+        offset, saved = mark
+        first = offset // self.block_size
+        last = (max(end, offset + 1) - 1) // self.block_size
+        with self._lock:
+            for index in range(first, last + 1):
+                self._open.pop(index, None)
+                self._digests[index] = None
+            if saved is not None:
+                self._open[first] = saved
+
+    def hexdigest(self):
+        outer = new_hash(self.algorithm)
+        for index, d in enumerate(self._digests):
+            if d is None:
+                raise errors.Error(
+                    "Block hash incomplete: block {} (offset {}) was not "
+                    "transferred".format(index, index * self.block_size))
+            outer.update(d)
+        return outer.hexdigest()

@@ -22,8 +22,6 @@ import concurrent.futures
 import os
 import struct
 
-import zstandard
-
 from . import errors
 from . import ops
 from ._io import zstd as _zstd
@@ -169,6 +167,9 @@ class Encoder:
     """
 
     def __init__(self, write, length, level=LEVEL):
+        # Imported here: only encoders need it, and the client starts
+        # faster without it.
+        import zstandard
         self._write = write
         self._cctx = zstandard.ZstdCompressor(
             level=level, threads=threads_for(length), write_checksum=True)

@@ -17,9 +17,16 @@ import time
 from . import backends
 from . import errors
 from . import httpparse
-from . import metrics
 from . import tickets
 from . import transport
+
+
+def _metrics():
+    # Imported on first use: the client shares this module and has no
+    # metrics; prometheus_client alone is a third of its start-up.
+    from . import metrics
+    return metrics
+
 
 log = logging.getLogger("http")
 
@@ -642,7 +649,7 @@ class Connection:
         try:
             resp.send_error(e.status, e.message)
         finally:
-            metrics.request_done(self.service, None,
+            _metrics().request_done(self.service, None,
                                  resp.status if resp.started else None, 0.0)
 
     def serve_one(self, head):
@@ -668,7 +675,7 @@ class Connection:
                 self.busy = False
         finally:
             # The one per-request hook: after the response.
-            metrics.request_done(self.service, method,
+            _metrics().request_done(self.service, method,
                                  resp.status if resp.started else None,
                                  time.monotonic() - start)
 

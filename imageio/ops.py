@@ -12,13 +12,17 @@ The calls (``buf`` is the caller's ``AlignedBuffer``; ``progress(n)`` is
 called with the bytes of each chunk once it reached the destination, and an
 exception it raises, such as ``errors.Canceled``, stops the transfer there):
 
-``read(backend, sink, offset, length, buf, progress=None)``
+``read(backend, sink, offset, length, buf, progress=None, tap=None)``
     The image's bytes ``[offset, offset + length)`` to a ``Sink`` (a GET's
     response).
-``write(backend, source, offset, length, buf, progress=None)``
+``write(backend, source, offset, length, buf, progress=None, tap=None)``
     Exactly ``length`` bytes of a ``Source`` (a PUT's body) to the image at
     ``offset``; ``errors.PartialContent`` when the source ends early (what
     arrived is written).  Does not flush.
+
+``tap(offset, view)``, when given, sees every chunk's bytes in order
+before they go to the destination (the client hashes what it moves); the
+bytes then pass through the buffer, never a fast path that skips it.
 ``copy(src, dst, offset, length, buf, progress=None)``
     Between two backends: a client's planner calls it per extent, e.g. NBD
     -> HTTP for an upload, HTTP -> NBD for a download.  Several workers may
@@ -50,18 +54,18 @@ ZERO_STEP = 1024**3
 _local = threading.local()
 
 
-def read(backend, sink, offset, length, buf, progress=None):
+def read(backend, sink, offset, length, buf, progress=None, tap=None):
     """Send ``length`` bytes of ``backend`` at ``offset`` to ``sink``."""
     with _operation(backend, "read", length) as backend:
         _read(backend, sink, offset, length, buf,
-              _reporter("read", progress))
+              _reporter("read", progress), tap)
 
 
-def write(backend, source, offset, length, buf, progress=None):
+def write(backend, source, offset, length, buf, progress=None, tap=None):
     """Write exactly ``length`` bytes from ``source`` at ``offset``."""
     with _operation(backend, "write", length) as backend:
         _write(backend, source, offset, length, buf,
-               _reporter("write", progress))
+               _reporter("write", progress), tap)
 
 
 def copy(src, dst, offset, length, buf, progress=None):
@@ -130,14 +134,14 @@ def _reporter(op, progress):
     return report
 
 
-def _read(backend, sink, offset, length, buf, report):
+def _read(backend, sink, offset, length, buf, report, tap=None):
     send_to = getattr(backend, "send_to", None)
-    if send_to is not None and sink.fd >= 0:
+    if send_to is not None and sink.fd >= 0 and tap is None:
         # Plain socket: the backend's C loop (sendfile, libnbd requests in
         # flight) sends the whole range and reports about once per buffer.
         send_to(sink.fd, offset, length, buf, sink.timeout, report)
         return
-    dst = _Out(sink)
+    dst = _tapped(_Out(sink), tap)
     reader = getattr(backend, "reader", None)
     if reader is not None:
         # A range that comes as one stream (the proxy's GET).
@@ -149,17 +153,17 @@ def _read(backend, sink, offset, length, buf, report):
               backend.overlap)
 
 
-def _write(backend, source, offset, length, buf, report):
+def _write(backend, source, offset, length, buf, report, tap=None):
     writer = getattr(backend, "writer", None)
     if writer is not None:
         # A range that goes as one stream (the proxy's PUT).
         with writer(offset, length) as sink:
-            _pump(_In(source), _Out(sink), offset, length, buf, report,
-                  backend.overlap)
+            _pump(_In(source), _tapped(_Out(sink), tap), offset, length,
+                  buf, report, backend.overlap)
         return
     recv_from = getattr(backend, "recv_from", None)
-    dst = _Image(backend)
-    if recv_from is None:
+    dst = _tapped(_Image(backend), tap)
+    if recv_from is None or tap is not None:
         _pump(_In(source), dst, offset, length, buf, report, backend.overlap)
         return
     done = 0
@@ -243,6 +247,24 @@ class _Out:
 
     def write(self, view, offset):
         self._sink.write(view)
+
+
+class _Tap:
+    """A destination whose bytes ``tap(offset, view)`` sees first."""
+
+    __slots__ = ("_dst", "_tap")
+
+    def __init__(self, dst, tap):
+        self._dst = dst
+        self._tap = tap
+
+    def write(self, view, offset):
+        self._tap(offset, view)
+        self._dst.write(view, offset)
+
+
+def _tapped(dst, tap):
+    return dst if tap is None else _Tap(dst, tap)
 
 
 # The pump.

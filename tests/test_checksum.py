@@ -162,3 +162,100 @@ def test_many_finished_blocks_waiting_in_order(monkeypatch):
     backend = MemoryBackend(data, extents)
     assert checksum.compute(backend, len(data), block_size=MiB,
                             workers=2) == reference(data, block_size=MiB)
+
+
+# The block hash fed while a transfer moves the bytes (the client's
+# verification).
+
+def feed_pieces(hasher, data, extents, cut, order):
+    """Feed ``data`` as pieces of at most ``cut`` bytes split on extent
+    boundaries, zero extents as zeroes; blocks in ``order`` (each block's
+    pieces in order)."""
+    bs = hasher.block_size
+    per_block = {}
+    for e in extents:
+        pos, end = e.start, e.start + e.length
+        while pos < end:
+            n = min(cut, end - pos, bs - pos % bs)
+            per_block.setdefault(pos // bs, []).append((pos, n, e.zero))
+            pos += n
+    for b in order(sorted(per_block)):
+        for pos, n, zero in per_block[b]:
+            if zero:
+                hasher.zero(pos, n)
+            else:
+                hasher.data(pos, memoryview(data)[pos:pos + n])
+
+
+@pytest.mark.parametrize("clusters", [
+    [],
+    [(0, 64 * 1024)],
+    [(4 * MiB - 4096, 8192)],
+    [(5 * MiB + 12345, 100)],
+    [(0, 10 * MiB + 7)],
+    [(MiB, 64 * 1024), (3 * MiB, 4096), (9 * MiB, MiB)],
+])
+@pytest.mark.parametrize("algorithm", ["blake2b", "sha256"])
+@pytest.mark.parametrize("cut", [4096, 3 * MiB + 5, 16 * MiB])
+def test_block_hasher_same_as_compute(clusters, algorithm, cut):
+    data, extents = sparse(10 * MiB + 7, clusters)
+    expected = checksum.compute(MemoryBackend(data, extents), len(data),
+                                algorithm=algorithm)
+    assert expected == reference(data, algorithm)
+    for order in (list, lambda blocks: list(reversed(blocks))):
+        h = checksum.BlockHasher(len(data), algorithm)
+        feed_pieces(h, data, extents, cut, order)
+        assert h.hexdigest() == expected
+
+
+def test_block_hasher_from_threads():
+    import concurrent.futures
+    import random
+    data, extents = sparse(64 * MiB + 1, [(i * 3 * MiB + 777, MiB + 5)
+                                         for i in range(20)])
+    h = checksum.BlockHasher(len(data), "sha256")
+    blocks = list(range(0, len(data), 4 * MiB))
+    random.Random(1).shuffle(blocks)
+
+    def one(start):
+        sub = [Extent(max(e.start, start), min(e.start + e.length,
+                                               start + 4 * MiB) -
+                      max(e.start, start), e.zero, False)
+               for e in extents
+               if e.start < start + 4 * MiB and e.start + e.length > start]
+        feed_pieces(h, data, sub, 256 * 1024, list)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, blocks))
+    assert h.hexdigest() == reference(data, "sha256")
+
+
+def test_block_hasher_restore_takes_back_a_failed_request():
+    data = os.urandom(9 * MiB)
+    h = checksum.BlockHasher(len(data), "sha256")
+    h.zero(0, MiB)           # a zero piece before the request
+    mark = h.checkpoint(MiB)
+    h.data(MiB, data[MiB:6 * MiB])   # the request fails half-way
+    h.restore(mark, 8 * MiB)
+    with pytest.raises(errors.Error, match="incomplete"):
+        h.hexdigest()
+    # The retry feeds the whole request again.
+    h.data(MiB, data[MiB:8 * MiB])
+    h.data(8 * MiB, data[8 * MiB:])
+    expected = bytearray(data)
+    expected[:MiB] = bytes(MiB)
+    assert h.hexdigest() == reference(bytes(expected), "sha256")
+
+
+def test_block_hasher_refuses_what_it_cannot_hash():
+    h = checksum.BlockHasher(8 * MiB, "sha256")
+    with pytest.raises(RuntimeError, match="out of order"):
+        h.data(MiB, b"x" * 10)  # a block's middle before its start
+    h.data(0, b"x" * 10)
+    with pytest.raises(RuntimeError, match="out of order"):
+        h.data(20, b"x")        # a gap
+    h.zero(4 * MiB, 4 * MiB)
+    with pytest.raises(RuntimeError, match="out of order"):
+        h.zero(4 * MiB, 4096)   # a finished block again
+    with pytest.raises(errors.Error, match="block 0 .offset 0. was not"):
+        h.hexdigest()

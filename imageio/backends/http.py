@@ -404,6 +404,16 @@ class HTTPBackend:
             self._path, query))
         return self._json(resp)
 
+    def checksum_algorithms(self):
+        """The algorithms the remote daemon's checksum accepts ([] when it
+        does not say)."""
+        try:
+            resp = self._request("GET", "{}/checksum/algorithms".format(
+                self._path))
+            return list(self._json(resp).get("algorithms", []))
+        except (errors.HTTPError, AttributeError, TypeError):
+            return []
+
     # The client's data path.  The body moves between this connection's
     # socket and another backend (an NBD export) in C: this class writes
     # the request head and reads the response head, never more of the

@@ -50,21 +50,50 @@ def _local(what, fn, *args):
 
 def plan(extents, request_size=REQUEST_SIZE, skip_zero=False):
     """Work items from ``(start, length, zero)`` extents: data extents
-    split at multiples of ``request_size``, zero extents whole (dropped when
-    ``skip_zero``).  Returns a list of ``Item``."""
+    split at multiples of ``request_size``; zero extents cut where they
+    enter and leave a whole ``request_size`` window, the whole windows
+    between as one item (dropped when ``skip_zero``).  Returns a list of
+    ``Item``: no item shares a window with an item of another task of
+    ``tasks()``."""
     items = []
     for start, length, zero in extents:
-        if zero:
-            if not skip_zero:
-                items.append(Item(start, length, True))
-            continue
         end = start + length
+        if zero:
+            if skip_zero:
+                continue
+            head = min(end, -(-start // request_size) * request_size)
+            tail = max(head, end - end % request_size)
+            for a, b in ((start, head), (head, tail), (tail, end)):
+                if b > a:
+                    items.append(Item(a, b - a, True))
+            continue
         pos = start
         while pos < end:
             stop = min(end, (pos // request_size + 1) * request_size)
             items.append(Item(pos, stop - pos, False))
             pos = stop
     return items
+
+
+def tasks(items, request_size=REQUEST_SIZE):
+    """Group ``plan()``'s items by window: the items of one
+    ``request_size`` window are one task, done by one worker in order (so
+    each hash block is fed in order); an item of whole windows is a task
+    of its own.  Returns a list of lists of ``Item``."""
+    out = []
+    window = None
+    for item in items:
+        first = item.start // request_size
+        last = (item.start + item.length - 1) // request_size
+        if first != last:
+            out.append([item])
+            window = None
+        elif first == window:
+            out[-1].append(item)
+        else:
+            out.append([item])
+            window = first
+    return out
 
 
 def merged(extents):
@@ -95,11 +124,11 @@ class _Endpoints:
 class Upload(_Endpoints):
     """An upload: NBD source, HTTP target."""
 
-    def copy_data(self, item):
+    def copy_data(self, item, tap=None):
         off, n = item.start, item.length
         self.http.put_with(
             off, n, lambda sink: _local("read", ops.read, self.nbd, sink, off,
-                                        n, self.buf))
+                                        n, self.buf, None, tap))
 
     def zero(self, item):
         self.http.zero(item.start, item.length, True)
@@ -108,24 +137,29 @@ class Upload(_Endpoints):
 class Download(_Endpoints):
     """A download: HTTP source, NBD target."""
 
-    def copy_data(self, item):
+    def copy_data(self, item, tap=None):
         off, n = item.start, item.length
         self.http.get_with(
             off, n, lambda source: _local("write", ops.write, self.nbd,
-                                          source, off, n, self.buf))
+                                          source, off, n, self.buf, None,
+                                          tap))
 
     def zero(self, item):
         _local("zero", self.nbd.zero, item.start, item.length, True)
 
 
-def run(items, endpoints, progress=None, done=None):
-    """Copy ``items`` with one thread per endpoint in ``endpoints``
-    (objects with ``copy_data``, ``zero``, ``close``).  ``progress(n)`` is
-    called with the bytes of each finished item, ``done(item)`` after it is
-    confirmed written.  The first failure stops all workers and is raised
-    (after RETRIES for transport failures)."""
+def run(tasks, endpoints, progress=None, done=None, hasher=None,
+        skip=None):
+    """Copy ``tasks`` (lists of items, see ``tasks()``) with one thread
+    per endpoint in ``endpoints`` (objects with ``copy_data``, ``zero``,
+    ``close``); a task's items in order.  ``progress(n)`` is called with
+    the bytes of each finished item, ``done(item)`` after it is confirmed
+    written.  Zero items for which ``skip(item)`` is true are not sent.
+    ``hasher`` (a checksum.BlockHasher) is fed every item's bytes as they
+    move, zero items (sent or skipped) as zeroes.  The first failure stops
+    all workers and is raised (after RETRIES for transport failures)."""
     lock = threading.Lock()
-    queue = iter(items)
+    queue = iter(tasks)
     failures = []
     stop = threading.Event()
 
@@ -138,15 +172,20 @@ def run(items, endpoints, progress=None, done=None):
     def work(ep):
         try:
             while True:
-                item = next_item()
-                if item is None:
+                task = next_item()
+                if task is None:
                     return
-                _with_retries(ep, item, stop)
-                with lock:
-                    if progress:
-                        progress(item.length)
-                    if done:
-                        done(item)
+                for item in task:
+                    if item.zero and skip is not None and skip(item):
+                        if hasher is not None:
+                            hasher.zero(item.start, item.length)
+                        continue
+                    _with_retries(ep, item, stop, hasher)
+                    with lock:
+                        if progress:
+                            progress(item.length)
+                        if done:
+                            done(item)
         except BaseException as e:
             failures.append(e)
             stop.set()
@@ -167,13 +206,21 @@ def run(items, endpoints, progress=None, done=None):
         raise failures[0]
 
 
-def _with_retries(ep, item, stop):
-    op = ep.zero if item.zero else ep.copy_data
+def _with_retries(ep, item, stop, hasher=None):
+    tap = None if hasher is None else hasher.data
     for attempt in range(RETRIES + 1):
+        mark = None if hasher is None else hasher.checkpoint(item.start)
         try:
-            op(item)
+            if item.zero:
+                ep.zero(item)
+                if hasher is not None:
+                    hasher.zero(item.start, item.length)
+            else:
+                ep.copy_data(item, tap)
             return
         except errors.Error as e:
+            if hasher is not None:
+                hasher.restore(mark, item.start + item.length)
             if not getattr(e, "retriable", False) or attempt == RETRIES or \
                     stop.is_set():
                 raise
