@@ -77,6 +77,7 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_get_structured_replies_negotiated(nbd_handle *h)
     int nbd_set_request_block_size(nbd_handle *h, bint request)
     int nbd_set_strict_mode(nbd_handle *h, uint32_t flags)
+    int nbd_set_pread_initialize(nbd_handle *h, bint request)
     int nbd_set_opt_mode(nbd_handle *h, bint enable)
     int nbd_opt_go(nbd_handle *h)
     int nbd_opt_abort(nbd_handle *h)

@@ -682,6 +682,10 @@ cdef class Handle:
         self.h = lib.nbd_create()
         if self.h == NULL:
             _raise_last()
+        # libnbd zeroes every read buffer first, in case a caller ignores a
+        # failed read; every read here is checked, and the memset cost
+        # 2.5% of a client upload's CPU (perf).
+        lib.nbd_set_pread_initialize(self.h, False)
         self.dirty_context = None
         self.max_request = DEFAULT_MAX_PAYLOAD
 
