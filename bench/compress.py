@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import statistics
+import resource
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,10 @@ if op == "upload":
 else:
     client.download(url, path, cafile, fmt="raw", **kw)
 """
+
+
+# Link rows to run (--only); empty: all.
+ONLY = []
 
 
 def run(argv, **kw):
@@ -213,16 +218,25 @@ class Bench:
         """Time func() once; check (first repeat) that it moved the image
         byte for byte."""
         before = cpu.process_tree_seconds(self.daemon.proc.pid)
+        children = _children_seconds()
         start = time.monotonic()
         func()
         elapsed = time.monotonic() - start
         used = cpu.process_tree_seconds(self.daemon.proc.pid) - before
+        client = _children_seconds() - children
         rows = self.results.setdefault(name, [])
         if not rows and not check():
             raise RuntimeError("{}: data differs".format(name))
         rows.append((elapsed, used))
-        print("{:32s} {:7.2f} s  daemon cpu {:6.2f} s".format(
-            name, elapsed, used), flush=True)
+        print("{:32s} {:7.2f} s  daemon cpu {:6.2f} s  client cpu {:6.2f} s"
+              .format(name, elapsed, used, client), flush=True)
+
+
+def _children_seconds():
+    # The client (curl, zstd, python and its qemu-nbd): waited-for
+    # children of this process.
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def curl_base(daemon, t, ca):
@@ -295,6 +309,8 @@ def rows_link(b, ca, established_python, our_client):
              client(sys.executable, "imageio", "download", True),
              check_out),
         ]
+    if ONLY:
+        rows = [r for r in rows if any(o in r[0] for o in ONLY)]
     for _ in range(b.reps):
         for name, func, check in rows:
             b.measure(name, func, check)
@@ -374,11 +390,14 @@ def main():
                    "daemon (exported and built in a temporary directory), "
                    "e.g. the commit before compression")
     p.add_argument("--skip-link", action="store_true")
+    p.add_argument("--only", action="append", metavar="TEXT",
+                   help="only the link rows whose name contains TEXT")
     p.add_argument("--dir", default="/dev/shm",
                    help="where the image, targets and downloads live "
                    "(default /dev/shm: memory, so the link and the CPU are "
                    "measured, not a shared disk)")
     args = p.parse_args()
+    ONLY[:] = args.only or []
 
     cached = build_image()
     established = os.path.join(os.path.dirname(peers.ensure_established()),

@@ -584,3 +584,27 @@ def test_send_with_and_without_read_ahead(tmp_path, content, nbufs):
         assert sum(done) == len(content) - 10
     finally:
         backend.close()
+
+
+def test_encoders_of_one_thread_never_share_a_compressor():
+    # Compressors are reused per thread once an encoder is closed; two
+    # encoders open at once, or one abandoned mid-stream, must still give
+    # streams that decode to their own bytes.
+    a_data, b_data = os.urandom(300 * 1024) * 3, b"xyz" * 200000
+    a_out, b_out, c_out = [], [], []
+    a = compression.Encoder(a_out.append, len(a_data))
+    b = compression.Encoder(b_out.append, len(b_data))
+    a.data(a_data[:400 * 1024])
+    b.data(b_data)
+    a.data(a_data[400 * 1024:])
+    b.close()
+    a.close()
+    abandoned = compression.Encoder([].append, 1)
+    abandoned.data(a_data)           # never closed: its compressor is lost
+    c = compression.Encoder(c_out.append, len(a_data))
+    c.data(a_data[:1000])            # small pieces: the streaming path
+    c.data(a_data[1000:])
+    c.close()
+    assert decompress(b"".join(a_out)) == a_data
+    assert decompress(b"".join(b_out)) == b_data
+    assert decompress(b"".join(c_out)) == a_data
