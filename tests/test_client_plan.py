@@ -54,7 +54,7 @@ def test_tasks_never_share_a_window():
         extents.append((pos, n, rnd.random() < 0.5))
         pos += n
     items = transfer.plan(transfer.merged(extents), W)
-    tasks = transfer.tasks(items, W)
+    tasks = list(transfer.tasks(items, W))
     assert [i for t in tasks for i in t] == items
     owner = {}
     for n, task in enumerate(tasks):
@@ -63,3 +63,28 @@ def test_tasks_never_share_a_window():
                 assert owner.setdefault(w, n) == n
         starts = [i.start for i in task]
         assert starts == sorted(starts)
+
+
+def test_source_extents_in_pieces_as_the_whole(tmp_path):
+    # The upload asks for the source's extents piece by piece while the
+    # workers copy; merged, they are the extents of the whole image.
+    import nbdserver
+    from imageio.backends import nbd as nbd_backend
+    image = tmp_path / "src.qcow2"
+    nbdserver.qemu_img("create", "-f", "qcow2", str(image), str(64 * MiB))
+    nbdserver.qemu_io(str(image), "qcow2", "write -P 1 0 64k",
+                      "write -P 2 3M 2M", "write -z 9M 1M",
+                      "write -P 3 17M 100k", "write -P 4 63M 1M")
+    with nbdserver.qemu_nbd(str(image), fmt="qcow2",
+                            sock=tmp_path / "nbd.sock").start() as server:
+        nbd = nbd_backend.connect(server.url())
+        try:
+            whole = list(transfer.merged((e.start, e.length, e.zero)
+                                         for e in nbd.extents()))
+            for step in (MiB, 5 * MiB, 64 * MiB):
+                pieces = list(transfer.merged(
+                    transfer.source_extents(nbd, 64 * MiB, step)))
+                assert pieces == whole
+        finally:
+            nbd.close()
+    assert [e for e in whole if not e[2]][0] == (0, 64 * 1024, False)

@@ -7,6 +7,7 @@ qemu-nbd) and ``backends.http`` (the daemon) in ``imageio._io``.
 
 import bisect
 import concurrent.futures
+import functools
 import logging
 import os
 
@@ -112,21 +113,24 @@ class _ZeroRanges:
         return i >= 0 and self._ends[i] >= start + length
 
 
-def _resume_filter(items, journal, resume, progress):
-    """``items`` without those an earlier run confirmed (``--resume``)."""
+def _resume(journal, resume):
+    """The (start, length) an earlier run confirmed (``--resume``); the
+    journal is open for this run's."""
     done = journal.load() if resume else set()
     journal.start(keep=resume)
-    todo = []
+    if done:
+        log.info("Resuming: %d requests already confirmed", len(done))
+    return done
+
+
+def _not_done(items, done, progress):
+    """Yield ``items`` but those in ``done`` (counted as transferred)."""
     for item in items:
         if (item.start, item.length) in done:
             if progress:
                 progress.update(item.length)
         else:
-            todo.append(item)
-    if done:
-        log.info("Resuming: %d of %d requests already confirmed",
-                 len(items) - len(todo), len(items))
-    return todo
+            yield item
 
 
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
@@ -151,41 +155,46 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 "Target too small: {} has {} bytes, the image needs {}"
                 .format(url, http.size(), size))
         _progress_start(progress, size)
-        with qemu.serve(filename, image["format"], member=member,
-                        shared=NBD_SHARED,
-                        backing_chain=backing_chain) as nbd_url:
+        serve = functools.partial(qemu.serve, filename, image["format"],
+                                  member=member, shared=NBD_SHARED,
+                                  backing_chain=backing_chain)
+        with serve() as nbd_url:
             nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
             try:
-                _upload(nbd, http, size, buffer_size, progress, max_workers,
-                        disk_is_zero, (filename, url), verify, resume)
+                # The source's extents come piece by piece on a connection
+                # of their own while the workers copy.
+                extents_nbd = nbd.clone()
+                try:
+                    _upload(nbd, extents_nbd, http, size, buffer_size,
+                            progress, max_workers, disk_is_zero,
+                            (filename, url), verify, resume)
+                finally:
+                    extents_nbd.close()
             finally:
                 nbd.close()
     finally:
         http.close()
 
 
-def _upload(nbd, http, size, buffer_size, progress, max_workers,
-            disk_is_zero, names, verify, resume):
-    source = transfer.merged((e.start, e.length, e.zero)
-                             for e in nbd.extents(context="zero"))
+def _upload(nbd, extents_nbd, http, size, buffer_size, progress,
+            max_workers, disk_is_zero, names, verify, resume):
     # A compressed PUT the daemon decodes whole before writing (docs/api.md,
     # "Compression"): a refused one leaves the image unchanged.
     request_size = compression.DECODE_SIZE if http.coding \
         else transfer.REQUEST_SIZE
-    items = transfer.plan(source, request_size=request_size)
     target_zero = _target_zero(http, disk_is_zero)
 
     def skip(item):
         return target_zero.covers(item.start, item.length)
 
-    if progress:
-        progress.update(sum(i.length for i in items if i.zero and skip(i)))
     journal = journal_mod.Journal("upload", *names)
-    todo = _resume_filter(items, journal, resume, progress)
-    hasher = _hasher(http, size) if verify and len(todo) == len(items) \
-        else None
+    done = _resume(journal, resume)
+    hasher = _hasher(http, size) if verify and not done else None
     workers = max(1, min(max_workers, http.max_writers))
     try:
+        items = transfer.iplan(transfer.merged(transfer.source_extents(
+            extents_nbd, size)), request_size=request_size)
+        todo = _not_done(items, done, progress)
         _copy(transfer.Upload, nbd, http, transfer.tasks(todo, request_size),
               workers, buffer_size, progress, journal, hasher, skip)
         if "flush" in http.features or not http.features:
@@ -247,8 +256,6 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                 # A new image reads as zero: zero extents stay holes.
                 return True
 
-            if progress:
-                progress.update(sum(i.length for i in items if i.zero))
         journal = journal_mod.Journal("download", filename, url)
         if not (resume and os.path.exists(filename) and
                 os.path.exists(journal.path)):
@@ -259,11 +266,12 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                         shared=NBD_SHARED) as nbd_url:
             nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
             try:
-                todo = _resume_filter(items, journal, resume, progress)
+                done = _resume(journal, resume)
+                todo = _not_done(items, done, progress)
                 # Clean extents of an incremental download are not moved:
                 # the local image is hashed after the transfer.
                 hasher = _hasher(http, size) if verify and not incremental \
-                    and len(todo) == len(items) else None
+                    and not done else None
                 workers = max(1, min(max_workers, http.max_readers))
                 try:
                     _copy(transfer.Download, nbd, http,

@@ -49,13 +49,17 @@ def _local(what, fn, *args):
 
 
 def plan(extents, request_size=REQUEST_SIZE, skip_zero=False):
+    """``iplan()`` as a list."""
+    return list(iplan(extents, request_size, skip_zero))
+
+
+def iplan(extents, request_size=REQUEST_SIZE, skip_zero=False):
     """Work items from ``(start, length, zero)`` extents: data extents
     split at multiples of ``request_size``; zero extents cut where they
     enter and leave a whole ``request_size`` window, the whole windows
     between as one item (dropped when ``skip_zero``).  Returns a list of
     ``Item``: no item shares a window with an item of another task of
-    ``tasks()``."""
-    items = []
+    ``tasks()``.  Yields them as ``extents`` (any iterable) comes."""
     for start, length, zero in extents:
         end = start + length
         if zero:
@@ -65,46 +69,65 @@ def plan(extents, request_size=REQUEST_SIZE, skip_zero=False):
             tail = max(head, end - end % request_size)
             for a, b in ((start, head), (head, tail), (tail, end)):
                 if b > a:
-                    items.append(Item(a, b - a, True))
+                    yield Item(a, b - a, True)
             continue
         pos = start
         while pos < end:
             stop = min(end, (pos // request_size + 1) * request_size)
-            items.append(Item(pos, stop - pos, False))
+            yield Item(pos, stop - pos, False)
             pos = stop
-    return items
 
 
 def tasks(items, request_size=REQUEST_SIZE):
     """Group ``plan()``'s items by window: the items of one
     ``request_size`` window are one task, done by one worker in order (so
     each hash block is fed in order); an item of whole windows is a task
-    of its own.  Returns a list of lists of ``Item``."""
-    out = []
+    of its own.  Yields lists of ``Item`` as ``items`` (any iterable)
+    comes."""
+    task = []
     window = None
     for item in items:
         first = item.start // request_size
         last = (item.start + item.length - 1) // request_size
-        if first != last:
-            out.append([item])
-            window = None
-        elif first == window:
-            out[-1].append(item)
-        else:
-            out.append([item])
-            window = first
-    return out
+        if task and (first != last or first != window):
+            yield task
+            task = []
+        task.append(item)
+        window = first if first == last else None
+    if task:
+        yield task
 
 
 def merged(extents):
-    """Merge adjacent ``(start, length, zero)`` extents with equal zero."""
-    out = []
+    """Merge adjacent ``(start, length, zero)`` extents with equal zero
+    (a generator: each is yielded once the next one differs)."""
+    last = None
     for start, length, zero in extents:
-        if out and out[-1][2] == zero and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + length, zero)
+        if last and last[2] == zero and last[0] + last[1] == start:
+            last = (last[0], last[1] + length, zero)
         else:
-            out.append((start, length, zero))
-    return out
+            if last:
+                yield last
+            last = (start, length, zero)
+    if last:
+        yield last
+
+
+# Source extents are asked for this much of the image at a time, as the
+# workers need them: the copy starts after the first piece, not after a
+# walk of the whole image (0.63 s for a 1 TiB qcow2 holding 1 GiB).
+EXTENTS_STEP = 1024**3
+
+
+def source_extents(nbd, size, step=EXTENTS_STEP):
+    """Yield ``(start, length, zero)`` of the NBD export ``nbd`` in pieces
+    of ``step`` bytes; NBD errors are LocalError."""
+    pos = 0
+    while pos < size:
+        n = min(step, size - pos)
+        for e in _local("read the extents of", nbd.extents, pos, n, "zero"):
+            yield e.start, e.length, e.zero
+        pos += n
 
 
 class _Endpoints:
@@ -154,7 +177,9 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
     per endpoint in ``endpoints`` (objects with ``copy_data``, ``zero``,
     ``close``); a task's items in order.  ``progress(n)`` is called with
     the bytes of each finished item, ``done(item)`` after it is confirmed
-    written.  Zero items for which ``skip(item)`` is true are not sent.
+    written.  Zero items for which ``skip(item)`` is true are not sent
+    (their bytes count in ``progress`` at once).  ``tasks`` may be a
+    generator: workers take the next task under a lock as they need it.
     ``hasher`` (a checksum.BlockHasher) is fed every item's bytes as they
     move, zero items (sent or skipped) as zeroes.  The first failure stops
     all workers and is raised (after RETRIES for transport failures)."""
@@ -179,6 +204,9 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
                     if item.zero and skip is not None and skip(item):
                         if hasher is not None:
                             hasher.zero(item.start, item.length)
+                        with lock:
+                            if progress:
+                                progress(item.length)
                         continue
                     _with_retries(ep, item, stop, hasher)
                     with lock:
