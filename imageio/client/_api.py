@@ -10,6 +10,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import threading
 
 from .. import checksum as blkhash
 from .. import compression
@@ -273,6 +274,10 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                 hasher = _hasher(http, size) if verify and not incremental \
                     and not done else None
                 workers = max(1, min(max_workers, http.max_readers))
+                # A download does not change the daemon's image: its hash
+                # is computed while the data flows too, on a connection of
+                # its own.
+                remote = _remote_checksum_soon(http, hasher)
                 try:
                     _copy(transfer.Download, nbd, http,
                           transfer.tasks(todo), workers, buffer_size,
@@ -280,8 +285,10 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     nbd.flush()
                 finally:
                     journal.close()
+                    if remote is not None:
+                        remote = remote.result()
                 if verify:
-                    _verify(nbd, http, size, hasher)
+                    _verify(nbd, http, size, hasher, remote)
                 journal.remove()
             finally:
                 nbd.close()
@@ -315,15 +322,40 @@ def _hasher(http, size):
                                blkhash.DEFAULT_BLOCK_SIZE)
 
 
-def _verify(nbd, http, size, hasher=None):
+def _remote_checksum_soon(http, hasher):
+    """A future of the daemon's block hash in ``hasher``'s algorithm, or
+    None without a hasher.  Its result is a digest or the exception."""
+    if hasher is None:
+        return None
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            other = http.clone()
+            try:
+                future.set_result(other.checksum(
+                    hasher.algorithm, hasher.block_size)["checksum"])
+            finally:
+                other.close()
+        except BaseException as e:
+            future.set_result(e)
+
+    threading.Thread(target=run, daemon=True, name="checksum").start()
+    return future
+
+
+def _verify(nbd, http, size, hasher=None, remote=None):
     """Compare the local block hash with the daemon's, computed next to
     its data after the transfer.  The local one is ``hasher``'s (fed while
     the data flowed); without it (a resumed transfer, an incremental
     download) the local image is hashed now, on all cores, while the daemon
     hashes its copy."""
+    if isinstance(remote, BaseException):
+        raise remote
     if hasher is not None:
-        remote = http.checksum(hasher.algorithm,
-                               hasher.block_size)["checksum"]
+        if remote is None:
+            remote = http.checksum(hasher.algorithm,
+                                   hasher.block_size)["checksum"]
         local = hasher.hexdigest()
     else:
         algorithm = _algorithm(http)
