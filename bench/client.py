@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import tempfile
 import time
 import uuid
 
-from . import images, peers, tls
+from . import cpu, images, peers, tls
 
 MiB = 1024**2
 GiB = 1024 * MiB
@@ -204,12 +205,24 @@ class Stacks:
                 argv.append("--no-verify")
         if self.netns:
             argv = self.netns.wrap(argv)
+        daemon = self.daemons[kind].pid
+        d0 = cpu.process_tree_seconds(daemon)
+        c0 = _children_seconds()
         t0 = time.perf_counter()
         r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
         t = time.perf_counter() - t0
+        # CPU of the client with its qemu-nbd, and of the daemon: what
+        # bounds a transfer on a 2-core machine.
+        self.last_cpu = (_children_seconds() - c0,
+                         cpu.process_tree_seconds(daemon) - d0)
         if r.returncode != 0:
             raise RuntimeError(f"{kind} {op}: {r.stderr.strip()[-2000:]}")
         return t
+
+
+def _children_seconds():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run_scenario(stacks, scenario, src, repeats, verify):
@@ -227,8 +240,12 @@ def run_scenario(stacks, scenario, src, repeats, verify):
                 t = _one(stacks, scenario, kind, src, size, tmp, rep)
                 if rep:
                     times[kind].append(t)
-                print(f"  {scenario:<10} {kind:<15} round {rep}: {t:.2f} s",
-                      file=sys.stderr)
+                cpus = ""
+                if kind != "qemu-img":
+                    cpus = "  (cpu: client {:.2f} s, daemon {:.2f} s)".format(
+                        *stacks.last_cpu)
+                print(f"  {scenario:<10} {kind:<15} round {rep}: {t:.2f} s"
+                      + cpus, file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return times
