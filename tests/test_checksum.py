@@ -49,6 +49,18 @@ def reference(data, algorithm="blake2b", block_size=4 * MiB):
     return outer.hexdigest()
 
 
+# Data layouts of a 10 MiB + 7 image: none, at the start, across a block
+# boundary, unaligned, all data, several in one block.
+CLUSTERS = [
+    [],
+    [(0, 64 * 1024)],
+    [(4 * MiB - 4096, 8192)],
+    [(5 * MiB + 12345, 100)],
+    [(0, 10 * MiB + 7)],
+    [(MiB, 64 * 1024), (3 * MiB, 4096), (9 * MiB, MiB)],
+]
+
+
 def sparse(size, clusters):
     """Data at ``clusters`` [(offset, length)], zero elsewhere, and the
     matching extents."""
@@ -66,14 +78,7 @@ def sparse(size, clusters):
     return bytes(data), extents
 
 
-@pytest.mark.parametrize("clusters", [
-    [],
-    [(0, 64 * 1024)],
-    [(4 * MiB - 4096, 8192)],
-    [(5 * MiB + 12345, 100)],
-    [(0, 10 * MiB + 7)],
-    [(MiB, 64 * 1024), (3 * MiB, 4096), (9 * MiB, MiB)],
-])
+@pytest.mark.parametrize("clusters", CLUSTERS)
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_same_as_hashing_every_byte(clusters, workers):
     data, extents = sparse(10 * MiB + 7, clusters)
@@ -187,14 +192,7 @@ def feed_pieces(hasher, data, extents, cut, order):
                 hasher.data(pos, memoryview(data)[pos:pos + n])
 
 
-@pytest.mark.parametrize("clusters", [
-    [],
-    [(0, 64 * 1024)],
-    [(4 * MiB - 4096, 8192)],
-    [(5 * MiB + 12345, 100)],
-    [(0, 10 * MiB + 7)],
-    [(MiB, 64 * 1024), (3 * MiB, 4096), (9 * MiB, MiB)],
-])
+@pytest.mark.parametrize("clusters", CLUSTERS)
 @pytest.mark.parametrize("algorithm", ["blake2b", "sha256"])
 @pytest.mark.parametrize("cut", [4096, 3 * MiB + 5, 16 * MiB])
 def test_block_hasher_same_as_compute(clusters, algorithm, cut):

@@ -404,16 +404,20 @@ class CollectSink:
         self.data += view
 
 
-@pytest.mark.parametrize("source", ["file", "nbd"])
-def test_read_to_sink(storage, nbd_image, data, source):
+def source_backend(storage, nbd_image, data, source):
+    """A backend holding ``data``: a file, or the qemu-nbd export of one."""
     d, _ = storage
     if source == "nbd":
         path, server = nbd_image
         with open(path, "r+b") as f:
             f.write(data)
-        backend = open_url(server.url())
-    else:
-        backend = open_url("file://" + make_file(os.path.join(d, "s"), data))
+        return open_url(server.url())
+    return open_url("file://" + make_file(os.path.join(d, "s"), data))
+
+
+@pytest.mark.parametrize("source", ["file", "nbd"])
+def test_read_to_sink(storage, nbd_image, data, source):
+    backend = source_backend(storage, nbd_image, data, source)
     try:
         for offset, length in RANGES:
             sink = CollectSink()
@@ -459,14 +463,7 @@ def test_read_tap_sees_every_byte_even_to_a_plain_socket(
         storage, nbd_image, data, source):
     # A plain socket sink would take the C fast path; with a tap the bytes
     # go through the buffer, in order, and the peer still gets all of them.
-    d, _ = storage
-    if source == "nbd":
-        path, server = nbd_image
-        with open(path, "r+b") as f:
-            f.write(data)
-        backend = open_url(server.url())
-    else:
-        backend = open_url("file://" + make_file(os.path.join(d, "s"), data))
+    backend = source_backend(storage, nbd_image, data, source)
     try:
         for offset, length in RANGES:
             a, b = socket.socketpair()
