@@ -277,18 +277,21 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                 # A download does not change the daemon's image: its hash
                 # is computed while the data flows too, on a connection of
                 # its own.
-                remote = _remote_checksum_soon(http, hasher)
+                remote = _RemoteChecksum(http, hasher) if hasher else None
                 try:
                     _copy(transfer.Download, nbd, http,
                           transfer.tasks(todo), workers, buffer_size,
                           progress, journal, hasher, skip)
                     nbd.flush()
+                except BaseException:
+                    if remote is not None:
+                        remote.cancel()
+                    raise
                 finally:
                     journal.close()
-                    if remote is not None:
-                        remote = remote.result()
                 if verify:
-                    _verify(nbd, http, size, hasher, remote)
+                    _verify(nbd, http, size, hasher,
+                            remote.result() if remote else None)
                 journal.remove()
             finally:
                 nbd.close()
@@ -322,26 +325,33 @@ def _hasher(http, size):
                                blkhash.DEFAULT_BLOCK_SIZE)
 
 
-def _remote_checksum_soon(http, hasher):
-    """A future of the daemon's block hash in ``hasher``'s algorithm, or
-    None without a hasher.  Its result is a digest or the exception."""
-    if hasher is None:
-        return None
-    future = concurrent.futures.Future()
+class _RemoteChecksum:
+    """The daemon's block hash in ``hasher``'s algorithm, asked for now on
+    a connection of its own; ``result()`` waits for it, ``cancel()`` (a
+    failed transfer) closes the connection instead of waiting for a hash
+    that may take minutes."""
 
-    def run():
+    def __init__(self, http, hasher):
+        self._http = http.clone()
+        self._future = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(hasher,), daemon=True, name="checksum")
+        self._thread.start()
+
+    def _run(self, hasher):
         try:
-            other = http.clone()
-            try:
-                future.set_result(other.checksum(
-                    hasher.algorithm, hasher.block_size)["checksum"])
-            finally:
-                other.close()
+            self._future.set_result(self._http.checksum(
+                hasher.algorithm, hasher.block_size)["checksum"])
         except BaseException as e:
-            future.set_result(e)
+            self._future.set_exception(e)
+        finally:
+            self._http.close()
 
-    threading.Thread(target=run, daemon=True, name="checksum").start()
-    return future
+    def result(self):
+        return self._future.result()
+
+    def cancel(self):
+        self._http.close()
 
 
 def _verify(nbd, http, size, hasher=None, remote=None):
@@ -350,8 +360,6 @@ def _verify(nbd, http, size, hasher=None, remote=None):
     the data flowed); without it (a resumed transfer, an incremental
     download) the local image is hashed now, on all cores, while the daemon
     hashes its copy."""
-    if isinstance(remote, BaseException):
-        raise remote
     if hasher is not None:
         if remote is None:
             remote = http.checksum(hasher.algorithm,
