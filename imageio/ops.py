@@ -19,10 +19,6 @@ exception it raises, such as ``errors.Canceled``, stops the transfer there):
     Exactly ``length`` bytes of a ``Source`` (a PUT's body) to the image at
     ``offset``; ``errors.PartialContent`` when the source ends early (what
     arrived is written).  Does not flush.
-
-``tap(offset, view)``, when given, sees every chunk's bytes in order
-before they go to the destination (the client hashes what it moves); the
-bytes then pass through the buffer, never a fast path that skips it.
 ``copy(src, dst, offset, length, buf, progress=None)``
     Between two backends: a client's planner calls it per extent, e.g. NBD
     -> HTTP for an upload, HTTP -> NBD for a download.  Several workers may
@@ -30,6 +26,11 @@ bytes then pass through the buffer, never a fast path that skips it.
     engine's helper thread belongs to the calling thread.
 ``zero(backend, offset, length, punch_hole, progress=None)``
     Make the range read as zeroes, in steps reported like chunks.
+
+``tap(offset, view)``, when given to ``read`` or ``write``, sees every
+chunk's bytes in order before they go to the destination (the client
+hashes what it moves); the bytes then pass through the buffer, never a
+fast path that skips it.
 
 An error on either side propagates to the caller after the other side's
 chunk in flight has finished: the buffer is never handed back while a

@@ -175,6 +175,67 @@ def test_checksum_local_and_remote_agree(daemon, tmp_path, qcow2):
     assert info["extents"]["data"] + info["extents"]["zero"] == SIZE
 
 
+def test_verification_hashes_sha256_as_the_data_moves(daemon, tmp_path,
+                                                     qcow2):
+    # Both daemons list sha256 in /checksum/algorithms: the digest the
+    # client logs as verified is the daemon's sha256 block hash, for an
+    # upload and for a download of the same image.
+    from imageio.backends.http import HTTPBackend
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file, "-v")
+    assert r.returncode == 0, r.stderr
+    http = HTTPBackend(url, cafile=daemon.ca_file)
+    try:
+        remote = http.checksum("sha256", 4 * MiB)["checksum"]
+    finally:
+        http.close()
+    assert "Verified: checksum {}".format(remote) in r.stderr
+    out = tmp_path / "back.qcow2"
+    r = ovirt_img("download", url, str(out), "--cafile", daemon.ca_file,
+                  "-v")
+    assert r.returncode == 0, r.stderr
+    assert "Verified: checksum {}".format(remote) in r.stderr
+    compare(qcow2, out)
+
+
+def test_private_qemu_nbd_keeps_request_buffers_in_the_heap(tmp_path,
+                                                            qcow2):
+    # The caller's GLIBC_TUNABLES are kept, the malloc thresholds added.
+    # (glibc splits the variable in place at start, so /proc shows each
+    # tunable after a NUL.)
+    from imageio.client import qemu
+    os.environ["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=2"
+    try:
+        with qemu.serve(str(qcow2), "qcow2") as url:
+            sock = url[len("nbd:unix:"):].encode()
+            environ = None
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open("/proc/{}/cmdline".format(pid), "rb") as f:
+                        argv = f.read().split(b"\0")
+                    if argv[0].endswith(b"qemu-nbd") and sock in argv:
+                        with open("/proc/{}/environ".format(pid), "rb") as f:
+                            environ = f.read()
+                except OSError:
+                    continue
+    finally:
+        del os.environ["GLIBC_TUNABLES"]
+    assert environ is not None
+    for tunable in ["glibc.malloc.arena_max=2"] + \
+            qemu.MALLOC_TUNABLES.split(":"):
+        assert tunable.encode() in environ
+
+
+def test_client_import_leaves_out_metrics_and_compression():
+    # What only the daemon (metrics) or an encoder (zstandard) needs is
+    # not imported by the client: a third of its start-up.
+    r = run(sys.executable, "-c",
+            "import sys, imageio.client.cli; "
+            "print(' '.join(m for m in ('prometheus_client', 'zstandard') "
+            "if m in sys.modules))")
+    assert r.stdout.strip() == ""
+
+
 def test_incremental_download_of_dirty_bitmap(daemon, tmp_path):
     base = tmp_path / "base.qcow2"
     run("qemu-img", "create", "-f", "qcow2", str(base), str(SIZE))

@@ -7,7 +7,6 @@ qemu-nbd) and ``backends.http`` (the daemon) in ``imageio._io``.
 
 import bisect
 import concurrent.futures
-import functools
 import logging
 import os
 import threading
@@ -156,10 +155,9 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 "Target too small: {} has {} bytes, the image needs {}"
                 .format(url, http.size(), size))
         _progress_start(progress, size)
-        serve = functools.partial(qemu.serve, filename, image["format"],
-                                  member=member, shared=NBD_SHARED,
-                                  backing_chain=backing_chain)
-        with serve() as nbd_url:
+        with qemu.serve(filename, image["format"], member=member,
+                        shared=NBD_SHARED,
+                        backing_chain=backing_chain) as nbd_url:
             nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
             try:
                 # The source's extents come piece by piece on a connection
@@ -334,9 +332,8 @@ class _RemoteChecksum:
     def __init__(self, http, hasher):
         self._http = http.clone()
         self._future = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(hasher,), daemon=True, name="checksum")
-        self._thread.start()
+        threading.Thread(target=self._run, args=(hasher,), daemon=True,
+                         name="checksum").start()
 
     def _run(self, hasher):
         try:
@@ -356,10 +353,10 @@ class _RemoteChecksum:
 
 def _verify(nbd, http, size, hasher=None, remote=None):
     """Compare the local block hash with the daemon's, computed next to
-    its data after the transfer.  The local one is ``hasher``'s (fed while
-    the data flowed); without it (a resumed transfer, an incremental
-    download) the local image is hashed now, on all cores, while the daemon
-    hashes its copy."""
+    its data (``remote``: already asked for during a download; else asked
+    now).  The local one is ``hasher``'s (fed while the data flowed);
+    without it (a resumed transfer, an incremental download) the local image
+    is hashed now, on all cores, while the daemon hashes its copy."""
     if hasher is not None:
         if remote is None:
             remote = http.checksum(hasher.algorithm,

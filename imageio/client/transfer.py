@@ -57,9 +57,9 @@ def iplan(extents, request_size=REQUEST_SIZE, skip_zero=False):
     """Work items from ``(start, length, zero)`` extents: data extents
     split at multiples of ``request_size``; zero extents cut where they
     enter and leave a whole ``request_size`` window, the whole windows
-    between as one item (dropped when ``skip_zero``).  Returns a list of
-    ``Item``: no item shares a window with an item of another task of
-    ``tasks()``.  Yields them as ``extents`` (any iterable) comes."""
+    between as one item (dropped when ``skip_zero``).  Yields ``Item``s as
+    ``extents`` (any iterable) comes; no item shares a window with an item
+    of another task of ``tasks()``."""
     for start, length, zero in extents:
         end = start + length
         if zero:
