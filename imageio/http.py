@@ -21,11 +21,18 @@ from . import tickets
 from . import transport
 
 
+_metrics_module = None
+
+
 def _metrics():
     # Imported on first use: the client shares this module and has no
-    # metrics; prometheus_client alone is a third of its start-up.
-    from . import metrics
-    return metrics
+    # metrics; prometheus_client alone is a third of its start-up.  Kept
+    # in a global: an import statement per request costs a package lookup.
+    global _metrics_module
+    if _metrics_module is None:
+        from . import metrics
+        _metrics_module = metrics
+    return _metrics_module
 
 
 log = logging.getLogger("http")
