@@ -49,10 +49,12 @@ __all__ = ["servers", "server", "get_server", "measure", "ticket",
            "GiB"]
 
 
-def servers_param(kinds, argname="server"):
-    """Parametrize a scenario by (server, rep): every server, REPEATS times,
-    interleaved. The server argument is indirect (started on demand)."""
-    params = [(kind, rep) for rep in range(REPEATS) for kind in kinds]
+def servers_param(kinds, argname="server", repeats=None):
+    """Parametrize a scenario by (server, rep): every server, ``repeats``
+    (default REPEATS) times, interleaved. The server argument is indirect
+    (started on demand)."""
+    repeats = REPEATS if repeats is None else repeats
+    params = [(kind, rep) for rep in range(repeats) for kind in kinds]
     return pytest.mark.parametrize(
         f"{argname},rep", params, indirect=[argname],
         ids=[f"{kind}-{rep}" for kind, rep in params])

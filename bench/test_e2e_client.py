@@ -30,7 +30,7 @@ import pytest
 from bench import client as clientbench
 from bench import images
 from bench.e2e import *  # noqa: F401,F403 (fixtures)
-from bench.e2e import ONLY, OURS, REPEATS, get_server
+from bench.e2e import ONLY, OURS, get_server, servers_param
 from bench.nbdpeers import discard, measure
 
 PEERS = ["imageio", "established", "qemu-img"]
@@ -45,12 +45,6 @@ class QemuImg:
     def cpu_seconds(self):
         return 0.0
 
-
-def reps_param(kinds, reps):
-    params = [(kind, rep) for rep in range(reps) for kind in kinds]
-    return pytest.mark.parametrize(
-        "peer,rep", params, indirect=["peer"],
-        ids=[f"{kind}-{rep}" for kind, rep in params])
 
 
 @pytest.fixture
@@ -103,7 +97,7 @@ def _client(servers, peer, op, url, path):
         raise RuntimeError(f"{peer.label} {op}: {r.stderr.strip()[-2000:]}")
 
 
-@reps_param(PEERS, REPEATS)
+@servers_param(PEERS, argname="peer")
 def test_client_upload(benchmark, servers, peer, rep, client_src,
                        client_tmp):
     """Upload of the qcow2 to a sparse raw file ticket (time, s)."""
@@ -140,7 +134,7 @@ def test_client_upload(benchmark, servers, peer, rep, client_src,
         os.unlink(target)
 
 
-@reps_param(PEERS, REPEATS)
+@servers_param(PEERS, argname="peer")
 def test_client_download(benchmark, servers, peer, rep, client_src,
                          client_tmp, served_raw):
     """Download of a raw file ticket to a new qcow2 (time, s)."""

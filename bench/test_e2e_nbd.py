@@ -44,13 +44,6 @@ pytestmark = pytest.mark.skipif(
     "libnbd-bin)")
 
 
-def reps_param(kinds, reps, argname="server"):
-    """servers_param with its own number of repeats (slow scenarios)."""
-    params = [(kind, rep) for rep in range(reps) for kind in kinds]
-    return pytest.mark.parametrize(
-        f"{argname},rep", params, indirect=[argname],
-        ids=[f"{kind}-{rep}" for kind, rep in params])
-
 
 # --- exports -----------------------------------------------------------------
 
@@ -269,7 +262,7 @@ def _checksum(benchmark, servers, server, rep, layout, export, scenario,
         conn.close()
 
 
-@reps_param(DAEMONS, CHECKSUM_REPEATS)
+@servers_param(DAEMONS, repeats=CHECKSUM_REPEATS)
 def test_nbd_checksum_100g(benchmark, servers, server, rep,
                            sparse_100g_export):
     """Checksum of a 100 GiB qcow2 with 5,000 scattered 64 KiB clusters
@@ -279,7 +272,7 @@ def test_nbd_checksum_100g(benchmark, servers, server, rep,
               sparse_100g_export, "nbd_checksum_100g", CHECKSUM_100G_TIMEOUT)
 
 
-@reps_param(DAEMONS, 1)
+@servers_param(DAEMONS, repeats=1)
 def test_nbd_checksum_1t(benchmark, servers, server, rep, sparse_1t_export):
     """Checksum of the 1 TiB qcow2 with 50,000 clusters, once per server,
     without a warm-up (IMAGEIO_BENCH_CHECKSUM_1T=1)."""

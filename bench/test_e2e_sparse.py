@@ -36,7 +36,7 @@ import pytest
 
 from bench import images, nbdpeers
 from bench.e2e import *  # noqa: F401,F403 (fixtures)
-from bench.e2e import ONLY, OURS, QUICK, get_server
+from bench.e2e import ONLY, OURS, QUICK, get_server, servers_param
 from bench.nbdpeers import measure
 
 PEERS = ["imageio", "established", "data-only"]
@@ -50,12 +50,6 @@ pytestmark = pytest.mark.skipif(
     not shutil.which("qemu-nbd"),
     reason="qemu-nbd needed (apt-get install qemu-utils)")
 
-
-def reps_param(kinds, reps, argname="server"):
-    params = [(kind, rep) for rep in range(reps) for kind in kinds]
-    return pytest.mark.parametrize(
-        f"{argname},rep", params, indirect=[argname],
-        ids=[f"{kind}-{rep}" for kind, rep in params])
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +124,7 @@ def upload_peer(request, servers):
     return get_server(servers, request.param)
 
 
-@reps_param(PEERS, UPLOAD_REPEATS, argname="upload_peer")
+@servers_param(PEERS, argname="upload_peer", repeats=UPLOAD_REPEATS)
 def test_sparse_upload_1t(benchmark, servers, upload_peer, rep, upload_src,
                           upload_target, upload_requests):
     """ovirt_imageio.client.upload of the 1 TiB qcow2 with 1 GiB of data

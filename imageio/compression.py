@@ -102,6 +102,8 @@ def _codings(value):
 
 
 def _allows(value, coding, wildcard):
+    if not value:
+        return False
     codings = _codings(value)
     q = codings.get(coding, codings.get("*", 0.0) if wildcard else 0.0)
     return q > 0

@@ -5,6 +5,7 @@ Each raises errors.BadRequest (or RangeNotSatisfiable) with a message a
 client can act on.
 """
 
+import functools
 import re
 import urllib.parse
 
@@ -47,6 +48,11 @@ def parse_request_line(line):
     if not (target.startswith("/") or target == "*"):
         raise errors.BadRequest(
             "Invalid request target {!r}".format(target[:100]))
+    path, query = _split_target(target)
+    return method, path, query, version
+
+
+def _split_target(target):
     path, _, qs = target.partition("?")
     if "%" in path:
         try:
@@ -58,7 +64,7 @@ def parse_request_line(line):
     if qs:
         for name, value in urllib.parse.parse_qsl(qs, keep_blank_values=True):
             query[name] = value
-    return method, path, query, version
+    return path, query
 
 
 def parse_header_line(line):
@@ -181,6 +187,7 @@ def parse_chunk_size(line):
 _ASCII_FILENAME = re.compile(r'[^ !#-\[\]-~]')
 
 
+@functools.lru_cache(maxsize=256)
 def content_disposition(filename):
     """The Content-Disposition value for a download named ``filename``:
     an ASCII ``filename="..."`` fallback for old clients, plus RFC 6266 /
@@ -231,6 +238,18 @@ def parse_head(buf, start=0):
     headers, before the whole head has arrived whenever that is known.
     """
     pos = start
+    if buf[pos:pos + 1] not in (b"\r", b"\n"):
+        end = buf.find(b"\r\n\r\n", pos, pos + MAX_HEAD)
+        if end >= 0:
+            head = _fast_head(buf, pos, end)
+            if head is not None:
+                return head, end + 4
+    return _parse_lines(buf, start)
+
+
+def _parse_lines(buf, start):
+    """parse_head line by line: every head, and every error's words."""
+    pos = start
     # Stray CRLFs between requests.
     while True:
         if buf[pos:pos + 2] == b"\r\n":
@@ -266,6 +285,45 @@ def parse_head(buf, start=0):
             raise errors.HeadersTooLarge(
                 "Too many headers: at most {} allowed".format(MAX_HEADERS))
     return _make_head(lines), pos
+
+
+# The fast path's view of a request line and a header line: what
+# parse_request_line and parse_header_line accept, narrowed to printable
+# ASCII targets and values without control characters.
+_FAST_REQUEST = re.compile(
+    r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[!-~]*|\*) (HTTP/1\.[01])")
+_FAST_HEADER = re.compile(
+    r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
+
+
+def _fast_head(buf, pos, end):
+    """The Head of the CRLF-delimited head ``buf[pos:end]``, parsed in one
+    pass (most requests); None when any part of it is unusual (a bare LF,
+    a control character, a long line, a duplicate header, too many
+    headers): the line-by-line parser then decides, and words the error.
+    Both accept the same heads and return the same Head."""
+    lines = bytes(buf[pos:end]).decode("latin-1").split("\r\n")
+    if len(lines) > MAX_HEADERS + 1:
+        return None
+    m = _FAST_REQUEST.fullmatch(lines[0])
+    if m is None or len(lines[0]) + 2 > MAX_LINE:
+        return None
+    method, target, version = m.groups()
+    headers = {}
+    match = _FAST_HEADER.fullmatch
+    for i in range(1, len(lines)):
+        line = lines[i]
+        m = match(line)
+        if m is None or len(line) + 2 > MAX_LINE:
+            return None
+        name = m.group(1).lower()
+        if name in headers:
+            return None
+        headers[name] = m.group(2).rstrip(" \t")
+    # Last, as parse_head: a bad percent-encoding is an error only in an
+    # otherwise well-formed head.
+    path, query = _split_target(target)
+    return Head(method, path, query, version, headers)
 
 
 def _make_head(lines):

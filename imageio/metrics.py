@@ -10,11 +10,16 @@ transfer); HTTP methods outside ``METHODS`` are labelled ``other`` so that
 garbage methods from the open port cannot multiply series.
 """
 
+import bisect
 import logging
+import threading
 import time
 
 import prometheus_client
 from prometheus_client import exposition as _exposition
+from prometheus_client.core import (CounterMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from . import errors
@@ -49,52 +54,148 @@ CONNECTIONS = prometheus_client.Gauge(
     "imageio_connections", "Open client connections.", ["service"],
     registry=REGISTRY)
 
-HTTP_REQUESTS = prometheus_client.Counter(
-    "imageio_http_requests_total", "HTTP requests answered.",
-    ["service", "method", "code"], registry=REGISTRY)
-
-HTTP_DURATION = prometheus_client.Histogram(
-    "imageio_http_request_duration_seconds",
-    "Time from a request's first line to the end of its response.",
-    ["service", "method"], buckets=DURATION_BUCKETS, registry=REGISTRY)
-
-BACKEND_BYTES = prometheus_client.Counter(
-    "imageio_backend_bytes_total",
-    "Bytes moved by completed backend operations.",
-    ["backend", "op"], registry=REGISTRY)
-
-BACKEND_OPS_TOTAL = prometheus_client.Counter(
-    "imageio_backend_ops_total", "Backend operations.",
-    ["backend", "op"], registry=REGISTRY)
-
-BACKEND_ERRORS = prometheus_client.Counter(
-    "imageio_backend_errors_total", "Backend operations that failed.",
-    ["backend", "op"], registry=REGISTRY)
+# Status counted for a request that ended without any response (the client
+# went away or stalled): nginx's "client closed request".
+NO_RESPONSE = 499
 
 # Backend series exist from the start at 0 (backends.scheme_of names the
 # kinds): a counter that appears only at its first error has no rate() for
 # that error, and a dashboard panel over it would be empty.
 BACKEND_KINDS = ("file", "nbd", "http")
-for _kind in BACKEND_KINDS:
-    for _op in BACKEND_OPS:
-        for _metric in (BACKEND_BYTES, BACKEND_OPS_TOTAL, BACKEND_ERRORS):
-            _metric.labels(_kind, _op)
-
-# Status counted for a request that ended without any response (the client
-# went away or stalled): nginx's "client closed request".
-NO_RESPONSE = 499
-
-# Children by label values: labels() takes a lock and builds a key on every
-# call; a dict hit costs neither.  Races only create the same child twice.
-_children = {}
 
 
-def _child(metric, *values):
-    key = (metric, values)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*values)
-    return child
+class _Counts:
+    """One thread's counts of the per-request metrics: plain ints in dicts
+    only that thread writes.  prometheus_client's Counter takes a lock on
+    every inc() and its Histogram two per observe(); counting here takes
+    none, and the totals are summed when Prometheus scrapes."""
+
+    __slots__ = ("requests", "durations", "backend")
+
+    def __init__(self):
+        # (service, method, status) -> requests
+        self.requests = {}
+        # (service, method) -> [count per bucket..., +Inf count, sum]
+        self.durations = {}
+        # (family, backend kind, op) -> count or bytes
+        self.backend = {}
+
+    def add(self, other):
+        """Add ``other``'s counts (a snapshot, or a thread's that ended)."""
+        for key, n in other.requests.items():
+            self.requests[key] = self.requests.get(key, 0) + n
+        for key, d in other.durations.items():
+            mine = self.durations.get(key)
+            if mine is None:
+                self.durations[key] = list(d)
+            else:
+                for i, n in enumerate(d):
+                    mine[i] += n
+        for key, n in other.backend.items():
+            self.backend[key] = self.backend.get(key, 0) + n
+
+    def copy(self):
+        # dict.copy() and list() run without releasing the GIL: a whole,
+        # consistent view of each dict while its thread goes on counting.
+        c = _Counts()
+        c.requests = self.requests.copy()
+        c.durations = {k: list(d) for k, d in self.durations.copy().items()}
+        c.backend = self.backend.copy()
+        return c
+
+
+class _Tally:
+    """Every thread's _Counts, summed at scrape time."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        # (thread, counts) of threads that counted and may count again.
+        self._live = []
+        # What ended threads counted.
+        self._ended = _Counts()
+
+    def counts(self):
+        """The calling thread's counts (registered on first use)."""
+        counts = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = self._local.counts = _Counts()
+            with self._lock:
+                self._live.append((threading.current_thread(), counts))
+        return counts
+
+    def total(self):
+        with self._lock:
+            live = []
+            for thread, counts in self._live:
+                if thread.is_alive():
+                    live.append((thread, counts))
+                else:
+                    # It counts no more: fold it in, keep no reference.
+                    self._ended.add(counts)
+            self._live = live
+            total = _Counts()
+            total.add(self._ended)
+        for _, counts in live:
+            total.add(counts.copy())
+        return total
+
+
+_tally = _Tally()
+
+
+class _Collector:
+    """The per-request families, from the tally."""
+
+    def describe(self):
+        return self._families(_Counts())
+
+    def collect(self):
+        return self._families(_tally.total())
+
+    def _families(self, t):
+        requests = CounterMetricFamily(
+            "imageio_http_requests", "HTTP requests answered.",
+            labels=["service", "method", "code"])
+        for (service, method, status), n in sorted(t.requests.items()):
+            requests.add_metric([service, method, str(status)], n)
+        duration = HistogramMetricFamily(
+            "imageio_http_request_duration_seconds",
+            "Time from a request's first line to the end of its response.",
+            labels=["service", "method"])
+        for (service, method), d in sorted(t.durations.items()):
+            buckets, n = [], 0
+            for le, count in zip(_LE, d):
+                n += count
+                buckets.append((le, n))
+            duration.add_metric([service, method], buckets, d[-1])
+        families = {name: CounterMetricFamily(name, doc,
+                                              labels=["backend", "op"])
+                    for name, doc in _BACKEND_FAMILIES}
+        values = dict.fromkeys(
+            ((name, kind, op) for name, _ in _BACKEND_FAMILIES
+             for kind in BACKEND_KINDS for op in BACKEND_OPS), 0)
+        values.update(t.backend)
+        for (name, kind, op), n in sorted(values.items()):
+            families[name].add_metric([kind, op], n)
+        return [requests, duration, *families.values()]
+
+
+_LE = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
+_BACKEND_FAMILIES = (
+    ("imageio_backend_bytes", "Bytes moved by completed backend operations."),
+    ("imageio_backend_ops", "Backend operations."),
+    ("imageio_backend_errors", "Backend operations that failed."),
+)
+_BYTES, _OPS, _ERRORS = (name for name, _ in _BACKEND_FAMILIES)
+
+REGISTRY.register(_Collector())
+
+
+def _count_backend(family, kind, op, n=1):
+    backend = _tally.counts().backend
+    key = (family, kind, op)
+    backend[key] = backend.get(key, 0) + n
 
 
 def exposition(accept=None):
@@ -109,8 +210,17 @@ def request_done(service, method, status, seconds):
     response was sent)."""
     if method not in METHODS:
         method = "other"
-    _child(HTTP_REQUESTS, service, method, str(status or NO_RESPONSE)).inc()
-    _child(HTTP_DURATION, service, method).observe(seconds)
+    counts = _tally.counts()
+    requests = counts.requests
+    key = (service, method, status or NO_RESPONSE)
+    requests[key] = requests.get(key, 0) + 1
+    key = (service, method)
+    d = counts.durations.get(key)
+    if d is None:
+        d = counts.durations[key] = [0] * len(_LE) + [0.0]
+    # Bucket le=b holds the durations <= b: the first bound not below.
+    d[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+    d[-1] += seconds
 
 
 def track_connections(service, count):
@@ -192,7 +302,7 @@ class Metered:
             yield from extents
         except BaseException as e:
             if _is_backend_failure(e):
-                _child(BACKEND_ERRORS, self._kind, "extents").inc()
+                _count_backend(_ERRORS, self._kind, "extents")
             raise
 
     def close(self):
@@ -233,11 +343,11 @@ class _Operation:
         m = self._meter
         if exc_type is not None:
             if _is_backend_failure(exc):
-                _child(BACKEND_ERRORS, m._kind, self._op).inc()
+                _count_backend(_ERRORS, m._kind, self._op)
         elif self._nbytes:
-            _child(BACKEND_BYTES, m._kind, self._op).inc(self._nbytes)
+            _count_backend(_BYTES, m._kind, self._op, self._nbytes)
             m._bytes += self._nbytes
-        _child(BACKEND_OPS_TOTAL, m._kind, self._op).inc()
+        _count_backend(_OPS, m._kind, self._op)
         m._ops[self._op] += 1
         m._busy += m._clock() - self._start
         return False

@@ -114,6 +114,17 @@ def test_parse_head_one_byte_at_a_time():
                             "x-a": "1, 2"}
 
 
+def test_parse_head_whole_head_at_once():
+    # The usual case: a whole head in one piece, a header repeated.
+    buf = bytearray(HEAD[2:] + b"GET /next")
+    head, end = httpparse.parse_head(buf)
+    assert buf[end:] == b"hello" + b"GET /next"
+    assert (head.method, head.path, head.query, head.version) == \
+        ("PUT", "/images/abc", {"flush": "n"}, "HTTP/1.1")
+    assert head.headers == {"host": "x", "content-length": "5",
+                            "x-a": "1, 2"}
+
+
 def test_parse_head_bare_lf_and_start():
     buf = b"junkGET / HTTP/1.0\nA: b\n\nrest"
     head, end = httpparse.parse_head(buf, start=4)
@@ -125,6 +136,11 @@ def test_parse_head_bare_lf_and_start():
     (b"GET /" + b"a" * httpparse.MAX_LINE, 431),
     (b"GET / HTTP/1.1\r\nX: " + b"a" * httpparse.MAX_LINE, 431),
     (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (httpparse.MAX_HEADERS + 1), 431),
+    # Whole heads: what the one-pass path sees first.
+    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (httpparse.MAX_HEADERS + 1)
+     + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * httpparse.MAX_LINE + b"\r\n\r\n", 431),
+    (b"GET /images/%ff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n",
      400),
     (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 400),

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import urllib.request
 
@@ -465,3 +466,31 @@ def test_prometheus_scrapes_daemon(make_daemon, image, tmp_path):
         assert {r["metric"]["op"] for r in throughput} >= {"read", "write"}
     finally:
         prom.stop()
+
+
+def test_counts_outlive_their_threads():
+    # Request counts are kept per thread and summed at scrape time; worker
+    # threads come and go, and what an ended one counted must stay.
+    service = "test-threads"
+    start = threading.Barrier(4)
+
+    def work(i):
+        start.wait()
+        for n in range(250):
+            metrics.request_done(service, "GET", 206, 0.001 * (i + 1))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for _ in range(2):  # once folding the ended threads in, once after
+        text = metrics.exposition()[0].decode("utf-8")
+        assert value(text, "imageio_http_requests_total", service=service,
+                     method="GET", code="206") == 1000
+        assert value(text, "imageio_http_request_duration_seconds_count",
+                     service=service) == 1000
+        assert value(text, "imageio_http_request_duration_seconds_bucket",
+                     service=service, le="0.0025") == 500
+        assert value(text, "imageio_http_request_duration_seconds_sum",
+                     service=service) == pytest.approx(2.5)

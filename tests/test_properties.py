@@ -170,3 +170,43 @@ def test_patch_json_fields(msg):
 
 def test_json_roundtrip_sanity():
     assert json.loads(json.dumps({"a": 1})) == {"a": 1}
+
+
+# Pieces of request heads, mostly usual, some not: parse_head's one-pass
+# path must give what the line-by-line parser gives, or leave the head to
+# it.
+_request_lines = st.sampled_from([
+    "GET /images/abc HTTP/1.1", "PUT /images/a%20b?flush=n&x= HTTP/1.0",
+    "OPTIONS * HTTP/1.1", "HEAD /images/%ff HTTP/1.1", "GET  /x HTTP/1.1",
+    "get /x HTTP/1.1", "GET /x\tHTTP/1.1", "GET /\x01 HTTP/1.1",
+    "GET /x HTTP/2.0", "GET x HTTP/1.1", ""])
+_header_lines = st.sampled_from([
+    "Host: example", "Range: bytes=0-4095", "RANGE: bytes=1-2",
+    "X:", "X: \t v \t", "X-Y:v", "X: v\x00", "X: v\x01", "X: caf\xe9",
+    "X: a\rb", "Bad Name: v", "NoColon", ": v", "X-Long: " + "a" * 8190,
+    "Content-Length: 3", "content-length: 4", "Accept: a", "accept: b",
+    "Transfer-Encoding: chunked", ""])
+_endings = st.sampled_from(["\r\n"] * 8 + ["\n", "\r\r\n"])
+
+
+@settings(max_examples=1000)
+@given(_request_lines, st.lists(_header_lines, max_size=5),
+       st.lists(_endings, min_size=6, max_size=6),
+       st.sampled_from([""] * 4 + ["\r\n", "\n"]), st.binary(max_size=8))
+def test_head_fast_path_agrees(request, headers, endings, lead, rest):
+    lines = [request] + headers
+    text = lead + "".join(line + end for line, end in zip(lines, endings))
+    buf = bytearray(text.encode("latin-1") + b"\r\n" + rest)
+
+    def outcome(parse):
+        try:
+            result = parse(buf, 0)
+        except errors.HTTPError as e:
+            return type(e), e.message
+        if result is None:
+            return None
+        head, end = result
+        return (head.method, head.path, head.query, head.version,
+                head.headers, end)
+
+    assert outcome(hp.parse_head) == outcome(hp._parse_lines)
