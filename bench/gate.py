@@ -4,9 +4,9 @@ when a ratio ours/peer is on the wrong side of its threshold.
     python -m bench.gate [--out DIR] [--no-retry] [-k SCENARIO ...]
 
 Runs the scenarios named in bench/thresholds.toml (quick mode: 4 repeats
-per server interleaved across servers after a warm-up round, 1000 ranged
-requests, a 1 GiB bulk image; about 4 minutes on the 2-core machine
-(20 s of it NBD GETs through qemu-nbd, 1.5-2 minutes the 100 GiB NBD
+per server interleaved across servers after a warm-up round, 8 for the
+ranged GETs of 1000 requests a round, a 1 GiB bulk image; about 4 minutes
+on the 2-core machine (20 s of it NBD GETs through qemu-nbd, 1.5-2 minutes the 100 GiB NBD
 checksum), plus about 1 minute of ovirt-img uploads and downloads, plus
 ~15 s to create the test images the first time), checks
 every ratio, retries the failing scenarios once (a real regression fails
