@@ -332,15 +332,18 @@ class Ticket:
         op.metered = op.done
         op.metered_at = now
 
-    def _finish(self, op):
+    def _finish(self, op, failed=False):
         with self._lock:
             self._ops.remove(op)
             if op.done:
                 self._transferred.add(op.offset, op.offset + op.done)
             now = self._clock()
             self._meter_op(op, now)
-            self._last_done = now
-            self._expires = now + self.timeout
+            if op.done or not failed:
+                # Activity extends the ticket; a request refused before it
+                # moved a byte (a malformed chunked body) changes nothing.
+                self._last_done = now
+                self._expires = now + self.timeout
             if not self._ops:
                 self._idle.notify_all()
 
@@ -515,8 +518,8 @@ class _Running:
         self.op.done += n
         self._ticket.check()
 
-    def __exit__(self, *exc):
-        self._ticket._finish(self.op)
+    def __exit__(self, exc_type, exc, tb):
+        self._ticket._finish(self.op, failed=exc_type is not None)
 
 
 class Store:

@@ -383,3 +383,24 @@ def test_concurrent_accounting():
 
 def test_short_id_hides_secret():
     assert tickets.short_id("0123456789abcdef") == "01234567..."
+
+
+def test_refused_operation_does_not_extend_ticket():
+    # A request refused inside its operation before moving a byte (a
+    # malformed chunk size line) leaves the ticket as it was; one that
+    # moved bytes before failing was activity and extends it.
+    clock = Clock()
+    t = tickets.Ticket(tickets.validate(ticket_dict(ops=["write"])), clock)
+    clock.now += 7
+    with pytest.raises(errors.BadRequest):
+        with t.operation(0, 0):
+            raise errors.BadRequest("Invalid chunk size line")
+    info = t.info()
+    assert info["expires"] == 1300 and info["idle_time"] == 7
+    with pytest.raises(errors.PartialContent):
+        with t.operation(0, 100) as op:
+            op.progress(40)
+            raise errors.PartialContent(100, 40)
+    info = t.info()
+    assert info["expires"] == 1307 and info["idle_time"] == 0
+    assert info["transferred"] == 40
