@@ -121,19 +121,27 @@ class _Tally:
         if counts is None:
             counts = self._local.counts = _Counts()
             with self._lock:
+                # Workers come and go (an idle one exits): fold the ended
+                # ones in now, so the list stays as long as the threads
+                # alive even if nobody ever scrapes.
+                self._fold_ended()
                 self._live.append((threading.current_thread(), counts))
         return counts
 
+    def _fold_ended(self):
+        # Under the lock.  A thread that is no longer alive writes no more.
+        live = []
+        for thread, counts in self._live:
+            if thread.is_alive():
+                live.append((thread, counts))
+            else:
+                self._ended.add(counts)
+        self._live = live
+
     def total(self):
         with self._lock:
-            live = []
-            for thread, counts in self._live:
-                if thread.is_alive():
-                    live.append((thread, counts))
-                else:
-                    # It counts no more: fold it in, keep no reference.
-                    self._ended.add(counts)
-            self._live = live
+            self._fold_ended()
+            live = list(self._live)
             total = _Counts()
             total.add(self._ended)
         for _, counts in live:

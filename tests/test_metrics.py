@@ -494,3 +494,20 @@ def test_counts_outlive_their_threads():
                      service=service, le="0.0025") == 500
         assert value(text, "imageio_http_request_duration_seconds_sum",
                      service=service) == pytest.approx(2.5)
+
+
+def test_ended_threads_folded_without_scrapes():
+    # A daemon nobody scrapes still starts and retires worker threads all
+    # the time: the per-thread counts must not pile up one per thread.
+    service = "test-churn"
+
+    def work():
+        metrics.request_done(service, "PUT", 200, 0.01)
+
+    for _ in range(50):
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert len(metrics._tally._live) <= 3  # this thread, the last, slack
+    text = metrics.exposition()[0].decode("utf-8")
+    assert value(text, "imageio_http_requests_total", service=service) == 50
