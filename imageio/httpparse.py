@@ -302,7 +302,10 @@ def _fast_head(buf, pos, end):
     a control character, a long line, a duplicate header, too many
     headers): the line-by-line parser then decides, and words the error.
     Both accept the same heads and return the same Head."""
-    lines = bytes(buf[pos:end]).decode("latin-1").split("\r\n")
+    # One copy: decoded from a view of the buffer, not from a slice of it.
+    with memoryview(buf) as view:
+        text = str(view[pos:end], "latin-1")
+    lines = text.split("\r\n")
     if len(lines) > MAX_HEADERS + 1:
         return None
     m = _FAST_REQUEST.fullmatch(lines[0])
