@@ -717,3 +717,67 @@ def test_ticket_expired_during_transfer(daemon, service, tmp_path):
     resp, body = request(con, "GET", "/images/" + t["uuid"],
                          headers={"Range": "bytes=0-{}".format(MiB - 1)})
     assert resp.status == 206 and body == head
+
+
+# An NBD server restarted between an unflushed write and the flush.
+
+def _nbd_restart_scenario(daemon, tmp_path, connections):
+    """PUT ?flush=n (answered 200) on ``connections[0]``, the NBD server
+    (nbdkit's memory plugin: its data lives only in the process) restarts,
+    then PATCH flush on ``connections[1]``.  The acknowledged bytes are
+    gone, so the flush must fail; a GET must not be served from the new,
+    empty server as if nothing happened on the writing connection."""
+    size = 8 * MiB
+    sock_path = str(tmp_path / "mem.sock")
+    srv = nbdserver.nbdkit("memory", "size={}".format(size),
+                           sock=sock_path).start()
+    t = new_ticket(srv.url(), size)
+    daemon.add_ticket(t)
+    cons = [daemon.unix(timeout=20) for _ in range(2)]
+    try:
+        data = os.urandom(MiB)
+        resp, body = request(cons[0], "PUT",
+                             "/images/{}?flush=n".format(t["uuid"]),
+                             body=data)
+        assert resp.status == 200, body
+        srv.kill()
+        os.unlink(sock_path)  # A killed nbdkit leaves its socket behind.
+        srv = nbdserver.nbdkit("memory", "size={}".format(size),
+                               sock=sock_path).start()
+        con = cons[connections]
+        msg = json.dumps({"op": "flush"}).encode()
+        try:
+            resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                                 body=msg,
+                                 headers={"Content-Type": "application/json"})
+            status = resp.status
+        except (http.client.HTTPException, OSError) as e:
+            status, body = None, e
+        # An error naming the loss, or a cut connection: never a 200.
+        assert status != 200, body
+        if status is not None:
+            assert status >= 500 and b"flush" in body.lower(), (status, body)
+        # The writing connection does not go on as if nothing happened.
+        try:
+            resp, body = request(cons[0], "PATCH", "/images/" + t["uuid"],
+                                 body=msg,
+                                 headers={"Content-Type": "application/json"})
+            status = resp.status
+        except (http.client.HTTPException, OSError) as e:
+            status, body = None, e
+        assert status != 200, body
+    finally:
+        for con in cons:
+            con.close()
+        srv.kill()
+        with daemon.client() as c:
+            c.del_ticket(t["uuid"])
+
+
+def test_nbd_restart_loses_unflushed_write_same_connection(daemon, tmp_path):
+    _nbd_restart_scenario(daemon, tmp_path, 0)
+
+
+def test_nbd_restart_loses_unflushed_write_other_connection(daemon,
+                                                            tmp_path):
+    _nbd_restart_scenario(daemon, tmp_path, 1)

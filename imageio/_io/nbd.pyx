@@ -887,6 +887,21 @@ cdef class Handle:
         """True while the handle can carry commands."""
         return self.h != NULL and lib.nbd_aio_is_ready(self.h) == 1
 
+    def peer_closed(self):
+        """True when the server closed (or broke) the connection of an
+        idle handle: libnbd notices only at its next read, so the socket
+        is polled.  Only for a handle with no command in flight: a pending
+        reply would read as a closed peer."""
+        cdef pollfd fd
+        if self.h == NULL or lib.nbd_aio_is_ready(self.h) != 1:
+            return True
+        fd.fd = lib.nbd_aio_get_fd(self.h)
+        fd.events = POLLIN
+        fd.revents = 0
+        with nogil:
+            r = poll(&fd, 1, 0)
+        return r > 0 and (fd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) != 0
+
     # Simple commands.
 
     def pread(self, unsigned char[::1] buf not None, uint64_t offset):

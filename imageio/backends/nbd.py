@@ -19,6 +19,7 @@ import pwd
 import re
 import threading
 import urllib.parse
+import weakref
 
 from .. import errors
 from .._io import nbd
@@ -176,6 +177,83 @@ def validate_url(url):
     parse_url(url)
 
 
+class WriteLedger:
+    """Which connections to one export hold writes the server acknowledged
+    but nobody flushed yet, shared by every backend of a ticket.
+
+    A server that restarts loses what it had not flushed, and libnbd
+    reconnects to a new, empty server as if nothing happened.  So when a
+    connection holding unflushed writes is found gone (its command failed,
+    it must reconnect, or, idle, its socket shows the server closed it
+    when another connection flushes), the export is marked lost: from then
+    on every request of the ticket fails, instead of a flush answering
+    success over missing data.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # Backends with unflushed writes -> their busy count.
+        self._unflushed = weakref.WeakSet()
+        self.lost = None
+
+    def wrote(self, backend):
+        with self._lock:
+            self._unflushed.add(backend)
+
+    def flushed(self, backend, everyone):
+        """``backend`` flushed; with ``everyone`` (multi-conn) the flush
+        covers every connection's writes."""
+        with self._lock:
+            if everyone:
+                self._unflushed.clear()
+            else:
+                self._unflushed.discard(backend)
+
+    def has_unflushed(self, backend):
+        with self._lock:
+            return backend in self._unflushed
+
+    def check_others(self, backend, url):
+        """Before ``backend`` flushes: any other connection holding
+        unflushed writes whose server went away (seen only on idle ones,
+        whose sockets have nothing else to read) means they are lost."""
+        with self._lock:
+            others = [b for b in self._unflushed if b is not backend]
+        for other in others:
+            if other.peer_closed():
+                return self.connection_lost(url)
+        return self.lost
+
+    def connection_lost(self, url):
+        """A connection to the export was found gone: if writes were
+        waiting for a flush, mark them lost; return the loss message or
+        None."""
+        with self._lock:
+            if len(self._unflushed) and self.lost is None:
+                self.lost = (
+                    "NBD server {} went away before writes were flushed: "
+                    "data acknowledged since the last flush may be lost; "
+                    "flush failed, start the transfer again".format(url))
+            return self.lost
+
+
+# The ledger of each ticket's export: backends of the same ticket (one per
+# connection) share it; a ticket added again starts a new one.
+_ledgers = weakref.WeakKeyDictionary()
+_ledgers_lock = threading.Lock()
+
+
+def _ledger(ticket):
+    with _ledgers_lock:
+        try:
+            return _ledgers[ticket]
+        except TypeError:  # Not weak-referenceable: its own ledger.
+            return WriteLedger()
+        except KeyError:
+            ledger = _ledgers[ticket] = WriteLedger()
+            return ledger
+
+
 def open(ticket, cfg):
     """Connect to the ticket's export; raise errors.BackendError if we
     cannot.  Only adapts a ticket and the daemon's configuration to
@@ -187,17 +265,18 @@ def open(ticket, cfg):
         MAX_CONNECTIONS)
     return connect(ticket.url, dirty=bool(getattr(ticket, "dirty", False)),
                    buffer_size=cfg.backend_nbd.buffer_size,
-                   max_connections=max_connections)
+                   max_connections=max_connections, ledger=_ledger(ticket))
 
 
 def connect(url, dirty=False, buffer_size=8 * 1024**2,
-            max_connections=MAX_CONNECTIONS):
+            max_connections=MAX_CONNECTIONS, ledger=None):
     """Return an ``NbdBackend`` connected to the export at ``url`` (any
     form of ``parse_url``).  ``dirty`` asks for the export's dirty bitmap
-    context.  Raises errors.BadRequest for a bad url and
+    context; ``ledger`` (a WriteLedger) is shared with the other backends
+    of the same export.  Raises errors.BadRequest for a bad url and
     errors.BackendError when the server cannot be reached."""
     backend = NbdBackend(parse_url(url), dirty=dirty, buffer_size=buffer_size,
-                         max_connections=max_connections)
+                         max_connections=max_connections, ledger=ledger)
     try:
         backend.reconnect()
     except BaseException:
@@ -219,12 +298,16 @@ class NbdBackend:
     name = "nbd"
 
     def __init__(self, address, dirty=False, buffer_size=8 * 1024**2,
-                 max_connections=MAX_CONNECTIONS):
+                 max_connections=MAX_CONNECTIONS, ledger=None):
         self._address = address
+        self._ledger = ledger if ledger is not None else WriteLedger()
         self._dirty = dirty
         self._buffer_size = buffer_size
         self._max_connections = max_connections
         self._h = None
+        # Requests running on this backend now (peer_closed() must not
+        # poll a socket with replies in flight).
+        self._busy = 0
         self._zero_buf = None
         # readinto() is the one call made from several threads at once
         # (checksum workers): two pipelined pumps polling one NBD socket
@@ -237,7 +320,8 @@ class NbdBackend:
         raise errors.BackendError."""
         other = NbdBackend(self._address, dirty=self._dirty,
                            buffer_size=self._buffer_size,
-                           max_connections=self._max_connections)
+                           max_connections=self._max_connections,
+                           ledger=self._ledger)
         try:
             other.reconnect()
         except BaseException:
@@ -269,13 +353,40 @@ class NbdBackend:
                   self._read_only, self._multi_conn, h.dirty_context)
 
     def _handle(self):
-        # A server that died during an earlier request: reconnect now.
+        if self._ledger.lost is not None:
+            raise errors.BackendError(self._ledger.lost)
+        # A server that died during an earlier request: reconnect now,
+        # unless writes it acknowledged were not flushed yet (they may be
+        # gone with it).
         if self._h is None or not self._h.is_connected():
             if self._h is not None:
+                self._lost()
                 log.warning("NBD connection to %s was lost, reconnecting",
                             redact(self._address.url))
             self.reconnect()
         return self._h
+
+    def _lost(self, cause=None):
+        """The connection is gone: raise BackendError if unflushed writes
+        went with it."""
+        lost = self._ledger.connection_lost(redact(self._address.url))
+        if lost is not None:
+            log.error("%s", lost)
+            raise errors.BackendError(lost) from cause
+
+    def _failed(self, e):
+        """A command failed with ``e``: if the connection went with it,
+        the writes not yet flushed may be lost (_lost raises)."""
+        if self._h is None or not self._h.is_connected():
+            self._lost(e)
+
+    def peer_closed(self):
+        """True when this idle backend's server closed its connection;
+        False while a request runs on it (it will find out itself)."""
+        if self._busy:
+            return False
+        h = self._h
+        return h is None or h.peer_closed()
 
     def _close_handle(self):
         h, self._h = self._h, None
@@ -286,6 +397,18 @@ class NbdBackend:
                 log.debug("Error closing NBD handle: %s", e)
 
     def close(self):
+        # This connection's unflushed writes are made durable now: after
+        # it is gone, a flush on another connection may not cover them
+        # (without multi-conn), and a server restart would lose them
+        # silently.
+        if self._ledger.has_unflushed(self) and self._h is not None \
+                and self._ledger.lost is None:
+            try:
+                if self._h.is_connected() and self._can_flush:
+                    self._h.flush()
+                    self._ledger.flushed(self, self._multi_conn)
+            except nbd.Error as e:
+                log.warning("Flushing NBD connection on close failed: %s", e)
         self._close_handle()
 
     # Properties.
@@ -323,27 +446,56 @@ class NbdBackend:
         """Send the range to the plain socket ``fd``: NBD -> socket in C,
         requests in flight, completed in order into the socket."""
         self._check_range(offset, length)
-        self._handle().send_to_socket(fd, offset, length, buf, timeout,
-                                      progress)
+        h = self._handle()
+        self._busy += 1
+        try:
+            h.send_to_socket(fd, offset, length, buf, timeout, progress)
+        finally:
+            self._busy -= 1
 
     def recv_from(self, fd, offset, length, buf, timeout, progress):
         """Receive up to ``length`` bytes from the plain socket ``fd`` and
         write them at ``offset``: socket -> NBD in C, requests in flight.
         Returns the bytes received (fewer when the peer closed early)."""
         self._check_range(offset, length)
-        return self._handle().recv_from_socket(fd, offset, length, buf,
-                                               timeout, progress)
+        h = self._handle()
+        self._busy += 1
+        try:
+            n = h.recv_from_socket(fd, offset, length, buf, timeout,
+                                   progress)
+            # Only writes the server acknowledged count: a failed request
+            # is reported to its client as failed anyway.
+            self._ledger.wrote(self)
+            return n
+        except nbd.Error as e:
+            self._failed(e)
+            raise
+        finally:
+            self._busy -= 1
 
     def write(self, data, offset):
         n = len(data)
         self._check_range(offset, n)
-        self._handle().pwrite_pipelined(data, offset, n)
+        h = self._handle()
+        self._busy += 1
+        try:
+            h.pwrite_pipelined(data, offset, n)
+            self._ledger.wrote(self)
+        except nbd.Error as e:
+            self._failed(e)
+            raise
+        finally:
+            self._busy -= 1
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)
         with self._read_lock:
             h = self._handle()
-            h.pread_pipelined(buf, offset, length)
+            self._busy += 1
+            try:
+                h.pread_pipelined(buf, offset, length)
+            finally:
+                self._busy -= 1
         return memoryview(buf)[:length]
 
     def zero(self, offset, length, punch_hole):
@@ -351,6 +503,17 @@ class NbdBackend:
         if length == 0:
             return
         h = self._handle()
+        self._busy += 1
+        try:
+            self._zero(h, offset, length, punch_hole)
+            self._ledger.wrote(self)
+        except nbd.Error as e:
+            self._failed(e)
+            raise
+        finally:
+            self._busy -= 1
+
+    def _zero(self, h, offset, length, punch_hole):
         if punch_hole and h.reads_as_zero(offset, length):
             # Sparse ticket, and the range already reads as zeroes: a
             # WRITE_ZEROES would change nothing a reader sees, yet costs a
@@ -373,8 +536,20 @@ class NbdBackend:
 
     def flush(self):
         h = self._handle()
+        lost = self._ledger.check_others(self, redact(self._address.url))
+        if lost is not None:
+            log.error("%s", lost)
+            raise errors.BackendError(lost)
         if self._can_flush:
-            h.flush()
+            self._busy += 1
+            try:
+                h.flush()
+            except nbd.Error as e:
+                self._failed(e)
+                raise
+            finally:
+                self._busy -= 1
+        self._ledger.flushed(self, self._multi_conn)
 
     def extents(self, offset=0, length=None, context="zero"):
         # Block status for the asked range only: a piece of a huge image
