@@ -399,6 +399,25 @@ class Ticket:
 
     # Control
 
+    # What a ticket grants: re-adding the same grant renews the ticket.
+    GRANT = ("url", "size", "ops", "sparse", "dirty")
+
+    def same_grant(self, d):
+        """Whether the validated ticket ``d`` grants what this one does."""
+        mine = {"url": self.url, "size": self.size, "ops": self.ops,
+                "sparse": self.sparse, "dirty": self.dirty}
+        return all(mine[k] == d.get(k, False if k in ("sparse", "dirty")
+                                    else None) for k in self.GRANT)
+
+    def renew(self, d):
+        """Take the validated ticket ``d``'s timeouts and names (same
+        grant): expiry restarts at now + its timeout."""
+        self.inactivity_timeout = d.get("inactivity_timeout",
+                                        self.inactivity_timeout)
+        self.transfer_id = d.get("transfer_id")
+        self.filename = d.get("filename")
+        self.extend(d["timeout"])
+
     def extend(self, timeout):
         """Set expiry to now + ``timeout`` (0 expires at once); a canceled
         ticket stays canceled."""
@@ -528,13 +547,33 @@ class Store:
     def __init__(self, cfg):
         self._cfg = cfg
         self._lock = threading.Lock()
+        # Adds of one id take turns (replacing waits for the old one).
+        self._adding = threading.Lock()
         self._tickets = {}
 
     def add(self, d):
+        """Add the ticket ``d``.  When its id exists: the same image with
+        the same rights renews the existing ticket (its connections go
+        on); anything else cancels the old ticket first, closing its
+        connections, so none keeps writing under an id that now means
+        another ticket (Conflict if they do not stop in time)."""
         clean = validate(d, self._cfg.daemon.inactivity_timeout)
-        ticket = Ticket(clean)
-        with self._lock:
-            self._tickets[ticket.uuid] = ticket
+        with self._adding:
+            with self._lock:
+                old = self._tickets.get(clean["uuid"])
+            if old is not None and not old.canceled \
+                    and old.same_grant(clean):
+                old.renew(clean)
+                log.info("Renewed ticket %s (timeout=%d)", old.name,
+                         old.timeout)
+                return old
+            if old is not None:
+                log.info("Replacing ticket %s: canceling the old one",
+                         old.name)
+                old.cancel(self._cfg.control.remove_timeout)
+            ticket = Ticket(clean)
+            with self._lock:
+                self._tickets[ticket.uuid] = ticket
         log.info("Added ticket %s (size=%d, ops=%s, timeout=%d)",
                  ticket.name, ticket.size, ticket.ops, ticket.timeout)
         return ticket

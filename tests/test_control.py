@@ -153,3 +153,43 @@ def test_control_over_tcp(make_daemon):
         assert c.get_ticket(t["uuid"])["size"] == 1
         c.del_ticket(t["uuid"])
     assert "http://127.0.0.1:{}".format(port) in d.log()
+
+
+def test_readd_with_other_url_stops_old_writer(daemon, tmp_path):
+    # A ticket re-added with another image: the connection streaming a
+    # PUT into the old image is stopped before the PUT /tickets answers,
+    # and the DELETE that follows answers 204 with no writer left behind.
+    import socket as socketlib
+    import time
+    old_path = tmp_path / "old.raw"
+    new_path = tmp_path / "new.raw"
+    size = 64 * 1024**2
+    for p in (old_path, new_path):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    t = new_ticket("file://" + str(old_path), size)
+    assert request(daemon, "PUT", "/tickets/" + t["uuid"], t)[0] == 200
+    s = socketlib.socket(socketlib.AF_UNIX)
+    s.settimeout(10)
+    s.connect(daemon.local_socket)
+    s.sendall(("PUT /images/{} HTTP/1.1\r\nHost: x\r\n"
+               "Transfer-Encoding: chunked\r\n\r\n").format(t["uuid"])
+              .encode())
+    chunk = b"\x55" * 65536
+    s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    time.sleep(0.3)
+    t2 = dict(t, url="file://" + str(new_path))
+    assert request(daemon, "PUT", "/tickets/" + t["uuid"], t2)[0] == 200
+    # The old writer is gone: what it sends now lands nowhere.
+    late = b"\xaa" * 65536
+    try:
+        for _ in range(64):
+            s.sendall(b"%x\r\n%s\r\n" % (len(late), late))
+    except OSError:
+        pass
+    s.close()
+    assert request(daemon, "DELETE", "/tickets/" + t["uuid"])[0] == 204
+    with open(old_path, "rb") as f:
+        assert b"\xaa" not in f.read()
+    with open(new_path, "rb") as f:
+        assert f.read().count(b"\0") == size

@@ -404,3 +404,47 @@ def test_refused_operation_does_not_extend_ticket():
     info = t.info()
     assert info["expires"] == 1307 and info["idle_time"] == 0
     assert info["transferred"] == 40
+
+
+# Adding a ticket whose id exists.
+
+def test_readd_different_ticket_cancels_old_connections(store):
+    # A ticket re-added with another url (or ops) must not leave the old
+    # one's connections writing: they are closed before the new one takes
+    # the id, so a DELETE that follows answers for every connection.
+    old = store.add(ticket_dict(url="file:///var/tmp/a", ops=["write"]))
+    closed = []
+
+    def close(force):
+        closed.append(force)
+        old.remove_connection(1)
+
+    old.add_connection(1, close)
+    new = store.add(ticket_dict(url="file:///var/tmp/b", ops=["write"]))
+    assert new is not old
+    assert closed == [False]
+    assert old.canceled
+    assert old.connection_count() == 0
+    assert store.get(new.uuid) is new
+
+
+def test_readd_different_ticket_conflict_when_old_stays(store):
+    old = store.add(ticket_dict(url="file:///var/tmp/a"))
+    old.add_connection(1, lambda force: None)
+    store._cfg.control.remove_timeout = 0.3
+    with pytest.raises(errors.Conflict):
+        store.add(ticket_dict(url="file:///var/tmp/b"))
+    # The id still names the old (canceled) ticket, not the new one.
+    assert store.get(old.uuid) is old
+
+
+def test_readd_same_ticket_extends_it(store):
+    # The same ticket again (vdsm retrying an add) keeps the object, its
+    # connections and accounting; only the timeout is renewed.
+    old = store.add(ticket_dict(timeout=10))
+    old.add_connection(1, lambda force: pytest.fail("closed"))
+    again = store.add(ticket_dict(timeout=300))
+    assert again is old
+    assert not old.canceled
+    assert old.timeout == 300
+    assert old.connection_count() == 1
