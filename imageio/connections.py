@@ -14,7 +14,7 @@ Deadlines (header_timeout for a head, the inactivity timeout between
 requests) live in one heap.  Running out of file descriptors (EMFILE,
 ENFILE) or threads is survived: the oldest connection that never sent a
 request makes room, or accepting pauses with a growing back-off; the log
-says so at most once every LOG_INTERVAL seconds.
+says so at most once every ratelog.LOG_INTERVAL seconds.
 """
 
 import collections
@@ -23,12 +23,14 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import selectors
 import socket
 import ssl
 import threading
 import time
 
+from . import ratelog
 from . import transport
 
 log = logging.getLogger("connections")
@@ -46,8 +48,6 @@ WORKER_IDLE = 5
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 
-# Rate-limited warnings: at most one line per kind and interval.
-LOG_INTERVAL = 10.0
 
 # File descriptors kept free for everything but client connections
 # (backends, NBD sockets, log files, the other services).
@@ -63,33 +63,6 @@ _ids = itertools.count(1)
 HANDSHAKE = "handshake"
 HEAD = "head"
 BUSY = "busy"
-
-
-class RateLimitedLog:
-    """Log a warning at most once per ``interval`` per key, counting the
-    ones left out."""
-
-    def __init__(self, logger, interval=LOG_INTERVAL, clock=time.monotonic):
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._last = {}
-        self._skipped = collections.Counter()
-        self._lock = threading.Lock()
-
-    def warning(self, key, fmt, *args):
-        now = self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self._interval:
-                self._skipped[key] += 1
-                return
-            self._last[key] = now
-            skipped = self._skipped.pop(key, 0)
-        if skipped:
-            fmt += " (%d more since the last report)"
-            args += (skipped,)
-        self._log.warning(fmt, *args)
 
 
 def fd_limit():
@@ -221,7 +194,7 @@ class Server:
                                       fd_limit() - FD_RESERVE))
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        self._ratelog = RateLimitedLog(log)
+        self._ratelog = ratelog.RateLimitedLog(log)
         self.workers = Workers(name, self._ratelog)
         # Touched by workers and the selector thread.
         self._lock = threading.Lock()
@@ -233,6 +206,8 @@ class Server:
         self._seq = itertools.count()
         # Clients that never sent a request, oldest first.
         self._fresh = collections.OrderedDict()
+        # Clients that sent requests but never used a ticket, oldest first.
+        self._unbound = collections.OrderedDict()
         self._accepting = False
         # Paused at max_clients: resume when a connection closes.
         self._full = False
@@ -356,8 +331,11 @@ class Server:
 
     def _accept(self):
         for _ in range(ACCEPT_BATCH):
-            if self.connection_count() >= self.max_clients \
-                    and not self._evict():
+            if self.connection_count() >= self.max_clients:
+                if not self._pending_accept():
+                    return
+                if self._evict():
+                    continue
                 # Until a connection closes.
                 self._pause_accept(0)
                 self._full = True
@@ -384,9 +362,19 @@ class Server:
             self._accept_backoff = BACKOFF_MIN
             self._add(sock)
 
+    def _pending_accept(self):
+        """Whether a connection waits in the listener's backlog: at
+        max_clients nobody is closed to make room for no one (the
+        connection accepted last, before it could send its request)."""
+        p = select.poll()
+        p.register(self._listener.fileno(), select.POLLIN)
+        return bool(p.poll(0))
+
     def _evict(self):
-        """Close the oldest connection that never sent a request; return
-        False if there is none."""
+        """Make room: close the oldest connection that never sent a
+        request, else the oldest idle one that never used a ticket (a
+        keep-alive pinger of OPTIONS or 404s must not keep a ticket holder
+        out).  Return False if there is none."""
         while self._fresh:
             client, _ = self._fresh.popitem(last=False)
             if client.state != BUSY and client.served == 0:
@@ -394,6 +382,28 @@ class Server:
                           client.conn.name)
                 self._close(client)
                 return True
+        while self._unbound:
+            client, _ = self._unbound.popitem(last=False)
+            if client.state == BUSY or client.conn.bound:
+                # Running a request now (put back when it returns), or
+                # bound a ticket since.
+                continue
+            if client.state == "closed":
+                continue
+            log.debug("%s: closing %s (never used a ticket) to make room",
+                      self.name, client.conn.name)
+            self._close(client)
+            return True
+        # Busy ones too (a worker lingering for a pinger's next request):
+        # stopped now, counted out when their worker closes them.
+        with self._lock:
+            busy = [c for c in self._clients if c.state == BUSY
+                    and not c.conn.bound and not c.conn.closing]
+        if busy:
+            client = min(busy, key=lambda c: c.accepted)
+            log.debug("%s: stopping %s (never used a ticket) to make room",
+                      self.name, client.conn.name)
+            client.conn.shutdown()
         return False
 
     def _add(self, sock):
@@ -495,18 +505,32 @@ class Server:
         self._try_head(client)
 
     def _try_head(self, client):
+        reader = client.conn.reader
+        discarding = reader.discarding
         try:
-            head = client.conn.reader.parse_head()
+            head = reader.parse_head()
+        except ConnectionError as e:
+            # Closing after a refused body was dropped.
+            log.debug("%s: %s", client.conn.name, e)
+            self._close(client)
+            return
         except Exception as e:  # HTTPError: answered by a worker.
             self._dispatch(client, None, e)
             return
         if head is not None:
             self._dispatch(client, head, None)
+        elif discarding and not reader.discarding \
+                and not reader.peek_buffered():
+            # A refused body is all dropped: the client may idle now.
+            client.deadline = time.monotonic() + (
+                client.conn.timeout or self.idle_timeout)
+            self._arm(client)
 
     def _dispatch(self, client, head, error):
         self._unwatch(client)
         client.state = BUSY
         self._fresh.pop(client, None)
+        self._unbound.pop(client, None)
         self.workers.submit(self._serve, client, head, error)
 
     # Workers.
@@ -564,10 +588,16 @@ class Server:
                 continue
             client.state = HEAD
             timeout = conn.timeout if conn.timeout else self.idle_timeout
-            # Bytes of the next head may be buffered already.
+            # Bytes of the next head may be buffered already; the rest of
+            # a refused body must come within header_timeout in all.
             client.deadline = now + (self.header_timeout
                                      if conn.reader.peek_buffered()
+                                     or conn.reader.discarding
                                      else timeout)
+            if not conn.bound:
+                # Never used a ticket: first to go at max_clients (the
+                # oldest keeps its place).
+                self._unbound.setdefault(client, None)
             self._watch(client, selectors.EVENT_READ)
             if conn.sock.pending():
                 self._ready(client)
@@ -584,6 +614,7 @@ class Server:
         if threading.current_thread() is self._thread:
             self._unwatch(client)
             self._fresh.pop(client, None)
+            self._unbound.pop(client, None)
         client.state = "closed"
         client.seq = -1
         try:

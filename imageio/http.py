@@ -17,6 +17,7 @@ import time
 from . import backends
 from . import errors
 from . import httpparse
+from . import ratelog
 from . import tickets
 from . import transport
 
@@ -37,6 +38,10 @@ def _metrics():
 
 log = logging.getLogger("http")
 
+# Requests refused to clients that never used a ticket: a line per kind
+# and interval, with the count of the ones left out.
+_refused_log = ratelog.RateLimitedLog(log)
+
 REASONS = {
     200: "OK", 204: "No Content", 206: "Partial Content",
     400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -53,12 +58,18 @@ REASONS = {
 MAX_JSON_BODY = 64 * 1024
 # Receive size for the line reader.
 READ_SIZE = 64 * 1024
+# fill() stops once this much is buffered: a head is at most MAX_HEAD, so
+# a client that keeps its socket full cannot grow the buffer or keep the
+# selector thread receiving for ever.
+FILL_LIMIT = httpparse.MAX_HEAD + READ_SIZE
 # After an error, unread request bodies up to this size are read and
 # dropped so the connection survives; larger ones close the connection.
 DRAIN_LIMIT = 1024**2
-# After an error, how long the drain waits for more body bytes.  The count
-# of unread bytes may be stale when C code failed mid-receive, so a client
-# that sent everything must not be kept waiting for bytes that never come.
+# After an error in the middle of a body, how long in all the drain waits
+# for the rest of it.  The count of unread bytes may be stale when C code
+# failed mid-receive, so a client that sent everything must not be kept
+# waiting for bytes that never come.  (A body refused before its first
+# byte is dropped as it arrives, by the selector: Reader.discarding.)
 DRAIN_IDLE = 1.0
 # Once a request starts arriving, its request line and headers must be
 # complete within this time, however slowly a client trickles them in
@@ -81,6 +92,18 @@ class Reader:
         self._pos = 0
         # The peer closed its side (seen by fill()).
         self.eof = False
+        # Bytes of a refused request's body still to drop as they arrive
+        # (before the next head).
+        self.discarding = 0
+        # The refused request's response said "Connection: close": close
+        # once its body is dropped (closing with unread bytes would reset
+        # the connection under the client before it reads the answer).
+        self.close_after_discard = False
+        # A partial head: where it started, how much of it had arrived at
+        # the last full parse, and how far it was searched for its end.
+        self._head_at = -1
+        self._parsed = 0
+        self._searched = 0
 
     def peek_buffered(self):
         return len(self._buf) - self._pos
@@ -89,26 +112,71 @@ class Reader:
 
     def parse_head(self):
         """The next request head if all of it is buffered, else None.
-        Raises HTTPError for a malformed head (httpparse.parse_head)."""
-        if self._pos == len(self._buf):
+        Raises HTTPError for a malformed head (httpparse.parse_head).
+
+        A head arriving in many small pieces is not parsed again from its
+        start for each piece: only when its end (an empty line) has
+        arrived, or when it has doubled since the last parse (which finds
+        a too-long line or too many headers early), so the work stays
+        linear in the head's size.
+        """
+        if self.discarding and not self.discard():
             return None
+        if self.close_after_discard:
+            raise ConnectionResetError(
+                "Closing after the refused request's body")
+        avail = len(self._buf) - self._pos
+        if avail == 0:
+            return None
+        if self._head_at != self._pos:
+            self._head_at, self._parsed, self._searched = self._pos, 0, 0
+        elif avail < 2 * self._parsed and avail < httpparse.MAX_HEAD:
+            since = self._pos + max(0, self._searched - 3)
+            self._searched = avail
+            if self._buf.find(b"\n\r\n", since) < 0 \
+                    and self._buf.find(b"\n\n", since) < 0:
+                return None
+        self._parsed = self._searched = avail
         result = httpparse.parse_head(self._buf, self._pos)
         if result is None:
+            if avail >= FILL_LIMIT:
+                # Only line ends (parse_head skips them between requests),
+                # filling what fill() may buffer: nothing will come of it.
+                raise errors.HeadersTooLarge(
+                    "Request head too large: at most {} bytes allowed"
+                    .format(httpparse.MAX_HEAD))
             return None
         head, self._pos = result
+        self._head_at = -1
         self._compact()
         return head
+
+    def discard(self):
+        """Drop buffered bytes of a refused body; True once all of it is
+        gone."""
+        n = min(self.discarding, len(self._buf) - self._pos)
+        if n:
+            self._pos += n
+            self.discarding -= n
+            self._compact()
+        return self.discarding == 0
 
     def only_blank(self):
         """Whether the buffered bytes are only line ends (a client may
         send a stray CRLF after a request)."""
         return not self._buf[self._pos:].strip(b"\r\n")
 
-    def fill(self):
-        """Receive the bytes available now from a non-blocking socket;
-        return how many.  Sets ``eof`` when the peer closed."""
+    def fill(self, limit=FILL_LIMIT):
+        """Receive the bytes available now from a non-blocking socket, until
+        ``limit`` bytes are buffered; return how many.  Sets ``eof`` when
+        the peer closed.  Bytes of a refused body are dropped as they
+        come."""
         total = 0
         while True:
+            if self.discarding:
+                self.discard()
+            if len(self._buf) - self._pos >= limit:
+                return total
             try:
                 data = self._sock.recv(READ_SIZE)
             except (BlockingIOError, ssl.SSLWantReadError,
@@ -349,11 +417,13 @@ class Request:
         self.has_length = self.chunked or "content-length" in headers
 
     def path_for_log(self):
-        """The request path with ticket ids shortened: ids are secrets."""
+        """The request path with ticket ids shortened (ids are secrets) and
+        control characters escaped (a decoded ``%0A`` would start a forged
+        log line)."""
         parts = self.path.split("/")
         if len(parts) > 2 and parts[1] in ("images", "tickets") and parts[2]:
             parts[2] = tickets.short_id(parts[2])
-        return "/".join(parts)
+        return ratelog.printable("/".join(parts))
 
     @property
     def expects_continue(self):
@@ -404,6 +474,8 @@ class Request:
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise errors.BadRequest("Invalid JSON body: {}".format(e))
+        except RecursionError:
+            raise errors.BadRequest("Invalid JSON body: nested too deeply")
 
 
 class Response:
@@ -553,6 +625,9 @@ class Connection:
         self.closing = False
         # True while a request is being served.
         self.busy = False
+        # Set once the connection used a ticket (handlers.access): at
+        # max_clients, connections that never did are the first to go.
+        self.bound = False
 
     def on_close(self, func):
         self._on_close.append(func)
@@ -696,8 +771,13 @@ class Connection:
 
         self._dispatch(req, resp)
 
-        if resp.close or self.closing:
+        if self.closing:
             return False
+        if resp.close:
+            # After a refused body is dropped (Reader.close_after_discard)
+            # the connection closes; until then it waits like an idle one.
+            return bool(self.reader.close_after_discard
+                        and self.reader.discarding)
         if req.body_left():
             # The handler did not consume the body: we cannot find the
             # next request.
@@ -720,9 +800,21 @@ class Connection:
             if isinstance(e, (errors.Forbidden, errors.Canceled,
                               errors.PartialContent, errors.LengthRequired)):
                 resp.close = True
-            level = logging.WARNING if status >= 500 else logging.INFO
-            log.log(level, "%s: %s %s: %d %s", self.name, req.method,
-                    req.path_for_log(), status, message)
+            if status >= 500:
+                log.warning("%s: %s %s: %d %s", self.name, req.method,
+                            req.path_for_log(), status,
+                            ratelog.printable(message))
+            elif self.bound:
+                log.info("%s: %s %s: %d %s", self.name, req.method,
+                         req.path_for_log(), status,
+                         ratelog.printable(message))
+            else:
+                # Refused before any ticket: anyone on the open port can
+                # send these, as fast as they like.
+                _refused_log.info(
+                    (self.service, status), "%s: %s %s: %d %s", self.name,
+                    req.method, req.path_for_log(), status,
+                    ratelog.printable(message))
         except (ConnectionError, socket.timeout, TimeoutError):
             # The client is gone or stalled; nothing to answer.
             raise
@@ -745,26 +837,45 @@ class Connection:
                         "closing connection", self.name)
             self.closing = True
             return
-        if req.body_left() and not self._drain(req):
+        if req.body_left() and not self._drain(req, resp.close):
             resp.close = True
         resp.headers.clear()
         resp.headers.update(self.error_headers)
         resp.send_error(status, message, headers)
 
-    def _drain(self, req):
-        """Read and drop a small unread body after an error, so the client
-        gets our answer instead of a reset and the connection can go on.
-        Return True if the body was read completely."""
+    def _drain(self, req, close=False):
+        """Drop a small unread body after an error, so the client gets our
+        answer instead of a reset and the connection can go on.  Return
+        False if the connection must close instead.
+
+        A body refused before its first byte was read (404, 405, ...) is
+        dropped as it arrives, with no thread waiting for it: the reader
+        discards it before the next head, under the next head's deadline
+        (imageio.connections).  A body the handler had started to read is
+        read here, for at most DRAIN_IDLE seconds in all."""
         if req.chunked or (req.expects_continue and req._body is None):
             # A client waiting for 100 Continue may never send the body.
             return False
+        if req._body is None:
+            if req.content_length > DRAIN_LIMIT:
+                return False
+            self.reader.discarding = req.content_length
+            self.reader.discard()
+            req.body().remaining = 0
+            if close:
+                self.reader.close_after_discard = True
+            return True
         body = req.body()
         if body.remaining > DRAIN_LIMIT:
             return False
         scratch = memoryview(bytearray(min(body.remaining, 65536)))
-        self.sock.settimeout(DRAIN_IDLE)
+        deadline = time.monotonic() + DRAIN_IDLE
         try:
             while body.remaining:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.sock.settimeout(left)
                 if body.readinto(scratch) == 0:
                     return False
         except OSError:  # Including socket.timeout.

@@ -957,3 +957,204 @@ def test_continue_after_range_check(daemon, service, image, tmp_path):
                 assert got, first
                 first += got
             assert first.startswith(b"HTTP/1.1 416 "), first
+
+
+# Unauthenticated clients holding workers, slots and the selector.
+
+def _cpu_seconds(pid):
+    with open("/proc/{}/stat".format(pid)) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("target", ["PUT /nothing", "PUT /info/"])
+def test_trickled_refused_bodies_hold_no_threads(daemon, target):
+    # 40 requests refused before their bodies (404, 405), whose bodies
+    # then trickle in a byte every 0.5 s: each is answered at once, and
+    # the daemon does not hold a worker thread per connection while it
+    # drops the bodies.
+    before = _threads(daemon.proc.pid)
+    socks = []
+    try:
+        for _ in range(40):
+            s = connect_raw(daemon, "local", timeout=5)
+            s.sendall("{} HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+                      "\r\n\r\n".format(target).encode())
+            socks.append(s)
+        for s in socks:
+            resp = http.client.HTTPResponse(s)
+            resp.begin()
+            assert resp.status in (404, 405)
+            resp.read()
+        # Worker threads that served the 40 requests at once exit after
+        # 5 s idle (imageio.connections.WORKER_IDLE); none waits for the
+        # trickling bodies.
+        for _ in range(14):
+            for s in socks:
+                s.sendall(b"x")
+            time.sleep(0.5)
+        assert _threads(daemon.proc.pid) < before + 10
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_trickled_refused_body_deadline(make_daemon):
+    # The refused body must arrive within header_timeout in all, however
+    # it trickles; a client that sends it whole keeps its connection.
+    d = make_daemon("[daemon]\nheader_timeout = 2\n")
+    s = connect_raw(d, "local", timeout=10)
+    s.sendall(b"PUT /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+              b"\r\n\r\n")
+    resp = http.client.HTTPResponse(s)
+    resp.begin()
+    assert resp.status == 404
+    resp.read()
+    start = time.monotonic()
+    closed = False
+    for _ in range(40):
+        try:
+            s.sendall(b"x")
+        except OSError:
+            closed = True
+            break
+        if _closed(s, 0.25):
+            closed = True
+            break
+    assert closed and time.monotonic() - start < 6
+    s.close()
+    # Whole body: the next request on the connection is served.
+    s = connect_raw(d, "local", timeout=10)
+    s.sendall(b"PUT /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 5"
+              b"\r\n\r\nhello" + b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    deadline = time.monotonic() + 5
+    while got.count(b"HTTP/1.1 404") < 2 and time.monotonic() < deadline:
+        got += s.recv(65536)
+    assert got.count(b"HTTP/1.1 404") == 2, got
+    s.close()
+
+
+def test_unbound_keepalive_connections_evicted_at_cap(make_daemon, tmp_path):
+    # max_clients keep-alive connections that never used a ticket
+    # (OPTIONS /images/*, 404s): a ticket holder must still get in.
+    d = make_daemon("[daemon]\nmax_clients = 8\n")
+    data = os.urandom(64 * KiB)
+    path = make_image(tmp_path / "image.raw", len(data), data)
+    t = add(d, path, len(data), ops=["read"])
+    pingers = []
+    for i in range(8):
+        con = d.unix(timeout=10)
+        resp, _ = request(con, "OPTIONS" if i % 2 else "GET",
+                          "/images/*" if i % 2 else "/nothing")
+        pingers.append(con)
+    start = time.monotonic()
+    con = d.unix(timeout=10)
+    resp, body = request(con, "GET", "/images/" + t["uuid"],
+                         headers={"Range": "bytes=0-4095"})
+    assert resp.status == 206 and body == data[:4096]
+    assert time.monotonic() - start < 5
+    con.close()
+    for p in pingers:
+        p.close()
+
+
+def _rss_kib(pid):
+    with open("/proc/{}/status".format(pid)) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def test_full_unix_socket_does_not_stall_selector(daemon, tmp_path):
+    # A local client that keeps its socket full (pipelined requests, two
+    # threads writing) must not keep the selector receiving for ever:
+    # memory stays bounded and idle connections are served meanwhile.
+    data = os.urandom(64 * KiB)
+    path = make_image(tmp_path / "image.raw", len(data), data)
+    t = add(daemon, path, len(data), ops=["read"])
+    stop = threading.Event()
+    s = connect_raw(daemon, "local", timeout=10)
+    junk = b"OPTIONS /images/* HTTP/1.1\r\nHost: x\r\n\r\n" * 20000
+
+    def blast():
+        try:
+            while not stop.is_set():
+                s.sendall(junk)
+        except OSError:
+            pass
+
+    def drain():
+        try:
+            while not stop.is_set() and s.recv(1024 * KiB):
+                pass
+        except OSError:
+            pass
+
+    idle = daemon.unix(timeout=10)
+    idle.connect()
+    rss = _rss_kib(daemon.proc.pid)
+    threads = [threading.Thread(target=f) for f in (blast, blast, drain)]
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(1)
+        start = time.monotonic()
+        resp, body = request(idle, "GET", "/images/" + t["uuid"],
+                             headers={"Range": "bytes=0-99"})
+        assert resp.status == 206 and body == data[:100]
+        assert time.monotonic() - start < 3
+        assert _rss_kib(daemon.proc.pid) - rss < 256 * 1024
+    finally:
+        stop.set()
+        s.shutdown(socket.SHUT_RDWR)
+        for th in threads:
+            th.join(20)
+        s.close()
+    idle.close()
+
+
+def test_control_characters_in_path_do_not_forge_log_lines(daemon):
+    s = connect_raw(daemon, "local", timeout=10)
+    with s:
+        s.sendall(b"GET /x%0A2026-01-01%2000:00:00,000%20INFO%20FORGED "
+                  b"HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        assert resp.status == 404
+        resp.read()
+    time.sleep(0.2)
+    for line in daemon.log().splitlines():
+        assert not line.startswith("2026-01-01"), line
+
+
+def test_refused_requests_log_rate_limited(daemon):
+    before = daemon.log().count("/flood-")
+    con = daemon.unix(timeout=10)
+    for i in range(300):
+        resp, _ = request(con, "GET", "/flood-{}".format(i))
+        assert resp.status == 404
+    con.close()
+    time.sleep(0.2)
+    assert daemon.log().count("/flood-") - before < 30
+
+
+@pytest.mark.parametrize("where", ["images", "control"])
+def test_deeply_nested_json_is_bad_request(daemon, image, where):
+    path, data = image
+    t = add(daemon, path, len(data))
+    body = b"[" * 30000 + b"]" * 30000
+    if where == "images":
+        s = connect_raw(daemon, "local", timeout=10)
+        target = "/images/" + t["uuid"]
+    else:
+        s = connect_raw(daemon, "control", timeout=10)
+        target = "/tickets/" + t["uuid"]
+    with s:
+        s.sendall("{} {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n"
+                  "Content-Type: application/json\r\n\r\n".format(
+                      "PATCH", target, len(body)).encode() + body)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        assert resp.status == 400, resp.read()
+        assert b"JSON" in resp.read()

@@ -75,6 +75,7 @@ def _bind(conn, ticket, cfg):
     backend = metrics.Metered(backend, backends.scheme_of(ticket.url),
                               conn.name, ticket.name)
     binding = Binding(ticket, backend)
+    conn.bound = True
     conn.on_close(lambda: _unbind(conn, binding))
     conn.set_timeout(ticket.inactivity_timeout or None)
     log.debug("%s: bound to ticket %s", conn.name, ticket.name)
