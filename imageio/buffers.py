@@ -77,6 +77,36 @@ class Pool:
             size //= 2
         return size
 
+    def reserve(self, nbytes):
+        """Count ``nbytes`` of memory allocated elsewhere (a decoder's
+        window, a scratch bytearray) against the limit, waiting like
+        ``get``; give it back with ``unreserve``."""
+        deadline = time.monotonic() + self.wait
+        with self._lock:
+            while True:
+                if self._used + nbytes <= self.limit:
+                    while self._allocated + nbytes > self.limit \
+                            and self._drop_free():
+                        pass
+                    if self._allocated + nbytes <= self.limit:
+                        self._used += nbytes
+                        self._allocated += nbytes
+                        return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise errors.ServiceUnavailable(
+                        "No transfer memory free: {} MiB of {} MiB "
+                        "([daemon] max_buffer_memory) in use by other "
+                        "transfers; try again".format(
+                            self._used >> 20, self.limit >> 20))
+                self._returned.wait(left)
+
+    def unreserve(self, nbytes):
+        with self._lock:
+            self._used -= nbytes
+            self._allocated -= nbytes
+            self._returned.notify_all()
+
     def release(self, buf):
         """Return ``buf`` to the pool."""
         with self._lock:

@@ -106,16 +106,17 @@ class _ZeroStates:
 
 
 class _ZeroMap:
-    """Zero extents of the image, for asking which parts of a block are
-    zero."""
+    """Zero extents of ``[start, end)`` of the image (one window: the
+    whole image's map of a huge sparse disk would be held for the whole
+    request), for asking which parts of a block are zero."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, start, end):
         self._starts = []
         self._ends = []
         if "extents" not in backend.features:
             return
         try:
-            extents = backend.extents(context="zero")
+            extents = backend.extents(start, end - start, context="zero")
         except errors.Error:
             return
         for e in extents:
@@ -152,21 +153,57 @@ class _ZeroMap:
 # Most block results kept waiting for an earlier block to finish.
 MAX_PENDING = 65536
 
+# The zero map is asked for this much of the image at a time.
+ZERO_MAP_WINDOW = 1024**3
 
-def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
-            block_size=DEFAULT_BLOCK_SIZE, progress=None, workers=None):
-    """Return the block hash of the first ``size`` bytes of ``backend`` as
-    a hex string.  ``progress(n)`` is called per block in order (it may
-    raise Canceled, which stops the computation)."""
+# Room a read needs beyond its length (unaligned head and tail with
+# O_DIRECT: imageio._io.directio).
+READ_SLACK = 8192
+
+
+def _own_buffers():
+    """Each hashing thread's own buffer, kept for the thread's life (the
+    client's default: one process, one checksum)."""
     from ._io.buffer import AlignedBuffer
-    validate_block_size(block_size)
-    new_hash(algorithm)
-    workers = workers or os.cpu_count() or 1
-    zeros = _ZeroStates(algorithm)
-    zmap = _ZeroMap(backend)
     local = threading.local()
 
-    def hash_block(start, length):
+    def lease():
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = AlignedBuffer(CHUNK + READ_SLACK)
+        return buf, lambda: None
+
+    return lease
+
+
+def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
+            block_size=DEFAULT_BLOCK_SIZE, progress=None, workers=None,
+            executor=None, buffers=None):
+    """Return the block hash of the first ``size`` bytes of ``backend`` as
+    a hex string.  ``progress(n)`` is called per block in order (it may
+    raise Canceled, which stops the computation).
+
+    Blocks are hashed by ``workers`` threads of their own, or on
+    ``executor`` (the daemon's, shared by every checksum request so that
+    concurrent ones share the cores instead of each starting a thread per
+    core).  ``buffers()`` returns ``(buffer, release)`` for a block's
+    reads (the daemon's bounded pool); by default each thread has its
+    own.
+    """
+    validate_block_size(block_size)
+    new_hash(algorithm)
+    if executor is not None:
+        workers = executor._max_workers
+        own = None
+    else:
+        workers = workers or os.cpu_count() or 1
+        own = executor = concurrent.futures.ThreadPoolExecutor(workers)
+    if buffers is None:
+        buffers = _own_buffers()
+    zeros = _ZeroStates(algorithm)
+    window = max(block_size, ZERO_MAP_WINDOW // block_size * block_size)
+
+    def hash_block(zmap, start, length):
         pieces = zmap.pieces(start, start + length)
         if len(pieces) == 1 and pieces[0][2]:
             return zeros.digest(length)
@@ -176,18 +213,20 @@ def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
             pieces = pieces[1:]
         else:
             h = new_hash(algorithm)
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = AlignedBuffer(CHUNK + 8192)
-        for offset, n, zero in pieces:
-            if zero:
-                _hash_zeros(h, n)
-                continue
-            end = offset + n
-            while offset < end:
-                k = min(CHUNK, end - offset)
-                h.update(backend.readinto(buf, offset, k))
-                offset += k
+        buf, release = buffers()
+        try:
+            step = len(buf) - READ_SLACK
+            for offset, n, zero in pieces:
+                if zero:
+                    _hash_zeros(h, n)
+                    continue
+                end = offset + n
+                while offset < end:
+                    k = min(step, end - offset)
+                    h.update(backend.readinto(buf, offset, k))
+                    offset += k
+        finally:
+            release()
         return h.digest()
 
     outer = new_hash(algorithm)
@@ -208,28 +247,36 @@ def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
         if progress:
             progress(length)
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        try:
-            for start in range(0, size, block_size):
-                length = min(block_size, size - start)
-                pieces = zmap.pieces(start, start + length)
-                if len(pieces) == 1 and pieces[0][2]:
-                    pending.append((length, zeros.digest(length)))
-                else:
-                    pending.append((length, pool.submit(hash_block, start,
-                                                        length)))
-                    reading += 1
-                # Bounded in flight: a few reading blocks per worker, and
-                # a bounded list of finished ones waiting for their turn.
-                while reading >= 2 * workers or len(pending) >= MAX_PENDING:
-                    finish_one()
-            while pending:
+    try:
+        zmap = None
+        for start in range(0, size, block_size):
+            length = min(block_size, size - start)
+            if start % window == 0:
+                zmap = _ZeroMap(backend, start, min(start + window, size))
+            pieces = zmap.pieces(start, start + length)
+            if len(pieces) == 1 and pieces[0][2]:
+                pending.append((length, zeros.digest(length)))
+            else:
+                pending.append((length, executor.submit(
+                    hash_block, zmap, start, length)))
+                reading += 1
+            # Bounded in flight: a few reading blocks per worker, and
+            # a bounded list of finished ones waiting for their turn.
+            while reading >= 2 * workers or len(pending) >= MAX_PENDING:
                 finish_one()
-        except BaseException:
-            for _, r in pending:
-                if isinstance(r, concurrent.futures.Future):
-                    r.cancel()
-            raise
+        while pending:
+            finish_one()
+    except BaseException:
+        running = [r for _, r in pending
+                   if isinstance(r, concurrent.futures.Future)
+                   and not r.cancel()]
+        # None may touch the backend after we return (the caller closes
+        # it).
+        concurrent.futures.wait(running)
+        raise
+    finally:
+        if own is not None:
+            own.shutdown(wait=True)
     return outer.hexdigest()
 
 

@@ -23,12 +23,23 @@ class MemoryBackend:
         self.data = data
         self._extents = extents
         self.reads = []
+        self.extent_calls = []
 
     def extents(self, offset=0, length=None, context="zero"):
-        assert (offset, length, context) == (0, None, "zero")
-        if self._extents is None:
-            return [Extent(0, len(self.data), False, False)]
-        return self._extents
+        # As the real backends: the extents covering [offset, offset +
+        # length), clipped.
+        assert context == "zero"
+        end = len(self.data) if length is None else offset + length
+        self.extent_calls.append((offset, end))
+        extents = self._extents
+        if extents is None:
+            extents = [Extent(0, len(self.data), False, False)]
+        out = []
+        for e in extents:
+            start, stop = max(e.start, offset), min(e.start + e.length, end)
+            if start < stop:
+                out.append(Extent(start, stop - start, e.zero, e.hole))
+        return out
 
     def readinto(self, buf, offset, length):
         self.reads.append((offset, length))
@@ -257,3 +268,40 @@ def test_block_hasher_refuses_what_it_cannot_hash():
         h.zero(4 * MiB, 4096)   # a finished block again
     with pytest.raises(errors.Error, match="block 0 .offset 0. was not"):
         h.hexdigest()
+
+
+def test_zero_map_asked_window_by_window(monkeypatch):
+    # The zero map of a huge image is never held whole: asked for one
+    # window at a time, with the same digest.
+    monkeypatch.setattr(checksum, "ZERO_MAP_WINDOW", 2 * MiB)
+    data, extents = sparse(10 * MiB + 7, CLUSTERS[5])
+    backend = MemoryBackend(data, extents)
+    assert checksum.compute(backend, len(data), block_size=MiB) == \
+        reference(data, block_size=MiB)
+    assert backend.extent_calls == [(0, 2 * MiB), (2 * MiB, 4 * MiB),
+                                    (4 * MiB, 6 * MiB), (6 * MiB, 8 * MiB),
+                                    (8 * MiB, 10 * MiB),
+                                    (10 * MiB, 10 * MiB + 7)]
+
+
+def test_shared_executor_and_leased_buffers():
+    # The daemon's way: blocks hashed on a shared executor with buffers
+    # leased (and all given back) per block.
+    import concurrent.futures
+    from imageio._io.buffer import AlignedBuffer
+    data, extents = sparse(10 * MiB + 7, CLUSTERS[5])
+    leased = []
+
+    def lease():
+        buf = AlignedBuffer(checksum.CHUNK + checksum.READ_SLACK)
+        leased.append(buf)
+        return buf, lambda: leased.remove(buf)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        for _ in range(2):
+            assert checksum.compute(
+                MemoryBackend(data, extents), len(data), block_size=MiB,
+                executor=ex, buffers=lease) == \
+                reference(data, block_size=MiB)
+        assert ex._max_workers == 2
+    assert leased == []

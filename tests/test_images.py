@@ -867,3 +867,52 @@ def test_expect_100_continue_refused(daemon, service, image):
     assert out.startswith(b"HTTP/1.1 403")
     assert b"100 Continue" not in out
     assert open(path, "rb").read() == data
+
+
+def test_concurrent_checksums_share_hashing_threads(daemon, tmp_path):
+    # Each checksum request used to start a thread per core of its own:
+    # 8 at once share the daemon's hashing threads instead.
+    import threading as th
+    size = 64 * 1024**2
+    path = tmp_path / "sum.raw"
+    with open(path, "wb") as f:
+        for _ in range(size // (4 * 1024**2)):
+            f.write(os.urandom(4 * 1024**2))
+    t = add(daemon, path, size, ops=["read"])
+
+    def threads():
+        with open("/proc/{}/status".format(daemon.proc.pid)) as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+
+    before = threads()
+    peak = [0]
+    results = []
+    stop = th.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], threads())
+            time.sleep(0.005)
+
+    def run():
+        con = daemon.unix(timeout=60)
+        resp, body = request(con, "GET",
+                             "/images/{}/checksum".format(t["uuid"]))
+        results.append((resp.status, body))
+        con.close()
+
+    watcher = th.Thread(target=watch)
+    watcher.start()
+    clients = [th.Thread(target=run) for _ in range(8)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(120)
+    stop.set()
+    watcher.join()
+    assert [s for s, _ in results] == [200] * 8
+    assert len({b for _, b in results}) == 1
+    # 8 request workers and one hashing thread per core, not 8 per core.
+    assert peak[0] - before <= 8 + (os.cpu_count() or 1) + 2

@@ -31,8 +31,9 @@ class Binding:
 SLOT_WAIT = 2.0
 
 
-def open_image(req, ticket_id, op, store, cfg):
-    """Return (ticket, backend, buffer) for ``op`` on ``ticket_id``.
+def open_image(req, ticket_id, op, store, cfg, buffer=True):
+    """Return (ticket, backend, buffer) for ``op`` on ``ticket_id``; no
+    buffer (None) with ``buffer=False`` or for OPTIONS (``op`` None).
 
     Raises Forbidden (no valid ticket, or ``op`` not allowed),
     ServiceUnavailable (too many connections), BackendError (image
@@ -51,7 +52,8 @@ def open_image(req, ticket_id, op, store, cfg):
         binding = _bind(conn, ticket, cfg)
         bindings[ticket_id] = binding
     # OPTIONS (op None) moves no image bytes: no buffer.
-    return ticket, binding.backend, _buffer(conn, cfg) if op else None
+    return (ticket, binding.backend,
+            _buffer(conn, cfg) if op and buffer else None)
 
 
 def _bind(conn, ticket, cfg):

@@ -1,14 +1,44 @@
 """/images/{ticket}/checksum and /images/{ticket}/checksum/algorithms."""
 
+import concurrent.futures
+import os
+import threading
+
+from .. import buffers
 from .. import checksum
 from .access import CORS, Resource, open_image, query_int
+
+# One set of hashing threads for the daemon, a thread per core: checksum
+# requests running at once share the cores (and their buffers come from
+# the daemon's bounded pool) instead of each starting a thread per core.
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _hashers():
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(
+                os.cpu_count() or 1, thread_name_prefix="checksum")
+        return _executor
+
+
+def _pool_buffers(cfg):
+    pool = buffers.pool(cfg)
+
+    def lease():
+        buf = pool.get(checksum.CHUNK + checksum.READ_SLACK)
+        return buf, lambda: pool.release(buf)
+
+    return lease
 
 
 class Checksum(Resource):
 
     def get(self, req, resp, ticket_id):
         ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
-                                        self.cfg)
+                                        self.cfg, buffer=False)
         algorithm = req.query.get("algorithm", checksum.DEFAULT_ALGORITHM)
         block_size = query_int(req.query, "block_size",
                                checksum.DEFAULT_BLOCK_SIZE)
@@ -24,7 +54,8 @@ class Checksum(Resource):
                 result = {"algorithm": algorithm, "block_size": block_size,
                           "checksum": checksum.compute(
                               backend, ticket.size, algorithm, block_size,
-                              op.progress)}
+                              op.progress, executor=_hashers(),
+                              buffers=_pool_buffers(self.cfg))}
         resp.send_json(result, headers=CORS)
 
 

@@ -3,6 +3,7 @@
 
 import logging
 
+from .. import buffers
 from .. import compression
 from .. import errors
 from .. import http
@@ -41,7 +42,13 @@ def _halves(buf):
     return buf.part(0, half), buf.part(half, half)
 
 
-def put(req, ticket, backend, buf, offset, exact_length):
+# Memory a zstd-coded PUT holds beyond the transfer buffer: the decoded
+# pieces, the input, and the largest history window a frame may ask for.
+DECODE_MEMORY = (compression.DECODE_SIZE + compression.INPUT_SIZE
+                 + 2**compression.WINDOW_LOG_MAX)
+
+
+def put(req, ticket, backend, buf, offset, exact_length, cfg):
     """Write the zstd-coded chunked body at ``offset``; ``exact_length``
     is the Content-Range's length (the body must decode to exactly it), or
     None (from ``offset`` up to the image end).  The bytes count as
@@ -57,19 +64,26 @@ def put(req, ticket, backend, buf, offset, exact_length):
                     offset, offset + limit - 1, ticket.size),
                 size=ticket.size)
     # Per request, so an idle connection holds none (4 MiB: zeroing it
-    # costs a fraction of a millisecond).
-    scratch = bytearray(compression.DECODE_SIZE)
-    inbuf = bytearray(compression.INPUT_SIZE)
-    body = req.body()
-    with ticket.operation(offset, limit) as op:
-        try:
-            size = compression.receive(
-                body, backend, buf, scratch, inbuf, offset, limit,
-                exact_length is not None, ticket.check)
-        except (errors.BadRequest, errors.RangeNotSatisfiable):
-            _drain(req.conn, body)
-            raise
-        op.progress(size)
+    # costs a fraction of a millisecond); counted with the decoder's
+    # largest window against max_buffer_memory like every transfer's
+    # buffer.
+    pool = buffers.pool(cfg)
+    pool.reserve(DECODE_MEMORY)
+    try:
+        scratch = bytearray(compression.DECODE_SIZE)
+        inbuf = bytearray(compression.INPUT_SIZE)
+        body = req.body()
+        with ticket.operation(offset, limit) as op:
+            try:
+                size = compression.receive(
+                    body, backend, buf, scratch, inbuf, offset, limit,
+                    exact_length is not None, ticket.check)
+            except (errors.BadRequest, errors.RangeNotSatisfiable):
+                _drain(req.conn, body)
+                raise
+            op.progress(size)
+    finally:
+        pool.unreserve(DECODE_MEMORY)
     log.debug("%s: wrote %d bytes at %d from a zstd-coded body",
               req.conn.name, size, offset)
     return size

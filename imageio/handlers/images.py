@@ -124,7 +124,8 @@ class Images:
                 "as 'Transfer-Encoding: zstd, chunked'".format(encoding))
         if req.transfer_coding:
             exact = length if "content-range" in req.headers else None
-            compressed.put(req, ticket, backend, buf, offset, exact)
+            compressed.put(req, ticket, backend, buf, offset, exact,
+                           self.cfg)
             if flush:
                 with ticket.operation():
                     backend.flush()
