@@ -75,14 +75,12 @@ def copy(src, dst, offset, length, buf, progress=None):
     report = _reporter("copy", progress)
     with _operation(src, "read", length) as src, \
             _operation(dst, "write", length) as dst:
-        writer = getattr(dst, "writer", None)
-        if writer is not None:
-            with writer(offset, length) as sink:
+        if dst.writer is not None:
+            with dst.writer(offset, length) as sink:
                 _read(src, sink, offset, length, buf, report)
             return
-        reader = getattr(src, "reader", None)
-        if reader is not None:
-            with reader(offset, length) as source:
+        if src.reader is not None:
+            with src.reader(offset, length) as source:
                 _write(dst, source, offset, length, buf, report)
             return
         _pump(_Image(src), _Image(dst), offset, length, buf, report,
@@ -103,26 +101,10 @@ def zero(backend, offset, length, punch_hole, progress=None):
 
 
 def _operation(backend, op, length):
-    """One engine call as one operation of ``backend``: a wrapper that
-    counts operations (metrics.Metered) offers ``operation(op, length)``
-    and yields the backend the bytes move with."""
-    operation = getattr(backend, "operation", None)
-    if operation is None:
-        return _Bare(backend)
-    return operation(op, length)
-
-
-class _Bare:
-    __slots__ = ("_backend",)
-
-    def __init__(self, backend):
-        self._backend = backend
-
-    def __enter__(self):
-        return self._backend
-
-    def __exit__(self, *exc):
-        return False
+    """One engine call as one operation of ``backend``: yields the backend
+    the bytes move with (a wrapper that counts operations,
+    metrics.Metered, counts it there)."""
+    return backend.operation(op, length)
 
 
 def _reporter(op, progress):
@@ -136,17 +118,15 @@ def _reporter(op, progress):
 
 
 def _read(backend, sink, offset, length, buf, report, tap=None):
-    send_to = getattr(backend, "send_to", None)
-    if send_to is not None and sink.fd >= 0 and tap is None:
+    if backend.send_to is not None and sink.fd >= 0 and tap is None:
         # Plain socket: the backend's C loop (sendfile, libnbd requests in
         # flight) sends the whole range and reports about once per buffer.
-        send_to(sink.fd, offset, length, buf, sink.timeout, report)
+        backend.send_to(sink.fd, offset, length, buf, sink.timeout, report)
         return
     dst = _tapped(_Out(sink), tap)
-    reader = getattr(backend, "reader", None)
-    if reader is not None:
+    if backend.reader is not None:
         # A range that comes as one stream (the proxy's GET).
-        with reader(offset, length) as source:
+        with backend.reader(offset, length) as source:
             _pump(_In(source), dst, offset, length, buf, report,
                   backend.overlap)
     else:
@@ -155,14 +135,13 @@ def _read(backend, sink, offset, length, buf, report, tap=None):
 
 
 def _write(backend, source, offset, length, buf, report, tap=None):
-    writer = getattr(backend, "writer", None)
-    if writer is not None:
+    if backend.writer is not None:
         # A range that goes as one stream (the proxy's PUT).
-        with writer(offset, length) as sink:
+        with backend.writer(offset, length) as sink:
             _pump(_In(source), _tapped(_Out(sink), tap), offset, length,
                   buf, report, backend.overlap)
         return
-    recv_from = getattr(backend, "recv_from", None)
+    recv_from = backend.recv_from
     dst = _tapped(_Image(backend), tap)
     if recv_from is None or tap is not None:
         _pump(_In(source), dst, offset, length, buf, report, backend.overlap)

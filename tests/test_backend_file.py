@@ -686,3 +686,32 @@ def test_direct_only_where_it_means_something(directory, direct):
             assert backend.direct == direct
     finally:
         os.unlink(path)
+
+
+def test_clone_is_another_fd_with_the_same_flags(tmp_path):
+    # Every backend clones (imageio.backends.base): a file's clone is a
+    # second fd of the same file, O_DIRECT and writability kept.
+    import fcntl
+    from imageio.backends import file as file_backend
+    from imageio.backends.base import Backend
+    path = tmp_path / "img"
+    path.write_bytes(b"\0" * 1024**2)
+    ticket = type("T", (), {"url": "file://" + str(path),
+                            "ops": ["read", "write"]})()
+    cfg = type("C", (), {})()
+    b = file_backend.open(ticket, cfg)
+    c = b.clone()
+    try:
+        assert isinstance(c, Backend)
+        assert c._fd != b._fd
+        assert c.direct == b.direct
+        flags = fcntl.fcntl(b._fd, fcntl.F_GETFL)
+        assert fcntl.fcntl(c._fd, fcntl.F_GETFL) == flags
+        c.write(b"\x55" * 4096, 4096)
+        c.flush()
+        from imageio._io.buffer import AlignedBuffer
+        assert bytes(b.readinto(AlignedBuffer(16384), 4096, 4096)) == \
+            b"\x55" * 4096
+    finally:
+        c.close()
+        b.close()

@@ -6,7 +6,9 @@ the handlers ask which kind of backend they hold.  A backend is opened once
 per (client connection, ticket) and reused across that connection's
 requests.
 
-The interface (every backend implements all of it):
+The interface: every backend subclasses ``base.Backend``, which gives
+each capability below a documented default, so neither the copy engine nor
+the handlers probe for one:
 
 ``size() -> int``
     Size of the image in bytes.
@@ -49,7 +51,8 @@ The interface (every backend implements all of it):
 ``close()``
     Release the backend; idempotent.
 
-Optional fast paths and streams, used by ``imageio.ops`` when present:
+Optional fast paths and streams, ``None`` in ``base.Backend``, used by
+``imageio.ops`` when a backend has them:
 
 ``send_to(fd, offset, length, buf, timeout, progress)``
     Send the range to the plain socket ``fd`` in C (sendfile, libnbd

@@ -8,6 +8,7 @@ sockets (``send_to``), aligned reads and O_DIRECT writes of chunks
 """
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -19,6 +20,7 @@ from .._io import directio
 from .._io import stream
 from .._io.buffer import AlignedBuffer
 from . import Extent, check_extents_range, parse_file_url
+from .base import Backend
 
 log = logging.getLogger("backends.file")
 
@@ -115,14 +117,14 @@ def _in_memory(fd):
 
 
 def _clear_direct(fd):
-    import fcntl
     fcntl.fcntl(fd, fcntl.F_SETFL,
                 fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
-class FileBackend:
+class FileBackend(Backend):
     """One open fd of a file or block device; see ``imageio.backends``."""
 
+    name = "file"
     features = frozenset({"extents", "zero", "flush"})
     max_readers = 8
     max_writers = 8
@@ -379,6 +381,19 @@ class FileBackend:
             yield data, hole - data, False
             pos = hole
 
+    def clone(self):
+        """Another fd of the same file, with the same flags (O_DIRECT or
+        not, read-only or not)."""
+        fd = os.open("/proc/self/fd/{}".format(self._fd),
+                     fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_CREAT
+                     | os.O_CLOEXEC)
+        try:
+            return FileBackend(fd, self._path, direct=self.direct,
+                               writable=self._writable)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def close(self):
         if self._read_fd != -1:
             fd, self._read_fd = self._read_fd, -1
@@ -386,12 +401,6 @@ class FileBackend:
         if self._fd != -1:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return "<FileBackend {} direct={} fd={}>".format(

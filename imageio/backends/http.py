@@ -24,6 +24,7 @@ from .. import http as http_layer
 from .. import tls
 from .. import transport
 from . import DirtyExtent, Extent, Sink, check_extents_range
+from .base import Backend
 
 log = logging.getLogger("backends.http")
 
@@ -71,7 +72,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-class HTTPBackend:
+class HTTPBackend(Backend):
     """An HTTP client toward an imageio daemon's ``/images/ID``.
 
     Built from plain parameters: the transfer ``url``, the CA file
@@ -80,6 +81,9 @@ class HTTPBackend:
     whether to use the daemon's ``unix_socket`` when it runs on this host.
     ``clone()`` opens another connection to the same image.
     """
+
+    name = "http"
+
 
     def __init__(self, url, cafile=None, secure=True, size=None,
                  use_unix_socket=True, timeout=TIMEOUT,

@@ -24,6 +24,7 @@ import weakref
 from .. import errors
 from .._io import nbd
 from . import DirtyExtent, Extent, check_extents_range
+from .base import Backend
 
 log = logging.getLogger("backends.nbd")
 
@@ -285,7 +286,7 @@ def connect(url, dirty=False, buffer_size=8 * 1024**2,
     return backend
 
 
-class NbdBackend:
+class NbdBackend(Backend):
     """One connection to an NBD export (see ``imageio.backends``).
 
     Built from plain parameters: an ``Address``, whether to ask for the

@@ -45,10 +45,9 @@ class Checksum(Resource):
         checksum.validate_block_size(block_size)
         checksum.new_hash(algorithm)
         with ticket.operation(0, ticket.size) as op:
-            remote = getattr(backend, "checksum", None)
-            if remote is not None:
+            if backend.checksum is not None:
                 # A proxy asks the daemon next to the data.
-                result = remote(algorithm, block_size)
+                result = backend.checksum(algorithm, block_size)
                 op.progress(ticket.size)
             else:
                 result = {"algorithm": algorithm, "block_size": block_size,

@@ -1,0 +1,97 @@
+"""The one backend interface, with its defaults (nbdcopy's ``struct
+rw_ops``): every backend subclasses ``Backend``, so the copy engine
+(``imageio.ops``) and the handlers use every capability as an attribute or
+a method, and never probe for one.
+
+Required (no default): ``size()``, ``readinto``, ``write``, ``clone``.
+Everything else has a documented default below; a backend overrides what
+it does better.
+"""
+
+import contextlib
+
+from .. import errors
+
+
+class Backend:
+    """A backend: primitives over one image (see ``imageio.backends``)."""
+
+    # The backend kind, as metrics and logs name it.
+    name = "backend"
+
+    # Subset of {"extents", "zero", "flush"} this backend supports.
+    features = frozenset()
+
+    # Connections the backend supports for this image at once.
+    max_readers = 1
+    max_writers = 1
+
+    # Whether I/O waits for a disk or a peer, so the copy engine overlaps
+    # it with the other side of a transfer.
+    overlap = False
+
+    # Optional fast paths, None where the backend has none:
+    #   send_to(fd, offset, length, buf, timeout, progress)
+    #       the range to a plain socket, in C;
+    #   recv_from(fd, offset, length, buf, timeout, progress) -> int
+    #       up to length bytes from a plain socket, written in C;
+    #   reader(offset, length), writer(offset, length)
+    #       context managers giving the range as one Source or Sink stream
+    #       (the proxy's GET and PUT);
+    #   checksum(algorithm, block_size) -> dict
+    #       the block hash computed next to the data (the proxy asks the
+    #       daemon it fronts).
+    send_to = None
+    recv_from = None
+    reader = None
+    writer = None
+    checksum = None
+
+    def size(self):
+        raise NotImplementedError
+
+    def readinto(self, buf, offset, length):
+        raise NotImplementedError
+
+    def write(self, data, offset):
+        raise NotImplementedError
+
+    def clone(self):
+        """Another connection to the same image with the same options (a
+        client's worker, a checksum reader)."""
+        raise NotImplementedError
+
+    def zero(self, offset, length, punch_hole):
+        """Default: refuse (a backend without "zero" in ``features``)."""
+        raise errors.BackendError(
+            "{} backend cannot zero".format(self.name))
+
+    def flush(self):
+        """Default: nothing to make durable."""
+
+    def extents(self, offset=0, length=None, context="zero"):
+        """Default: the range is one data extent (what a backend that
+        cannot tell holes apart says); no dirty extents."""
+        from . import Extent, check_extents_range
+        if context != "zero":
+            raise errors.NotFound(
+                "Unknown extents context {!r}".format(context))
+        end = check_extents_range(offset, length, self.size())
+        if end == offset:
+            return []
+        return [Extent(offset, end - offset, False, False)]
+
+    def operation(self, op, nbytes):
+        """A context manager for one copy engine call, yielding the
+        backend the bytes move with (metrics.Metered counts it there)."""
+        return contextlib.nullcontext(self)
+
+    def close(self):
+        """Release the backend; idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
