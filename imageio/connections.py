@@ -26,12 +26,10 @@ import os
 import select
 import selectors
 import socket
-import ssl
 import threading
 import time
 
 from . import ratelog
-from . import transport
 
 log = logging.getLogger("connections")
 
@@ -413,11 +411,10 @@ class Server:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             state = HEAD
-            if self._ssl:
-                sock = self._ssl.wrap_socket(sock, server_side=True,
-                                             do_handshake_on_connect=False)
-                state = HANDSHAKE
             conn = self._make_conn(sock, name)
+            if self._ssl:
+                conn.sock.start_tls(self._ssl)
+                state = HANDSHAKE
         except Exception as e:
             sock.close()
             self._ratelog.warning("setup", "%s: cannot set up a connection: "
@@ -475,22 +472,19 @@ class Server:
         conn = client.conn
         if client.state == HANDSHAKE:
             try:
-                conn.sock.sock.do_handshake()
-            except ssl.SSLWantReadError:
-                self._watch(client, selectors.EVENT_READ)
-                return
-            except ssl.SSLWantWriteError:
-                self._watch(client, selectors.EVENT_WRITE)
-                return
-            except (ssl.SSLError, OSError) as e:
+                wait = conn.sock.handshake()
+            except OSError as e:  # ssl.SSLError too.
                 log.debug("%s: TLS handshake failed: %s", conn.name, e)
                 self._close(client)
+                return
+            if wait is not None:
+                self._watch(client, wait)
                 return
             client.state = HEAD
             self._watch(client, selectors.EVENT_READ)
         try:
             got = conn.reader.fill()
-        except (ssl.SSLError, OSError) as e:
+        except OSError as e:  # ssl.SSLError too.
             log.debug("%s: receive failed: %s", conn.name, e)
             self._close(client)
             return

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from . import __version__
+from . import backends
 from . import config
 from . import errors
 from . import metrics
@@ -135,6 +136,11 @@ class Daemon:
                 self._created_paths.append(path)
 
         if os.geteuid() == 0 and cfg.daemon.drop_privileges:
+            # Every backend's modules are loaded while root: the daemon
+            # user may not read the Python installation's extension
+            # modules (a Python under /root), and a backend imported on a
+            # ticket's first request would fail there.
+            backends.load_all()
             self._drop_privileges()
 
         signal.signal(signal.SIGTERM, self._on_signal)

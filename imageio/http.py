@@ -11,7 +11,6 @@ import logging
 import re
 import select
 import socket
-import ssl
 import time
 
 from . import backends
@@ -177,10 +176,8 @@ class Reader:
                 self.discard()
             if len(self._buf) - self._pos >= limit:
                 return total
-            try:
-                data = self._sock.recv(READ_SIZE)
-            except (BlockingIOError, ssl.SSLWantReadError,
-                    ssl.SSLWantWriteError):
+            data = self._sock.recv_nowait(READ_SIZE)
+            if data is None:
                 return total
             if not data:
                 self.eof = True

@@ -3,9 +3,12 @@
 Chosen once at accept (nbdkit's ``conn->recv/send/close``), so nothing
 downstream asks "is this TLS?": ``fd`` is the raw socket fd when C code may
 move bytes on it directly (sendfile, splice, recv into a file), -1 on TLS,
-where only the ``ssl`` module may touch the stream.
+where only the ``ssl`` module may touch the stream.  The TLS handshake is
+the transport's too (``start_tls``, ``handshake``): at accept for HTTPS, or
+in place after NBD's STARTTLS; nothing above this module imports ``ssl``.
 """
 
+import selectors
 import socket
 import ssl
 
@@ -18,6 +21,37 @@ class Transport:
     def __init__(self, sock):
         self.sock = sock
         self.is_tls = isinstance(sock, ssl.SSLSocket)
+
+    def start_tls(self, context):
+        """Become the server side of TLS with ``context`` (an
+        ``ssl.SSLContext``) on a non-blocking socket; the handshake is
+        then driven by ``handshake()`` as the socket becomes ready."""
+        self.sock = context.wrap_socket(self.sock, server_side=True,
+                                        do_handshake_on_connect=False)
+        self.is_tls = True
+
+    def handshake(self):
+        """Advance the TLS handshake of a non-blocking socket: None when it
+        is done, else the selector event it waits for (EVENT_READ or
+        EVENT_WRITE).  Raises OSError (ssl.SSLError included) when it
+        failed."""
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        return None
+
+    def recv_nowait(self, n):
+        """Up to ``n`` bytes available now on a non-blocking socket: b""
+        when the peer closed, None when nothing is there yet (TLS: no
+        whole record)."""
+        try:
+            return self.sock.recv(n)
+        except (BlockingIOError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            return None
 
     @property
     def fd(self):

@@ -152,6 +152,13 @@ def open_backend(ticket, cfg):
     return _module(kind).open(ticket, cfg)
 
 
+def load_all():
+    """Import every backend module now (before the daemon drops its
+    privileges)."""
+    for kind in ("file", "nbd", "http"):
+        _module(kind)
+
+
 def _module(kind):
     if kind == "file":
         from . import file as module
