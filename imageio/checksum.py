@@ -21,6 +21,7 @@ import os
 import threading
 
 from . import errors
+from . import extents
 
 DEFAULT_ALGORITHM = "blake2b"
 DEFAULT_BLOCK_SIZE = 4 * 1024**2
@@ -113,20 +114,18 @@ class _ZeroMap:
     def __init__(self, backend, start, end):
         self._starts = []
         self._ends = []
-        if "extents" not in backend.features:
-            return
         try:
-            extents = backend.extents(start, end - start, context="zero")
+            found = list(extents.pieces(backend, start, end - start))
         except errors.Error:
             return
-        for e in extents:
-            if not e.zero:
+        for pos, length, zero in found:
+            if not zero:
                 continue
-            if self._ends and self._ends[-1] == e.start:
-                self._ends[-1] = e.start + e.length
+            if self._ends and self._ends[-1] == pos:
+                self._ends[-1] = pos + length
             else:
-                self._starts.append(e.start)
-                self._ends.append(e.start + e.length)
+                self._starts.append(pos)
+                self._ends.append(pos + length)
 
     def pieces(self, start, end):
         """Split [start, end) into (offset, length, zero) pieces."""

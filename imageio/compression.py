@@ -18,12 +18,12 @@ GIL; zstd's own worker threads compress large images); decoding uses
 ends.
 """
 
-import concurrent.futures
 import os
 import struct
 import threading
 
 from . import errors
+from . import extents
 from . import ops
 from ._io import zstd as _zstd
 
@@ -63,9 +63,6 @@ ONESHOT_MIN = 256 * 1024
 
 # Compressed output is sent in chunks of at least this size.
 SEND_SIZE = 256 * 1024
-
-# Image bytes read per backend call on compressed GETs.
-READ_SIZE = 4 * 1024**2
 
 # A compressed PUT is decoded this much at a time; a PUT that decodes to at
 # most this size is validated whole before any of it is written.
@@ -280,83 +277,34 @@ class EncodingSink:
         self._encoder.close()
 
 
-def pieces(backend, offset, length):
-    """Yield ``(start, length, zero)`` covering ``[offset, offset +
-    length)`` from the backend's extents (one data piece when it has
-    none)."""
-    end = offset + length
-    if "extents" not in backend.features:
-        yield offset, length, False
-        return
-    # Block status for this range alone, not a walk from the start.
-    for ext in backend.extents(offset, length, "zero"):
-        ext_end = ext.start + ext.length
-        start = max(ext.start, offset)
-        stop = min(ext_end, end)
-        if start < stop:
-            yield start, stop - start, ext.zero
-        if ext_end >= end:
-            return
-
-
-def send(backend, bufs, offset, length, write, progress):
+def send(backend, buf, offset, length, write, progress):
     """Send ``[offset, offset + length)`` of the image as one zstd stream
     to ``write``; ``progress(n)`` after each piece (raises Canceled).
 
-    ``bufs`` are one or two aligned buffers; with two, the next chunk is
-    read into one while the other is compressed and sent (reading from
-    storage with O_DIRECT would otherwise wait in turn with compressing).
+    Zero extents become RLE frames without being read; data extents go
+    through the copy engine (``ops.read``) into the encoder, so reading
+    the next chunk overlaps compressing this one where the backend waits
+    for storage, as every other transfer does.
     """
     encoder = Encoder(write, length)
-    chunk = min([READ_SIZE] + [len(b) - 8192 for b in bufs])
-    if len(bufs) == 1:
-        for start, size, zero in _chunks(backend, offset, length, chunk):
-            if zero:
-                encoder.zeros(size)
-            else:
-                encoder.data(backend.readinto(bufs[0], start, size))
+    sink = _EncoderSink(encoder)
+    for start, size, zero in extents.pieces(backend, offset, length):
+        if zero:
+            encoder.zeros(size)
             progress(size)
-        encoder.close()
-        return
-    pending = None
-    turn = 0
-    with concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="zstd-read") as pool:
-        for start, size, zero in _chunks(backend, offset, length, chunk):
-            if zero:
-                if pending:
-                    _encode(encoder, pending, progress)
-                    pending = None
-                encoder.zeros(size)
-                progress(size)
-                continue
-            read = pool.submit(backend.readinto, bufs[turn], start, size)
-            turn ^= 1
-            if pending:
-                _encode(encoder, pending, progress)
-            pending = (read, size)
-        if pending:
-            _encode(encoder, pending, progress)
+        else:
+            ops.read(backend, sink, start, size, buf, progress)
     encoder.close()
 
 
-def _chunks(backend, offset, length, chunk):
-    """pieces() with data pieces split into at most ``chunk`` bytes."""
-    for start, size, zero in pieces(backend, offset, length):
-        if zero:
-            yield start, size, True
-            continue
-        end = start + size
-        while start < end:
-            n = min(chunk, end - start)
-            yield start, n, False
-            start += n
+class _EncoderSink:
+    """The copy engine's sink into an Encoder."""
 
+    fd = -1
+    timeout = None
 
-def _encode(encoder, pending, progress):
-    read, size = pending
-    encoder.data(read.result())
-    progress(size)
+    def __init__(self, encoder):
+        self.write = encoder.data
 
 
 # Decoding.

@@ -566,20 +566,22 @@ def test_library_compress_argument(tcp_daemon, tmp_path, aligned,
     assert r.returncode == 0, r.stdout
 
 
-@pytest.mark.parametrize("nbufs", [1, 2])
-def test_send_with_and_without_read_ahead(tmp_path, content, nbufs):
-    # Without the pool's spare buffer (a busy daemon) and with it.
+@pytest.mark.parametrize("bufsize", [MiB, 4 * MiB])
+@pytest.mark.parametrize("direct", [False, True])
+def test_send_with_and_without_read_ahead(tmp_path, content, bufsize,
+                                          direct):
+    # A small buffer (a busy daemon's pool) and a large one; buffered
+    # (no read-ahead) and O_DIRECT (the copy engine overlaps reading).
     from imageio._io.buffer import AlignedBuffer
     from imageio.backends.file import FileBackend
     path = write_sparse(tmp_path / "disk.raw", content)
-    fd = os.open(str(path), os.O_RDONLY)
-    backend = FileBackend(fd, str(path), direct=False, writable=False)
+    fd = os.open(str(path), os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    backend = FileBackend(fd, str(path), direct=direct, writable=False)
     try:
         out = []
         done = []
-        bufs = tuple(AlignedBuffer(2 * MiB) for _ in range(nbufs))
-        compression.send(backend, bufs, 5, len(content) - 10, out.append,
-                         done.append)
+        compression.send(backend, AlignedBuffer(bufsize), 5,
+                         len(content) - 10, out.append, done.append)
         assert decompress(b"".join(out)) == content[5:-5]
         assert sum(done) == len(content) - 10
     finally:

@@ -74,14 +74,16 @@ layer turns them into a ``500`` naming the operation, offset and length
 (``507`` for ``ENOSPC``).
 """
 
-import collections
 import urllib.parse
 
 from .. import errors
+from .. import extents
 from .. import transport
 
-Extent = collections.namedtuple("Extent", "start length zero hole")
-DirtyExtent = collections.namedtuple("DirtyExtent", "start length dirty zero")
+# The extent types and range check live in imageio.extents (a leaf).
+Extent = extents.Extent
+DirtyExtent = extents.DirtyExtent
+check_extents_range = extents.check_range
 
 
 class Sink:
@@ -101,18 +103,6 @@ class Sink:
     def write(self, data):
         """Send all of ``data`` (bytes-like)."""
         self._sock.sendall(data)
-
-
-def check_extents_range(offset, length, size):
-    """Return the end of the extents range ``[offset, offset + length)``
-    (``length=None``: ``size``); raise RangeNotSatisfiable outside
-    ``[0, size]``."""
-    end = size if length is None else offset + length
-    if offset < 0 or end < offset or end > size:
-        raise errors.RangeNotSatisfiable(
-            "Extents range {}+{} is outside the image (size {})".format(
-                offset, length, size), size=size)
-    return end
 
 
 def scheme_of(url):

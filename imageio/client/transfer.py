@@ -17,6 +17,7 @@ import threading
 import time
 
 from .. import errors
+from .. import extents as extents_
 from .. import ops
 from .._io import nbd as _nbd
 from .._io.buffer import AlignedBuffer
@@ -98,19 +99,9 @@ def tasks(items, request_size=REQUEST_SIZE):
         yield task
 
 
-def merged(extents):
-    """Merge adjacent ``(start, length, zero)`` extents with equal zero
-    (a generator: each is yielded once the next one differs)."""
-    last = None
-    for start, length, zero in extents:
-        if last and last[2] == zero and last[0] + last[1] == start:
-            last = (last[0], last[1] + length, zero)
-        else:
-            if last:
-                yield last
-            last = (start, length, zero)
-    if last:
-        yield last
+# Adjacent (start, length, zero) extents with equal zero merged (a
+# generator: each is yielded once the next one differs).
+merged = extents_.merged
 
 
 # Source extents are asked for this much of the image at a time, as the
@@ -122,12 +113,11 @@ EXTENTS_STEP = 1024**3
 def source_extents(nbd, size, step=EXTENTS_STEP):
     """Yield ``(start, length, zero)`` of the NBD export ``nbd`` in pieces
     of ``step`` bytes; NBD errors are LocalError."""
-    pos = 0
-    while pos < size:
-        n = min(step, size - pos)
-        for e in _local("read the extents of", nbd.extents, pos, n, "zero"):
+    for batch in extents_.windows(
+            lambda pos, n: _local("read the extents of", nbd.extents, pos,
+                                  n, "zero"), 0, size, step):
+        for e in batch:
             yield e.start, e.length, e.zero
-        pos += n
 
 
 class _Endpoints:

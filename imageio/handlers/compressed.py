@@ -27,19 +27,9 @@ def get(req, resp, ticket, backend, buf, offset, length, status, headers,
     with ticket.operation(offset, length) as op:
         resp.send_headers(status, None, headers)
         writer = resp.chunked_writer()
-        compression.send(backend, _halves(buf), offset, length,
-                         writer.write, op.progress)
+        compression.send(backend, buf, offset, length, writer.write,
+                         op.progress)
         writer.close()
-
-
-def _halves(buf):
-    """Two halves of the transfer buffer to read ahead into, as the copy
-    engine overlaps (imageio.ops); the whole buffer when it is small (the
-    pool's buffers shrink under pressure)."""
-    half = len(buf) // 2 // 4096 * 4096
-    if half < 1024**2:
-        return (buf,)
-    return buf.part(0, half), buf.part(half, half)
 
 
 # Memory a zstd-coded PUT holds beyond the transfer buffer: the decoded

@@ -8,6 +8,7 @@ on 8 TiB disks.
 """
 
 from .. import errors
+from .. import extents
 from .access import CORS, Resource, open_image, query_int
 
 # Extents a batch aims at: about 600 KiB of JSON.
@@ -25,7 +26,7 @@ class Extents(Resource):
 
     def get(self, req, resp, ticket_id):
         ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
-                                        self.cfg)
+                                        self.cfg, buffer=False)
         context = req.query.get("context", "zero")
         if context not in ("zero", "dirty"):
             raise errors.BadRequest(
@@ -58,38 +59,22 @@ def _range(query, size):
 def _walk(backend, start, end, context):
     """Lists of extents covering [start, end), asked from the backend
     piece by piece; each piece sized to hold about BATCH extents."""
-    step = FIRST_STEP
-    pos = start
-    while pos < end:
-        n = min(step, end - pos)
-        batch = list(backend.extents(pos, n, context))
-        yield batch
-        pos += n
-        if batch:
-            step = int(step * BATCH / len(batch))
-        step = max(MIN_STEP, min(MAX_STEP, step))
+    return extents.windows(
+        lambda pos, n: backend.extents(pos, n, context), start, end,
+        FIRST_STEP, target=BATCH, min_step=MIN_STEP, max_step=MAX_STEP)
 
 
 def _merged(batches):
     """Batches with extents of equal flags merged across batch ends; the
     last extent of each batch waits for the next."""
-    last = None
-    for batch in batches:
-        if not batch:
-            continue
-        out = []
-        for e in batch:
-            if last is not None and last[2:] == e[2:] and \
-                    last.start + last.length == e.start:
-                last = last._replace(length=last.length + e.length)
-            else:
-                if last is not None:
-                    out.append(last)
-                last = e
-        if out:
+    out = []
+    for e in extents.merged(e for batch in batches for e in batch):
+        out.append(e)
+        if len(out) >= BATCH:
             yield out
-    if last is not None:
-        yield [last]
+            out = []
+    if out:
+        yield out
 
 
 # Byte for byte what json.dumps gives for the same dicts, without building
