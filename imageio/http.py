@@ -207,6 +207,23 @@ class Reader:
                 return None
             self._buf += chunk
 
+    def read_response_head(self):
+        """Block until a whole response head is buffered (the client side
+        of a connection: imageio.httpclient); ConnectionResetError when
+        the peer closes first, BadGateway for a malformed head."""
+        while True:
+            if self._pos < len(self._buf):
+                result = httpparse.parse_response_head(self._buf, self._pos)
+                if result is not None:
+                    head, self._pos = result
+                    self._compact()
+                    return head
+            chunk = self._sock.recv(READ_SIZE)
+            if not chunk:
+                raise ConnectionResetError(
+                    "connection closed before the response")
+            self._buf += chunk
+
     def _recv_until(self, deadline):
         if deadline is None:
             return self._sock.recv(READ_SIZE)

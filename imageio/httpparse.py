@@ -341,3 +341,73 @@ def _make_head(lines):
         else:
             headers[name] = value
     return Head(method, path, query, version, headers)
+
+
+# Responses (the HTTP client of imageio.httpclient: the proxy backend and
+# the transfer client).  The same limits as request heads; errors are
+# BadGateway: the peer that sent them is the remote daemon.
+
+_STATUS_LINE = re.compile(r"^(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: (.*))?$")
+# Response headers that may not come twice.
+_SINGLE_RESPONSE = ("content-length", "content-range", "transfer-encoding")
+
+
+class ResponseHead:
+    """A parsed response head: what ``parse_response_head`` returns."""
+
+    __slots__ = ("version", "status", "reason", "headers")
+
+    def __init__(self, version, status, reason, headers):
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+def parse_response_head(buf, start=0):
+    """Parse a response head (status line, headers, empty line) at
+    ``buf[start:]``, as parse_head does a request head: None while it is
+    not complete, else (ResponseHead, end).  Raises BadGateway for a
+    malformed head, a line longer than MAX_LINE, more than MAX_HEADERS
+    headers or a head over MAX_HEAD bytes, as soon as that is known."""
+    pos = start
+    lines = []
+    while True:
+        i = buf.find(b"\n", pos, start + MAX_HEAD + 1)
+        if i < 0:
+            if len(buf) - start > MAX_HEAD:
+                raise errors.BadGateway(
+                    "Invalid response: head over {} bytes".format(MAX_HEAD))
+            if len(buf) - pos > MAX_LINE:
+                raise errors.BadGateway("Invalid response: line too long")
+            return None
+        if i + 1 - pos > MAX_LINE:
+            raise errors.BadGateway("Invalid response: line too long")
+        line = bytes(buf[pos:i + 1])
+        pos = i + 1
+        if lines and line in (b"\r\n", b"\n"):
+            break
+        lines.append(line)
+        if len(lines) > MAX_HEADERS + 1:
+            raise errors.BadGateway(
+                "Invalid response: more than {} headers".format(MAX_HEADERS))
+    text = lines[0].decode("latin-1").rstrip("\r\n")
+    m = _STATUS_LINE.match(text)
+    if m is None:
+        raise errors.BadGateway(
+            "Invalid response status line {!r}".format(text[:80]))
+    version, status, reason = m.group(1), int(m.group(2)), m.group(3) or ""
+    headers = {}
+    for line in lines[1:]:
+        try:
+            name, value = parse_header_line(line)
+        except errors.BadRequest as e:
+            raise errors.BadGateway("Invalid response: {}".format(e.message))
+        if name in headers:
+            if name in _SINGLE_RESPONSE:
+                raise errors.BadGateway(
+                    "Invalid response: duplicate header {!r}".format(name))
+            headers[name] += ", " + value
+        else:
+            headers[name] = value
+    return ResponseHead(version, status, reason, headers), pos

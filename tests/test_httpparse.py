@@ -158,3 +158,52 @@ def test_parse_head_too_large_in_total():
     data = b"GET / HTTP/1.1\r\n" + line * 70
     with pytest.raises(errors.HeadersTooLarge):
         httpparse.parse_head(data)
+
+
+# Response heads (imageio.httpclient).
+
+def test_response_head():
+    buf = (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n"
+           b"Content-Range: bytes 0-4/10\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello")
+    head, end = hp.parse_response_head(buf)
+    assert (head.version, head.status, head.reason) == \
+        ("HTTP/1.1", 206, "Partial Content")
+    assert head.headers == {"content-length": "5",
+                            "content-range": "bytes 0-4/10",
+                            "x-a": "1, 2"}
+    assert buf[end:] == b"hello"
+
+
+def test_response_head_incomplete():
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    for i in range(len(whole)):
+        assert hp.parse_response_head(whole[:i]) is None
+    assert hp.parse_response_head(whole)[1] == len(whole)
+
+
+@pytest.mark.parametrize("buf,words", [
+    (b"this is not http\r\n\r\n", "status line"),
+    (b"HTTP/2 200 OK\r\n\r\n", "status line"),
+    (b"HTTP/1.1 99 Low\r\n\r\n", "status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "Invalid header"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+     "duplicate"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"v" * hp.MAX_LINE + b"\r\n\r\n",
+     "line too long"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X: v\r\n" * (hp.MAX_HEADERS + 1) + b"\r\n",
+     "headers"),
+])
+def test_response_head_refused(buf, words):
+    with pytest.raises(errors.BadGateway) as e:
+        hp.parse_response_head(buf)
+    assert words in str(e.value)
+
+
+def test_response_head_limits_known_before_the_end():
+    # A line that is already too long, with no end in sight.
+    with pytest.raises(errors.BadGateway):
+        hp.parse_response_head(b"HTTP/1.1 200 OK\r\nX: " + b"v" * 9000)
+    with pytest.raises(errors.BadGateway):
+        hp.parse_response_head(b"HTTP/1.1 200 OK\r\n" +
+                               b"X: " + b"v" * 8000 + b"\r\n" * 0 +
+                               (b"Y: " + b"w" * 100 + b"\r\n") * 700)

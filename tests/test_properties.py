@@ -210,3 +210,37 @@ def test_head_fast_path_agrees(request, headers, endings, lead, rest):
                 head.headers, end)
 
     assert outcome(hp.parse_head) == outcome(hp._parse_lines)
+
+
+@given(st.binary(max_size=400), st.integers(0, 3))
+@settings(max_examples=500, deadline=None)
+def test_response_head_any_bytes(data, split):
+    # Whatever a remote daemon sends: a head, None (not complete yet), or
+    # BadGateway; never another exception.  Complete heads parse the same
+    # whether they come with more bytes after them or not.
+    from imageio import errors
+    try:
+        result = hp.parse_response_head(data)
+    except errors.BadGateway:
+        return
+    if result is not None:
+        head, end = result
+        again, end2 = hp.parse_response_head(data[:end] + b"tail")
+        assert (again.status, again.headers, end2) == \
+            (head.status, head.headers, end)
+
+
+@given(st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found",
+                        b"HTTP/1.1 507"]),
+       st.lists(_header_lines, max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_response_head_usual(status, headers):
+    from imageio import errors
+    # (An empty header line would end the head there.)
+    data = status + b"\r\n" + b"".join(
+        h.encode("latin-1") + b"\r\n" for h in headers if h) + b"\r\n"
+    try:
+        result = hp.parse_response_head(data)
+    except errors.BadGateway:
+        return
+    assert result is not None and result[1] == len(data)
