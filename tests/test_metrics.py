@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from imageio import accounting
 from imageio import metrics
 from imageio import tickets
 
@@ -369,7 +370,7 @@ def test_rate_while_transferring_and_after(mdaemon, tmp_path):
         (info["rate"], client_rate)
     con.close()
     wait_idle(mdaemon, ticket["uuid"])
-    time.sleep(tickets.RATE_WINDOW + 1)
+    time.sleep(accounting.RATE_WINDOW + 1)
     assert ticket_info(mdaemon, ticket["uuid"])["rate"] == 0
 
 
@@ -393,7 +394,7 @@ def test_connection_summary_logged(mdaemon, image):
 
 
 def test_rate_meter_spreads_a_long_request():
-    m = tickets.RateMeter(window=5)
+    m = accounting.RateMeter(window=5)
     # 100 MiB moved over 10 seconds, reported at once at the end.
     m.add(100 * MiB, 1000.0, 1010.0)
     # Only the last 5 seconds count: 10 MiB/s.
@@ -402,7 +403,7 @@ def test_rate_meter_spreads_a_long_request():
 
 
 def test_rate_meter_young_transfer():
-    m = tickets.RateMeter(window=5)
+    m = accounting.RateMeter(window=5)
     m.add(10 * MiB, 2000.0, 2001.0)
     # One second of activity is measured over one second.
     assert m.rate(2001.0) == pytest.approx(10 * MiB, rel=0.05)

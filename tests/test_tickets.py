@@ -4,6 +4,7 @@ import time
 import pytest
 
 from imageio import config
+from imageio import accounting
 from imageio import errors
 from imageio import tickets
 
@@ -335,7 +336,7 @@ def test_info_fields():
 
 
 def test_rangeset():
-    r = tickets.RangeSet()
+    r = accounting.RangeSet()
     for s, e in [(10, 20), (30, 40), (15, 35), (0, 5), (5, 10)]:
         r.add(s, e)
     assert r.ranges() == [(0, 40)]
@@ -348,7 +349,7 @@ def test_rangeset():
 def test_rangeset_random_against_reference():
     import random
     rnd = random.Random(42)
-    r = tickets.RangeSet()
+    r = accounting.RangeSet()
     covered = set()
     for _ in range(2000):
         s = rnd.randrange(0, 5000)
