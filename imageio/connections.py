@@ -30,6 +30,7 @@ import threading
 import time
 
 from . import ratelog
+from . import workers
 
 log = logging.getLogger("connections")
 
@@ -38,9 +39,6 @@ log = logging.getLogger("connections")
 # back to back (a ranged-GET loop) is served without the selector's round
 # trip, and an idle one holds a thread for no longer than this.
 LINGER = 0.02
-
-# An idle worker thread exits after this many seconds.
-WORKER_IDLE = 5
 
 # Back-off of accept() after EMFILE/ENFILE, and of a failed thread start.
 BACKOFF_MIN = 0.05
@@ -61,6 +59,7 @@ _ids = itertools.count(1)
 HANDSHAKE = "handshake"
 HEAD = "head"
 BUSY = "busy"
+CLOSED = "closed"
 
 
 def fd_limit():
@@ -87,92 +86,180 @@ class Client:
         self.accepted = time.monotonic()
 
 
-class Workers:
-    """Threads that run requests; their number follows the active
-    requests, never the connections."""
+class _Room:
+    """Who makes room at max_clients, oldest first: connections that never
+    sent a request, then idle ones that never used a ticket (a keep-alive
+    pinger of OPTIONS or 404s must not keep a ticket holder out), then
+    busy ones that never did.  The selector thread's alone."""
 
-    def __init__(self, name, ratelog):
-        self._name = name
-        self._ratelog = ratelog
-        self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._tasks = collections.deque()
-        self._idle = 0
-        self._count = 0
-        self._retry_at = 0.0
+    def __init__(self, server):
+        self._server = server
+        # Clients that never sent a request, oldest first.
+        self._fresh = collections.OrderedDict()
+        # Clients that sent requests but never used a ticket, oldest first.
+        self._unbound = collections.OrderedDict()
+
+    def added(self, client):
+        self._fresh[client] = None
+
+    def busy(self, client):
+        self._fresh.pop(client, None)
+        self._unbound.pop(client, None)
+
+    def idle(self, client):
+        if not client.conn.bound:
+            # The oldest keeps its place.
+            self._unbound.setdefault(client, None)
+
+    forget = busy
+
+    def make(self):
+        """Close a connection to make room; False if none could go now
+        (a busy one may have been told to stop: it goes when its worker
+        closes it)."""
+        server = self._server
+        while self._fresh:
+            client, _ = self._fresh.popitem(last=False)
+            if client.state != BUSY and client.served == 0:
+                log.debug("%s: closing %s to make room", server.name,
+                          client.conn.name)
+                server._close(client)
+                return True
+        while self._unbound:
+            client, _ = self._unbound.popitem(last=False)
+            if client.state in (BUSY, CLOSED) or client.conn.bound:
+                # Running a request now (back when it returns), closed,
+                # or bound a ticket since.
+                continue
+            log.debug("%s: closing %s (never used a ticket) to make room",
+                      server.name, client.conn.name)
+            server._close(client)
+            return True
+        busy = [c for c in server.clients() if c.state == BUSY
+                and not c.conn.bound and not c.conn.closing]
+        if busy:
+            client = min(busy, key=lambda c: c.accepted)
+            log.debug("%s: stopping %s (never used a ticket) to make room",
+                      server.name, client.conn.name)
+            client.conn.shutdown()
+        return False
+
+
+class _Deadlines:
+    """The clients' deadlines (a head's header_timeout, the inactivity
+    timeout between requests) in one heap.  The selector thread's alone."""
+
+    def __init__(self):
+        self._heap = []
+        self._seq = itertools.count()
+
+    def arm(self, client, live):
+        client.seq = next(self._seq)
+        heapq.heappush(self._heap, (client.deadline, client.seq, client))
+        if len(self._heap) > 4 * live + 64:
+            # Entries of re-armed and closed clients pile up (they are
+            # skipped when popped): keep the heap proportional.
+            self._heap = [(c.deadline, c.seq, c) for _, seq, c in self._heap
+                          if seq == c.seq and c.state != BUSY]
+            heapq.heapify(self._heap)
+
+    def next(self):
+        """The earliest deadline, or None."""
+        return self._heap[0][0] if self._heap else None
+
+    def expired(self, now):
+        """Yield the clients whose deadline passed (and still holds)."""
+        while self._heap and self._heap[0][0] <= now:
+            deadline, seq, client = heapq.heappop(self._heap)
+            if seq != client.seq or client.state == BUSY:
+                continue  # Re-armed since, or running.
+            yield client
+
+
+class _Acceptor:
+    """The listening socket's side of the selector: accepts in batches,
+    pauses at max_clients (until a connection closes) and after accept
+    failures (EMFILE: with a growing back-off), and makes room where the
+    policy (_Room) allows.  The selector thread's alone."""
+
+    def __init__(self, server, listener):
+        self._server = server
+        self.listener = listener
+        self.accepting = False
+        # Paused at max_clients: resume when a connection closes.
+        self.full = False
+        self.resume_at = 0.0
         self._backoff = BACKOFF_MIN
-        self._stopped = False
 
-    @property
-    def count(self):
-        return self._count
+    def timeout(self, now):
+        """Seconds until accepting resumes by itself, or None."""
+        if self.accepting or self.full:
+            return None
+        return max(0.0, self.resume_at - now)
 
-    def submit(self, func, *args):
-        with self._lock:
-            self._tasks.append((func, args))
-            if self._idle > len(self._tasks) - 1:
-                self._ready.notify()
+    def step(self):
+        """Resume accepting when its pause is over."""
+        if self.accepting:
+            return
+        if self.full:
+            if self._server.connection_count() < self._server.max_clients:
+                self.resume()
+        elif time.monotonic() >= self.resume_at:
+            self.resume()
+
+    def resume(self):
+        if not self.accepting:
+            self._server._sel.register(self.listener, selectors.EVENT_READ,
+                                       "listen")
+            self.accepting = True
+            self.full = False
+
+    def pause(self, delay):
+        if self.accepting:
+            self._server._sel.unregister(self.listener)
+            self.accepting = False
+        self.resume_at = time.monotonic() + delay
+
+    def accept(self):
+        server = self._server
+        for _ in range(ACCEPT_BATCH):
+            if server.connection_count() >= server.max_clients:
+                if not self._pending():
+                    return
+                if server._room.make():
+                    continue
+                # Until a connection closes.
+                self.pause(0)
+                self.full = True
+                server._ratelog.warning(
+                    "max_clients", "%s: %d connections, the most allowed "
+                    "([daemon] max_clients); not accepting more",
+                    server.name, server.max_clients)
                 return
-        self._grow()
-
-    def pending(self):
-        """Tasks waiting for a thread that could not be started; the
-        selector calls ``retry`` once ``retry_at`` has passed."""
-        with self._lock:
-            return bool(self._tasks) and self._idle == 0
-
-    @property
-    def retry_at(self):
-        return self._retry_at
-
-    def retry(self):
-        if self.pending() and time.monotonic() >= self._retry_at:
-            self._grow()
-
-    def _grow(self):
-        with self._lock:
-            self._count += 1
-        try:
-            threading.Thread(target=self._run, daemon=True,
-                             name="{}/w{}".format(self._name,
-                                                  next(_ids))).start()
-        except RuntimeError as e:
-            # Thread limit (RLIMIT_NPROC, the pids cgroup): the task waits
-            # for a worker to free up, or for the retry after back-off.
-            with self._lock:
-                self._count -= 1
-                self._retry_at = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-                count, waiting = self._count, len(self._tasks)
-            self._ratelog.warning(
-                "thread", "%s: cannot start a worker thread (%d running, "
-                "%d requests waiting): %s", self._name, count, waiting, e)
-        else:
-            self._backoff = BACKOFF_MIN
-
-    def _run(self):
-        while True:
-            with self._lock:
-                while not self._tasks:
-                    if self._stopped:
-                        self._count -= 1
-                        return
-                    self._idle += 1
-                    woke = self._ready.wait(WORKER_IDLE)
-                    self._idle -= 1
-                    if not woke and not self._tasks:
-                        self._count -= 1
-                        return
-                func, args = self._tasks.popleft()
             try:
-                func(*args)
-            except Exception:
-                log.exception("%s: worker task failed", self._name)
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                               errno.ENOMEM) and server._room.make():
+                    continue
+                self.pause(self._backoff)
+                server._ratelog.warning(
+                    "accept", "%s: accept failed, pausing %.2f s: %s",
+                    server.name, self._backoff, e)
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                return
+            self._backoff = BACKOFF_MIN
+            server._add(sock)
 
-    def stop(self):
-        with self._lock:
-            self._stopped = True
-            self._ready.notify_all()
+    def _pending(self):
+        """Whether a connection waits in the backlog: at max_clients
+        nobody is closed to make room for no one (the connection accepted
+        last, before it could send its request)."""
+        p = select.poll()
+        p.register(self.listener.fileno(), select.POLLIN)
+        return bool(p.poll(0))
 
 
 class Server:
@@ -193,24 +280,16 @@ class Server:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self._ratelog = ratelog.RateLimitedLog(log)
-        self.workers = Workers(name, self._ratelog)
+        self.workers = workers.Workers(name, self._ratelog)
         # Touched by workers and the selector thread.
         self._lock = threading.Lock()
         self._clients = set()
         self._returned = []
         # Only the selector thread touches these.
         self._sel = selectors.DefaultSelector()
-        self._heap = []
-        self._seq = itertools.count()
-        # Clients that never sent a request, oldest first.
-        self._fresh = collections.OrderedDict()
-        # Clients that sent requests but never used a ticket, oldest first.
-        self._unbound = collections.OrderedDict()
-        self._accepting = False
-        # Paused at max_clients: resume when a connection closes.
-        self._full = False
-        self._accept_at = 0.0
-        self._accept_backoff = BACKOFF_MIN
+        self._deadlines = _Deadlines()
+        self._room = _Room(self)
+        self._acceptor = _Acceptor(self, sock)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._running = False
         self._thread = None
@@ -226,12 +305,16 @@ class Server:
         with self._lock:
             return len(self._clients)
 
+    def clients(self):
+        with self._lock:
+            return list(self._clients)
+
     # Life.
 
     def start(self):
         self._listener.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._resume_accept()
+        self._acceptor.resume()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name=self.name,
                                         daemon=True)
@@ -276,27 +359,24 @@ class Server:
     def _step(self):
         now = time.monotonic()
         timeout = 1.0
-        if self._heap:
-            timeout = min(timeout, max(0.0, self._heap[0][0] - now))
-        if not self._accepting and not self._full:
-            timeout = min(timeout, max(0.0, self._accept_at - now))
+        deadline = self._deadlines.next()
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - now))
+        resume = self._acceptor.timeout(now)
+        if resume is not None:
+            timeout = min(timeout, resume)
         if self.workers.pending():
             timeout = min(timeout, max(0.0, self.workers.retry_at - now))
         for key, mask in self._sel.select(timeout):
             if key.data == "listen":
-                self._accept()
+                self._acceptor.accept()
             elif key.data == "wake":
                 self._drain_wake()
             else:
                 self._ready(key.data)
         self._take_back()
         self._expire()
-        if not self._accepting:
-            if self._full:
-                if self.connection_count() < self.max_clients:
-                    self._resume_accept()
-            elif time.monotonic() >= self._accept_at:
-                self._resume_accept()
+        self._acceptor.step()
         self.workers.retry()
 
     def _wake(self):
@@ -313,96 +393,6 @@ class Server:
             pass
 
     # Accepting.
-
-    def _resume_accept(self):
-        if not self._accepting:
-            self._sel.register(self._listener, selectors.EVENT_READ,
-                               "listen")
-            self._accepting = True
-            self._full = False
-
-    def _pause_accept(self, delay):
-        if self._accepting:
-            self._sel.unregister(self._listener)
-            self._accepting = False
-        self._accept_at = time.monotonic() + delay
-
-    def _accept(self):
-        for _ in range(ACCEPT_BATCH):
-            if self.connection_count() >= self.max_clients:
-                if not self._pending_accept():
-                    return
-                if self._evict():
-                    continue
-                # Until a connection closes.
-                self._pause_accept(0)
-                self._full = True
-                self._ratelog.warning(
-                    "max_clients", "%s: %d connections, the most allowed "
-                    "([daemon] max_clients); not accepting more",
-                    self.name, self.max_clients)
-                return
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
-                               errno.ENOMEM) and self._evict():
-                    continue
-                self._pause_accept(self._accept_backoff)
-                self._ratelog.warning(
-                    "accept", "%s: accept failed, pausing %.2f s: %s",
-                    self.name, self._accept_backoff, e)
-                self._accept_backoff = min(self._accept_backoff * 2,
-                                           BACKOFF_MAX)
-                return
-            self._accept_backoff = BACKOFF_MIN
-            self._add(sock)
-
-    def _pending_accept(self):
-        """Whether a connection waits in the listener's backlog: at
-        max_clients nobody is closed to make room for no one (the
-        connection accepted last, before it could send its request)."""
-        p = select.poll()
-        p.register(self._listener.fileno(), select.POLLIN)
-        return bool(p.poll(0))
-
-    def _evict(self):
-        """Make room: close the oldest connection that never sent a
-        request, else the oldest idle one that never used a ticket (a
-        keep-alive pinger of OPTIONS or 404s must not keep a ticket holder
-        out).  Return False if there is none."""
-        while self._fresh:
-            client, _ = self._fresh.popitem(last=False)
-            if client.state != BUSY and client.served == 0:
-                log.debug("%s: closing %s to make room", self.name,
-                          client.conn.name)
-                self._close(client)
-                return True
-        while self._unbound:
-            client, _ = self._unbound.popitem(last=False)
-            if client.state == BUSY or client.conn.bound:
-                # Running a request now (put back when it returns), or
-                # bound a ticket since.
-                continue
-            if client.state == "closed":
-                continue
-            log.debug("%s: closing %s (never used a ticket) to make room",
-                      self.name, client.conn.name)
-            self._close(client)
-            return True
-        # Busy ones too (a worker lingering for a pinger's next request):
-        # stopped now, counted out when their worker closes them.
-        with self._lock:
-            busy = [c for c in self._clients if c.state == BUSY
-                    and not c.conn.bound and not c.conn.closing]
-        if busy:
-            client = min(busy, key=lambda c: c.accepted)
-            log.debug("%s: stopping %s (never used a ticket) to make room",
-                      self.name, client.conn.name)
-            client.conn.shutdown()
-        return False
 
     def _add(self, sock):
         name = "{}/{}".format(self.name, next(_ids))
@@ -423,7 +413,7 @@ class Server:
         client = Client(conn, state, time.monotonic() + self.header_timeout)
         with self._lock:
             self._clients.add(client)
-        self._fresh[client] = None
+        self._room.added(client)
         if self.on_open:
             self.on_open()
         self._watch(client, selectors.EVENT_READ)
@@ -449,21 +439,10 @@ class Server:
             client.events = 0
 
     def _arm(self, client):
-        client.seq = next(self._seq)
-        heapq.heappush(self._heap, (client.deadline, client.seq, client))
-        if len(self._heap) > 4 * len(self._clients) + 64:
-            # Entries of re-armed and closed clients pile up (they are
-            # skipped when popped): keep the heap proportional.
-            self._heap = [(c.deadline, c.seq, c) for _, seq, c in self._heap
-                          if seq == c.seq and c.state != BUSY]
-            heapq.heapify(self._heap)
+        self._deadlines.arm(client, len(self._clients))
 
     def _expire(self):
-        now = time.monotonic()
-        while self._heap and self._heap[0][0] <= now:
-            deadline, seq, client = heapq.heappop(self._heap)
-            if seq != client.seq or client.state == BUSY:
-                continue  # Re-armed since, or running.
+        for client in self._deadlines.expired(time.monotonic()):
             log.debug("%s: %s timed out (%s)", self.name, client.conn.name,
                       client.state)
             self._close(client)
@@ -523,8 +502,7 @@ class Server:
     def _dispatch(self, client, head, error):
         self._unwatch(client)
         client.state = BUSY
-        self._fresh.pop(client, None)
-        self._unbound.pop(client, None)
+        self._room.busy(client)
         self.workers.submit(self._serve, client, head, error)
 
     # Workers.
@@ -588,10 +566,7 @@ class Server:
                                      if conn.reader.peek_buffered()
                                      or conn.reader.discarding
                                      else timeout)
-            if not conn.bound:
-                # Never used a ticket: first to go at max_clients (the
-                # oldest keeps its place).
-                self._unbound.setdefault(client, None)
+            self._room.idle(client)
             self._watch(client, selectors.EVENT_READ)
             if conn.sock.pending():
                 self._ready(client)
@@ -607,9 +582,8 @@ class Server:
             self._clients.discard(client)
         if threading.current_thread() is self._thread:
             self._unwatch(client)
-            self._fresh.pop(client, None)
-            self._unbound.pop(client, None)
-        client.state = "closed"
+            self._room.forget(client)
+        client.state = CLOSED
         client.seq = -1
         try:
             client.conn.close()

@@ -987,7 +987,7 @@ def test_trickled_refused_bodies_hold_no_threads(daemon, target):
             assert resp.status in (404, 405)
             resp.read()
         # Worker threads that served the 40 requests at once exit after
-        # 5 s idle (imageio.connections.WORKER_IDLE); none waits for the
+        # 5 s idle (imageio.workers.WORKER_IDLE); none waits for the
         # trickling bodies.
         for _ in range(14):
             for s in socks:
