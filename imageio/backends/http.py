@@ -50,7 +50,115 @@ def open(ticket, cfg):
                        ca_hint="check [backend_http] ca_file")
 
 
-class HTTPBackend(Backend):
+class _DataPath:
+    """The transfer client's data path of an HTTPBackend: the body moves
+    between this connection's socket and another backend (an NBD export)
+    in C, plain or zstd-coded (``coding``)."""
+
+    def put_with(self, offset, length, send_body, flush=False):
+        """PUT ``length`` bytes at ``offset``: ``send_body(sink)`` sends
+        exactly the body to a ``backends.Sink``.  Raises errors.HTTPError
+        subclasses for error answers (with the daemon's message);
+        transport failures raise errors.BadGateway with ``retriable =
+        True``."""
+        if self.coding:
+            framing = ("Transfer-Encoding",
+                       "{}, chunked".format(self.coding))
+        else:
+            framing = ("Content-Length", str(length))
+        headers = [framing, ("Content-Range", "bytes {}-{}/*".format(
+            offset, offset + length - 1))]
+        con = self._con
+        try:
+            con.send_head("PUT", "{}?flush={}".format(
+                self._path, "y" if flush else "n"), headers)
+            sock = con.sock
+            if self.coding:
+                # Compressed as read, sent in chunks (docs/api.md).
+                writer = http_layer.ChunkedWriter(sock)
+                sink = compression.EncodingSink(writer.write, length,
+                                                self._timeout)
+                send_body(sink)
+                sink.close()
+                writer.close()
+            else:
+                send_body(Sink(sock, self._timeout))
+            con.complete(con.read_head(), self._size)
+        except errors.Error:
+            con.close()
+            raise
+        except OSError as e:
+            con.close()
+            raise con.failure("write", e)
+
+    def get_with(self, offset, length, recv_body):
+        """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
+        exactly the body from a source like ``http.Body``.  Raises
+        like ``put_with``."""
+        headers = [("Range", "bytes={}-{}".format(offset,
+                                                  offset + length - 1))]
+        if self.coding:
+            headers += [("TE", self.coding), ("Connection", "TE")]
+        con = self._con
+        try:
+            con.send_head("GET", self._path, headers)
+            head = con.read_head()
+            if head.status >= 300:
+                con.finish(head, self._size)
+            coding = head.headers.get("transfer-encoding", "").lower()
+            if coding == "zstd, chunked" and self.coding:
+                self._get_zstd(head, offset, length, recv_body)
+            else:
+                announced = con.content_length(head)
+                if announced != length:
+                    raise errors.BadGateway(
+                        "Remote imageio daemon sent {} bytes for a {} bytes "
+                        "range".format(announced, length))
+                source = con.body(length)
+                recv_body(source)
+                if source.remaining:
+                    raise errors.PartialContent(length,
+                                                length - source.remaining)
+            con.finish(head, self._size)
+        except errors.Error:
+            con.close()
+            raise
+        except OSError as e:
+            con.close()
+            raise con.failure("read", e)
+
+    def _get_zstd(self, head, offset, length, recv_body):
+        """A ``zstd, chunked`` response body: decoded into the callback's
+        buffers, at most ``length`` bytes, validated to the stream's end."""
+        expected = "bytes {}-{}/".format(offset, offset + length - 1)
+        if not head.headers.get("content-range", "").startswith(expected):
+            raise errors.BadGateway(
+                "Remote imageio daemon sent range {!r} for {!r}".format(
+                    head.headers.get("content-range"), expected))
+        if self._zstd_input is None:
+            self._zstd_input = bytearray(compression.INPUT_SIZE)
+        source = compression.DecodingSource(self._con.chunked_body(), length,
+                                            True, self._zstd_input)
+        try:
+            recv_body(source)
+            if source.received != length:
+                raise errors.PartialContent(length, source.received)
+            # Reads the rest of the stream: its end is checked, and the
+            # connection is ready for the next response.
+            source.readinto(memoryview(bytearray(1)))
+        except (errors.BadRequest, errors.RangeNotSatisfiable) as e:
+            err = errors.BadGateway(
+                "Remote imageio daemon {} sent a bad zstd stream: {}".format(
+                    self._con.where, e.message))
+            err.retriable = True
+            raise err
+
+    def write(self, data, offset):
+        """Write bytes-like ``data`` at ``offset`` (not flushed)."""
+        self.put_with(offset, len(data), lambda sink: sink.write(data))
+
+
+class HTTPBackend(_DataPath, Backend):
     """An HTTP client toward an imageio daemon's ``/images/ID``.
 
     Built from plain parameters: the transfer ``url``, the CA file
@@ -322,111 +430,6 @@ class HTTPBackend(Backend):
             return list(answer.get("algorithms", []))
         except (errors.HTTPError, AttributeError, TypeError):
             return []
-
-    # The client's data path.  The body moves between this connection's
-    # socket and another backend (an NBD export) in C.
-
-    def put_with(self, offset, length, send_body, flush=False):
-        """PUT ``length`` bytes at ``offset``: ``send_body(sink)`` sends
-        exactly the body to a ``backends.Sink``.  Raises errors.HTTPError
-        subclasses for error answers (with the daemon's message);
-        transport failures raise errors.BadGateway with ``retriable =
-        True``."""
-        if self.coding:
-            framing = ("Transfer-Encoding",
-                       "{}, chunked".format(self.coding))
-        else:
-            framing = ("Content-Length", str(length))
-        headers = [framing, ("Content-Range", "bytes {}-{}/*".format(
-            offset, offset + length - 1))]
-        con = self._con
-        try:
-            con.send_head("PUT", "{}?flush={}".format(
-                self._path, "y" if flush else "n"), headers)
-            sock = con.sock
-            if self.coding:
-                # Compressed as read, sent in chunks (docs/api.md).
-                writer = http_layer.ChunkedWriter(sock)
-                sink = compression.EncodingSink(writer.write, length,
-                                                self._timeout)
-                send_body(sink)
-                sink.close()
-                writer.close()
-            else:
-                send_body(Sink(sock, self._timeout))
-            con.complete(con.read_head(), self._size)
-        except errors.Error:
-            con.close()
-            raise
-        except OSError as e:
-            con.close()
-            raise con.failure("write", e)
-
-    def get_with(self, offset, length, recv_body):
-        """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
-        exactly the body from a source like ``http.Body``.  Raises
-        like ``put_with``."""
-        headers = [("Range", "bytes={}-{}".format(offset,
-                                                  offset + length - 1))]
-        if self.coding:
-            headers += [("TE", self.coding), ("Connection", "TE")]
-        con = self._con
-        try:
-            con.send_head("GET", self._path, headers)
-            head = con.read_head()
-            if head.status >= 300:
-                con.finish(head, self._size)
-            coding = head.headers.get("transfer-encoding", "").lower()
-            if coding == "zstd, chunked" and self.coding:
-                self._get_zstd(head, offset, length, recv_body)
-            else:
-                announced = con.content_length(head)
-                if announced != length:
-                    raise errors.BadGateway(
-                        "Remote imageio daemon sent {} bytes for a {} bytes "
-                        "range".format(announced, length))
-                source = con.body(length)
-                recv_body(source)
-                if source.remaining:
-                    raise errors.PartialContent(length,
-                                                length - source.remaining)
-            con.finish(head, self._size)
-        except errors.Error:
-            con.close()
-            raise
-        except OSError as e:
-            con.close()
-            raise con.failure("read", e)
-
-    def _get_zstd(self, head, offset, length, recv_body):
-        """A ``zstd, chunked`` response body: decoded into the callback's
-        buffers, at most ``length`` bytes, validated to the stream's end."""
-        expected = "bytes {}-{}/".format(offset, offset + length - 1)
-        if not head.headers.get("content-range", "").startswith(expected):
-            raise errors.BadGateway(
-                "Remote imageio daemon sent range {!r} for {!r}".format(
-                    head.headers.get("content-range"), expected))
-        if self._zstd_input is None:
-            self._zstd_input = bytearray(compression.INPUT_SIZE)
-        source = compression.DecodingSource(self._con.chunked_body(), length,
-                                            True, self._zstd_input)
-        try:
-            recv_body(source)
-            if source.received != length:
-                raise errors.PartialContent(length, source.received)
-            # Reads the rest of the stream: its end is checked, and the
-            # connection is ready for the next response.
-            source.readinto(memoryview(bytearray(1)))
-        except (errors.BadRequest, errors.RangeNotSatisfiable) as e:
-            err = errors.BadGateway(
-                "Remote imageio daemon {} sent a bad zstd stream: {}".format(
-                    self._con.where, e.message))
-            err.retriable = True
-            raise err
-
-    def write(self, data, offset):
-        """Write bytes-like ``data`` at ``offset`` (not flushed)."""
-        self.put_with(offset, len(data), lambda sink: sink.write(data))
 
     def close(self):
         self._con.close()
