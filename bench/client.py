@@ -33,6 +33,8 @@ import tempfile
 import time
 import uuid
 
+from harness import nbdserver
+
 from . import cpu, images, peers, tls
 
 MiB = 1024**2
@@ -52,9 +54,7 @@ else:
 """
 
 
-def qemu_img(*args):
-    return subprocess.run(["qemu-img"] + [str(a) for a in args], check=True,
-                          capture_output=True, text=True).stdout
+qemu_img = nbdserver.qemu_img
 
 
 def source_image(size=2 * GiB, seed=3):

@@ -39,15 +39,13 @@ import tempfile
 import time
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+from harness.daemonproc import Daemon, TOP
 
-import daemonproc  # noqa: E402
-from daemonproc import Daemon  # noqa: E402
+from imageio import tls
 
-from imageio import tls  # noqa: E402
+from . import cpu, peers
 
-from . import cpu, peers  # noqa: E402
+ROOT = TOP
 
 GiB = 1024**3
 IMAGE_SIZE = 2 * GiB
@@ -171,18 +169,11 @@ def start_daemon(workdir, link=None, tree=None):
     else:
         extra, prefix = "", []
     extra += "[logger_root]\nlevel = INFO\nhandlers = stderr\n"
-    d = Daemon(workdir, extra, prefix=prefix)
-    if tree is None:
-        return d.start()
-    # Daemon.start runs ``sys.executable -m imageio.daemon`` in TOP: this
-    # venv's Python then imports the tree's imageio (the current directory
-    # comes first on sys.path).
-    saved = daemonproc.TOP
-    daemonproc.TOP = tree
-    try:
-        return d.start()
-    finally:
-        daemonproc.TOP = saved
+    # The daemon runs ``sys.executable -m imageio.daemon`` in ``top``: this
+    # venv's Python then imports that tree's imageio (the current
+    # directory comes first on sys.path).
+    d = Daemon(workdir, extra, prefix=prefix, top=tree or TOP)
+    return d.start()
 
 
 def ticket(daemon, path, ops=("read", "write")):

@@ -31,6 +31,8 @@ import shutil
 import subprocess
 import time
 
+from harness import nbdserver
+
 from . import cpu, images, peers
 
 KiB = 1024
@@ -58,13 +60,7 @@ def _stamp(path, layout):
         json.dump(layout, f)
 
 
-def qemu_img(*args, timeout=600):
-    res = subprocess.run(["qemu-img", *map(str, args)], capture_output=True,
-                         text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"qemu-img {' '.join(map(str, args))}: "
-                           f"{res.stderr.strip()}")
-    return res.stdout
+qemu_img = nbdserver.qemu_img
 
 
 def bulk_qcow2(raw):

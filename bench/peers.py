@@ -13,7 +13,6 @@ Every server exposes the same small surface to the scenarios: ``https``
 """
 
 import ctypes
-import http.client
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 import uuid
+
+from harness import net
 
 from . import cpu
 
@@ -49,11 +50,7 @@ class Unavailable(Exception):
 
 # --- helpers -----------------------------------------------------------------
 
-def free_port():
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = net.free_port
 
 
 def _die_with_parent():
@@ -94,17 +91,8 @@ def tail(path, lines=20):
         return ""
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket (the local and control services)."""
-
-    def __init__(self, path, timeout=60, blocksize=1024 * 1024):
-        super().__init__("localhost", timeout=timeout, blocksize=blocksize)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+# http.client over a unix socket (the local and control services).
+UnixHTTPConnection = net.UnixHTTPConnection
 
 
 def _can_connect_tcp(host, port):

@@ -23,7 +23,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -31,10 +30,9 @@ import pytest
 
 from imageio._io import nbd
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+from harness import nbdserver
 
-import nbdserver  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 MiB = 1024**2
 GiB = 1024**3

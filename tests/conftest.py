@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from daemonproc import Daemon
+from harness.daemonproc import Daemon
 
 
 @pytest.fixture(scope="module")

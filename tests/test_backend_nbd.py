@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from imageio import backends, errors, http, ops
 from imageio._io.buffer import AlignedBuffer
 from imageio.backends import nbd as nbd_backend

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from conftest import new_ticket, request, add, connect, make_image
 
 GiB = 1024**3

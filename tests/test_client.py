@@ -246,7 +246,7 @@ def test_incremental_download_of_dirty_bitmap(daemon, tmp_path):
     run("qemu-img", "bitmap", "--add", str(base), "b1")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x02 4M 1M",
         "-c", "write -z 6M 1M", "-c", "write -P 0x03 40M 2M", str(base))
-    from nbdserver import qemu_nbd
+    from harness.nbdserver import qemu_nbd
     sock = tmp_path / "nbd.sock"
     with qemu_nbd(str(base), fmt="qcow2", sock=sock, read_only=True,
                   bitmap="b1", allocation_depth=True).start():
@@ -274,7 +274,7 @@ def test_verification_catches_target_that_loses_writes(daemon, tmp_path,
                                                        qcow2):
     # An NBD target that accepts every write and keeps none: the daemon
     # answers 200 to each PUT, the checksums differ.
-    from nbdserver import nbdkit
+    from harness.nbdserver import nbdkit
     sock = tmp_path / "lossy.sock"
     server = nbdkit("null", "size={}".format(SIZE), sock=sock)
     with server.start():
@@ -298,7 +298,7 @@ def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
     run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
     run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
     # A slow target: each write waits, so the kill lands mid-transfer.
-    from nbdserver import nbdkit
+    from harness.nbdserver import nbdkit
     sock = tmp_path / "slow.sock"
     disk = tmp_path / "target.raw"
     with open(disk, "wb") as f:
@@ -387,7 +387,7 @@ def assert_error(r, *words):
 
 
 def test_error_unreachable_daemon(tmp_path, qcow2):
-    from nbdserver import free_port
+    from harness.net import free_port
     url = "https://localhost:{}/images/x".format(free_port())
     assert_error(ovirt_img("upload", qcow2, url, "--insecure"),
                  "Cannot reach", "localhost")
@@ -445,7 +445,7 @@ def test_error_daemon_dies_mid_transfer(make_daemon, tmp_path):
     source = tmp_path / "source.raw"
     run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
     run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
-    from nbdserver import nbdkit
+    from harness.nbdserver import nbdkit
     sock = tmp_path / "slow.sock"
     server = nbdkit("memory", str(SIZE), sock=sock, filters=["delay"])
     server.argv += ["wdelay=200ms"]

@@ -68,7 +68,7 @@ def test_tasks_never_share_a_window():
 def test_source_extents_in_pieces_as_the_whole(tmp_path):
     # The upload asks for the source's extents piece by piece while the
     # workers copy; merged, they are the extents of the whole image.
-    import nbdserver
+    from harness import nbdserver
     from imageio.backends import nbd as nbd_backend
     image = tmp_path / "src.qcow2"
     nbdserver.qemu_img("create", "-f", "qcow2", str(image), str(64 * MiB))

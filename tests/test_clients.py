@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from conftest import add
 
 MiB = 1024**2

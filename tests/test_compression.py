@@ -11,9 +11,9 @@ import sys
 import pytest
 import zstandard
 
-import nbdserver
+from harness import nbdserver
 from conftest import add, connect, connect_raw, request, ticket_info
-from daemonproc import Daemon
+from harness.daemonproc import Daemon
 from imageio import compression
 
 MiB = 1024**2

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import add, make_image, request
-from daemonproc import Daemon
+from harness.daemonproc import Daemon
 
 MiB = 1024**2
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -75,7 +75,7 @@ def test_missing_ticket_file(daemon, tmp_path):
 
 
 def test_daemon_not_running(tmp_path):
-    from daemonproc import write_conf
+    from harness.daemonproc import write_conf
     write_conf(str(tmp_path))
     r = ctl("-c", str(tmp_path), "list-tickets")
     assert r.returncode == 1

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from daemonproc import Daemon, write_conf, BASE_CONF
+from harness.daemonproc import Daemon, write_conf, BASE_CONF
 
 
 def run_daemon(confdir, timeout=20):

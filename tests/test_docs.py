@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import time
 import pytest
 
 from imageio import tickets
+from harness import net
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(TOP, "docs")
@@ -211,9 +211,7 @@ def test_links(path):
 # Runnable blocks.
 
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(net.free_port())
 
 
 class Workspace:

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import new_ticket
+from harness import nbdserver
 
 MiB = 1024**2
 
@@ -35,9 +36,7 @@ def run_client(python, *args):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def qemu_img(*args):
-    subprocess.run(["qemu-img"] + list(args), check=True,
-                   capture_output=True, timeout=120)
+qemu_img = nbdserver.qemu_img
 
 
 @pytest.fixture

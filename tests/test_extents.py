@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from conftest import add, connect, connect_raw, new_ticket, request
 
 KiB = 1024

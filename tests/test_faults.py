@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
+from harness import net
 from conftest import (new_ticket, request, make_image, connect, connect_raw,
                       ticket_info, wait_idle)
 
@@ -30,15 +31,7 @@ MiB = 1024**2
 
 # Helpers.
 
-def read_response(sock):
-    """(status, body) of the response on ``sock``, or (None, exception)
-    when the daemon cut the connection instead of answering."""
-    resp = http.client.HTTPResponse(sock)
-    try:
-        resp.begin()
-        return resp.status, resp.read()
-    except (http.client.HTTPException, OSError) as e:
-        return None, e
+read_response = net.read_response
 
 
 def put_head(ticket_id, length, offset=0, query=""):

@@ -9,15 +9,10 @@ import time
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from conftest import new_ticket, request
 
 MiB = 1024**2
-
-
-@pytest.fixture(params=["remote", "local"])
-def service(request):
-    return request.param
 
 
 def connect(daemon, service):

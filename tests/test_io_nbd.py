@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from imageio._io import nbd
 
 MiB = 1024**2

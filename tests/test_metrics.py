@@ -19,8 +19,8 @@ from imageio import metrics
 from imageio import tickets
 
 from conftest import add, make_image, request, ticket_info, wait_idle
-from daemonproc import Daemon
-from promserver import Prometheus
+from harness.daemonproc import Daemon
+from harness.promserver import Prometheus
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(TOP, "examples", "grafana", "imageio.json")

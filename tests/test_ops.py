@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-import nbdserver
+from harness import nbdserver
 from imageio import backends, errors, http, ops
 from imageio._io.buffer import AlignedBuffer
 

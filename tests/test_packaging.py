@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tarfile
 
-from daemonproc import TOP
+from harness.daemonproc import TOP
 
 
 def test_systemd_unit_verifies(tmp_path):

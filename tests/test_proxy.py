@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from conftest import new_ticket, request
-from daemonproc import Daemon
+from harness.daemonproc import Daemon
 
 MiB = 1024**2
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from conftest import new_ticket, request
-from daemonproc import Daemon
+from harness.daemonproc import Daemon
 from imageio import tls
 
 MiB = 1024**2

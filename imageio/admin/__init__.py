@@ -55,16 +55,18 @@ def load_config(confdir=DEFAULT_CONFDIR):
         raise Error(str(e))
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (the control service; tests and
+    benchmarks use it for the local service too)."""
 
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+    def __init__(self, path, timeout=60, blocksize=1024 * 1024):
+        super().__init__("localhost", timeout=timeout, blocksize=blocksize)
+        self.path = path
 
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
+        self.sock.connect(self.path)
 
 
 class Client:
@@ -74,7 +76,7 @@ class Client:
         c = cfg.control
         if c.transport == "unix":
             self.address = c.socket
-            self._con = _UnixHTTPConnection(c.socket, timeout)
+            self._con = UnixHTTPConnection(c.socket, timeout)
         else:
             host = "127.0.0.1" if c.prefer_ipv4 else "::1"
             self.address = "{}:{}".format(host, c.port)

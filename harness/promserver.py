@@ -13,7 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from nbdserver import free_port
+from .net import free_port
 
 START_TIMEOUT = 30
 STOP_TIMEOUT = 10

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,10 +18,7 @@ START_TIMEOUT = 20
 STOP_TIMEOUT = 10
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .net import free_port  # noqa: E402,F401 (where tests find it)
 
 
 class Server:
@@ -208,10 +204,14 @@ def nbdkit(plugin, *args, sock=None, port=None, filters=(), export="",
 
 # Images.
 
-def qemu_img(*args):
-    subprocess.run(["qemu-img"] + [str(a) for a in args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=120)
+def qemu_img(*args, timeout=600):
+    """Run qemu-img; its stdout, or RuntimeError with its stderr."""
+    res = subprocess.run(["qemu-img", *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError("qemu-img {}: {}".format(
+            " ".join(map(str, args)), res.stderr.strip()))
+    return res.stdout
 
 
 def qemu_io(image, fmt, *commands):

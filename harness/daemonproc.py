@@ -4,13 +4,13 @@ import http.client
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 
 from imageio import admin
+from imageio.admin import UnixHTTPConnection
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +65,13 @@ class Daemon:
     """The daemon as a process: ``start()``, then ``remote_port``,
     ``local_socket``, ``control_socket``, ``ca_file``; ``stop()``."""
 
-    def __init__(self, confdir, extra="", env=None, prefix=(), args=()):
+    def __init__(self, confdir, extra="", env=None, prefix=(), args=(),
+                 top=TOP):
         """``prefix``: a command to run the daemon under (e.g. ``ip netns
-        exec NAME``); ``args``: more daemon arguments (``-t FILE``)."""
+        exec NAME``); ``args``: more daemon arguments (``-t FILE``);
+        ``top``: the source tree whose imageio runs (this one; a benchmark
+        may run another commit's)."""
+        self.top = top
         self.prefix = list(prefix)
         self.args = list(args)
         self.confdir = str(confdir)
@@ -89,7 +93,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             self.prefix + [sys.executable, "-m", "imageio.daemon", "-c",
                            self.confdir] + self.args,
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=TOP)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.top)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
@@ -155,15 +159,3 @@ class Daemon:
             raise
         finally:
             self._log.close()
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-
-    def __init__(self, path, timeout=60):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
