@@ -14,6 +14,7 @@ timed out, TLS) becomes ``BadGateway`` marked ``retriable``; a certificate
 the CA does not verify is not retriable.
 """
 
+import contextlib
 import json
 import socket
 import ssl
@@ -136,6 +137,19 @@ class Connection:
         err.retriable = True
         return err
 
+    @contextlib.contextmanager
+    def guard(self, during):
+        """Any failure inside closes the connection (its state is
+        unknown); transport failures become retriable BadGateway."""
+        try:
+            yield
+        except errors.Error:
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise self.failure(during, e)
+
     # Requests.
 
     def send_head(self, method, target, headers=(), body=b""):
@@ -228,28 +242,30 @@ class Connection:
         self.finish(head, size)
         return data
 
+    def exchange(self, method, target, headers=(), body=b"", during=None):
+        """Send a request (head and a small ``body``) and read its
+        response head.  A kept-alive connection the daemon closed
+        meanwhile is reopened once: nothing was taken from it."""
+        for attempt in (1, 2):
+            fresh = self.sock is None
+            with self.guard(during or method):
+                try:
+                    self.send_head(method, target, headers, body)
+                    return self.read_head()
+                except ConnectionError:
+                    self.close()
+                    if fresh or attempt == 2:
+                        raise
+
     def request(self, method, target, body=b"", headers=(), size=None,
                 limit=MAX_ERROR_BODY):
         """A request with a small body (or none) answered with a small
         body: returns (head, body bytes); error statuses raise
-        (``status_error``).  A kept-alive connection the daemon closed
-        meanwhile is reopened once: these requests are idempotent."""
-        for attempt in (1, 2):
-            fresh = self.sock is None
-            try:
-                self.send_head(method, target, headers, body)
-                head = self.read_head()
-                return head, self.complete(head, size, limit)
-            except ConnectionError as e:
-                self.close()
-                if fresh or attempt == 2:
-                    raise self.failure(method, e)
-            except errors.Error:
-                self.close()
-                raise
-            except OSError as e:
-                self.close()
-                raise self.failure(method, e)
+        (``status_error``).  Only for idempotent requests (see
+        ``exchange``)."""
+        head = self.exchange(method, target, headers, body)
+        with self.guard(method):
+            return head, self.complete(head, size, limit)
 
     def request_json(self, method, target, body=None, size=None,
                      limit=64 * 1024**2):

@@ -247,6 +247,53 @@ def parse_head(buf, start=0):
     return _parse_lines(buf, start)
 
 
+def _split_head(buf, start, too_large):
+    """The lines of the head at ``buf[start:]`` up to its empty line:
+    (lines, end), or None while it is not complete.  ``too_large(what,
+    first)`` raises for a head over MAX_HEAD ("head"), a line over
+    MAX_LINE ("line", ``first`` when it is the first line) or more than
+    MAX_HEADERS headers ("headers"), as soon as that is known."""
+    pos = start
+    lines = []
+    while True:
+        i = buf.find(b"\n", pos, start + MAX_HEAD + 1)
+        if i < 0 and len(buf) - start > MAX_HEAD:
+            too_large("head", not lines)
+        if i < 0:
+            if len(buf) - pos > MAX_LINE:
+                too_large("line", not lines)
+            return None
+        if i + 1 - pos > MAX_LINE:
+            too_large("line", not lines)
+        line = bytes(buf[pos:i + 1])
+        pos = i + 1
+        if lines and line in (b"\r\n", b"\n"):
+            return lines, pos
+        lines.append(line)
+        if len(lines) > MAX_HEADERS + 1:
+            too_large("headers", False)
+
+
+def _request_too_large(what, first):
+    if what == "head":
+        raise errors.HeadersTooLarge(
+            "Request head too large: at most {} bytes allowed".format(
+                MAX_HEAD))
+    if what == "line":
+        raise errors.HeadersTooLarge(
+            "Request line too long" if first
+            else "Request header line too long")
+    raise errors.HeadersTooLarge(
+        "Too many headers: at most {} allowed".format(MAX_HEADERS))
+
+
+def _response_too_large(what, first):
+    raise errors.BadGateway("Invalid response: {}".format({
+        "head": "head over {} bytes".format(MAX_HEAD),
+        "line": "line too long",
+        "headers": "more than {} headers".format(MAX_HEADERS)}[what]))
+
+
 def _parse_lines(buf, start):
     """parse_head line by line: every head, and every error's words."""
     pos = start
@@ -258,32 +305,10 @@ def _parse_lines(buf, start):
             pos += 1
         else:
             break
-    lines = []
-    head_start = pos
-    while True:
-        i = buf.find(b"\n", pos, head_start + MAX_HEAD + 1)
-        if i < 0 and len(buf) - head_start > MAX_HEAD:
-            raise errors.HeadersTooLarge(
-                "Request head too large: at most {} bytes allowed".format(
-                    MAX_HEAD))
-        if i < 0:
-            if len(buf) - pos > MAX_LINE:
-                raise errors.HeadersTooLarge(
-                    "Request line too long" if not lines
-                    else "Request header line too long")
-            return None
-        if i + 1 - pos > MAX_LINE:
-            raise errors.HeadersTooLarge(
-                "Request line too long" if not lines
-                else "Request header line too long")
-        line = bytes(buf[pos:i + 1])
-        pos = i + 1
-        if lines and line in (b"\r\n", b"\n"):
-            break
-        lines.append(line)
-        if len(lines) > MAX_HEADERS + 1:
-            raise errors.HeadersTooLarge(
-                "Too many headers: at most {} allowed".format(MAX_HEADERS))
+    found = _split_head(buf, pos, _request_too_large)
+    if found is None:
+        return None
+    lines, pos = found
     return _make_head(lines), pos
 
 
@@ -370,27 +395,10 @@ def parse_response_head(buf, start=0):
     not complete, else (ResponseHead, end).  Raises BadGateway for a
     malformed head, a line longer than MAX_LINE, more than MAX_HEADERS
     headers or a head over MAX_HEAD bytes, as soon as that is known."""
-    pos = start
-    lines = []
-    while True:
-        i = buf.find(b"\n", pos, start + MAX_HEAD + 1)
-        if i < 0:
-            if len(buf) - start > MAX_HEAD:
-                raise errors.BadGateway(
-                    "Invalid response: head over {} bytes".format(MAX_HEAD))
-            if len(buf) - pos > MAX_LINE:
-                raise errors.BadGateway("Invalid response: line too long")
-            return None
-        if i + 1 - pos > MAX_LINE:
-            raise errors.BadGateway("Invalid response: line too long")
-        line = bytes(buf[pos:i + 1])
-        pos = i + 1
-        if lines and line in (b"\r\n", b"\n"):
-            break
-        lines.append(line)
-        if len(lines) > MAX_HEADERS + 1:
-            raise errors.BadGateway(
-                "Invalid response: more than {} headers".format(MAX_HEADERS))
+    found = _split_head(buf, start, _response_too_large)
+    if found is None:
+        return None
+    lines, pos = found
     text = lines[0].decode("latin-1").rstrip("\r\n")
     m = _STATUS_LINE.match(text)
     if m is None:

@@ -69,7 +69,7 @@ class _DataPath:
         headers = [framing, ("Content-Range", "bytes {}-{}/*".format(
             offset, offset + length - 1))]
         con = self._con
-        try:
+        with con.guard("write"):
             con.send_head("PUT", "{}?flush={}".format(
                 self._path, "y" if flush else "n"), headers)
             sock = con.sock
@@ -84,12 +84,6 @@ class _DataPath:
             else:
                 send_body(Sink(sock, self._timeout))
             con.complete(con.read_head(), self._size)
-        except errors.Error:
-            con.close()
-            raise
-        except OSError as e:
-            con.close()
-            raise con.failure("write", e)
 
     def get_with(self, offset, length, recv_body):
         """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
@@ -100,7 +94,7 @@ class _DataPath:
         if self.coding:
             headers += [("TE", self.coding), ("Connection", "TE")]
         con = self._con
-        try:
+        with con.guard("read"):
             con.send_head("GET", self._path, headers)
             head = con.read_head()
             if head.status >= 300:
@@ -120,12 +114,6 @@ class _DataPath:
                     raise errors.PartialContent(length,
                                                 length - source.remaining)
             con.finish(head, self._size)
-        except errors.Error:
-            con.close()
-            raise
-        except OSError as e:
-            con.close()
-            raise con.failure("read", e)
 
     def _get_zstd(self, head, offset, length, recv_body):
         """A ``zstd, chunked`` response body: decoded into the callback's
@@ -298,26 +286,9 @@ class HTTPBackend(_DataPath, Backend):
         except ValueError:
             return False
 
-    def _exchange(self, during, method, target, headers=(), body=b""):
-        """Send a request head (a kept-alive connection the daemon closed
-        meanwhile is reopened once: nothing of a body was sent yet) and
-        read the response head; error statuses raise."""
-        for attempt in (1, 2):
-            fresh = self._con.sock is None
-            try:
-                self._con.send_head(method, target, headers, body)
-                head = self._con.read_head()
-                break
-            except ConnectionError as e:
-                self._con.close()
-                if fresh or attempt == 2:
-                    raise self._con.failure(during, e)
-            except errors.Error:
-                self._con.close()
-                raise
-            except OSError as e:
-                self._con.close()
-                raise self._con.failure(during, e)
+    def _exchange(self, during, method, target, headers=()):
+        """The response head of a request; error statuses raise."""
+        head = self._con.exchange(method, target, headers, during=during)
         if head.status >= 300:
             self._con.finish(head, self._size)
         return head
@@ -362,18 +333,17 @@ class HTTPBackend(_DataPath, Backend):
         }
         for attempt in (1, 2):
             fresh = self._con.sock is None
-            try:
-                self._con.send_head("PUT", self._path + "?flush=n", headers)
-                break
-            except ConnectionError as e:
-                # A kept-alive connection the remote closed meanwhile;
-                # nothing of the body was sent yet.
-                self._con.close()
-                if fresh or attempt == 2:
-                    raise self._con.failure("write", e)
-            except OSError as e:
-                self._con.close()
-                raise self._con.failure("write", e)
+            with self._con.guard("write"):
+                try:
+                    self._con.send_head("PUT", self._path + "?flush=n",
+                                        headers)
+                    break
+                except ConnectionError:
+                    # A kept-alive connection the remote closed meanwhile;
+                    # nothing of the body was sent yet.
+                    self._con.close()
+                    if fresh or attempt == 2:
+                        raise
         return _Writer(self._con, self._size)
 
     def _patch(self, msg):
@@ -501,12 +471,6 @@ class _Writer:
             # The body is incomplete: the remote must not take it.
             self._con.close()
             return False
-        try:
+        with self._con.guard("write"):
             self._con.complete(self._con.read_head(), self._size)
-        except errors.Error:
-            self._con.close()
-            raise
-        except OSError as e:
-            self._con.close()
-            raise self._con.failure("write", e)
         return False

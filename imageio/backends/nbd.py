@@ -13,6 +13,7 @@ One backend holds one libnbd handle; bulk bytes move in
 ``imageio._io.nbd`` with several requests in flight and the GIL released.
 """
 
+import contextlib
 import logging
 import os
 import pwd
@@ -375,6 +376,27 @@ class NbdBackend(Backend):
             log.error("%s", lost)
             raise errors.BackendError(lost) from cause
 
+    @contextlib.contextmanager
+    def _command(self, write=False):
+        """Run a command on the handle: busy meanwhile (peer_closed()
+        does not poll a socket with replies in flight); a failure that
+        took the connection with it may have lost unflushed writes
+        (_failed raises); a ``write`` the server acknowledged is owed a
+        flush."""
+        h = self._handle()
+        self._busy += 1
+        try:
+            yield h
+        except nbd.Error as e:
+            self._failed(e)
+            raise
+        finally:
+            self._busy -= 1
+        if write:
+            # Only writes the server acknowledged count: a failed request
+            # is reported to its client as failed anyway.
+            self._ledger.wrote(self)
+
     def _failed(self, e):
         """A command failed with ``e``: if the connection went with it,
         the writes not yet flushed may be lost (_lost raises)."""
@@ -447,72 +469,36 @@ class NbdBackend(Backend):
         """Send the range to the plain socket ``fd``: NBD -> socket in C,
         requests in flight, completed in order into the socket."""
         self._check_range(offset, length)
-        h = self._handle()
-        self._busy += 1
-        try:
+        with self._command() as h:
             h.send_to_socket(fd, offset, length, buf, timeout, progress)
-        finally:
-            self._busy -= 1
 
     def recv_from(self, fd, offset, length, buf, timeout, progress):
         """Receive up to ``length`` bytes from the plain socket ``fd`` and
         write them at ``offset``: socket -> NBD in C, requests in flight.
         Returns the bytes received (fewer when the peer closed early)."""
         self._check_range(offset, length)
-        h = self._handle()
-        self._busy += 1
-        try:
-            n = h.recv_from_socket(fd, offset, length, buf, timeout,
-                                   progress)
-            # Only writes the server acknowledged count: a failed request
-            # is reported to its client as failed anyway.
-            self._ledger.wrote(self)
-            return n
-        except nbd.Error as e:
-            self._failed(e)
-            raise
-        finally:
-            self._busy -= 1
+        with self._command(write=True) as h:
+            return h.recv_from_socket(fd, offset, length, buf, timeout,
+                                      progress)
 
     def write(self, data, offset):
         n = len(data)
         self._check_range(offset, n)
-        h = self._handle()
-        self._busy += 1
-        try:
+        with self._command(write=True) as h:
             h.pwrite_pipelined(data, offset, n)
-            self._ledger.wrote(self)
-        except nbd.Error as e:
-            self._failed(e)
-            raise
-        finally:
-            self._busy -= 1
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)
-        with self._read_lock:
-            h = self._handle()
-            self._busy += 1
-            try:
-                h.pread_pipelined(buf, offset, length)
-            finally:
-                self._busy -= 1
+        with self._read_lock, self._command() as h:
+            h.pread_pipelined(buf, offset, length)
         return memoryview(buf)[:length]
 
     def zero(self, offset, length, punch_hole):
         self._check_range(offset, length)
         if length == 0:
             return
-        h = self._handle()
-        self._busy += 1
-        try:
+        with self._command(write=True) as h:
             self._zero(h, offset, length, punch_hole)
-            self._ledger.wrote(self)
-        except nbd.Error as e:
-            self._failed(e)
-            raise
-        finally:
-            self._busy -= 1
 
     def _zero(self, h, offset, length, punch_hole):
         if punch_hole and h.reads_as_zero(offset, length):
@@ -536,20 +522,14 @@ class NbdBackend(Backend):
             length -= n
 
     def flush(self):
-        h = self._handle()
-        lost = self._ledger.check_others(self, redact(self._address.url))
-        if lost is not None:
-            log.error("%s", lost)
-            raise errors.BackendError(lost)
-        if self._can_flush:
-            self._busy += 1
-            try:
+        with self._command() as h:
+            lost = self._ledger.check_others(self,
+                                             redact(self._address.url))
+            if lost is not None:
+                log.error("%s", lost)
+                raise errors.BackendError(lost)
+            if self._can_flush:
                 h.flush()
-            except nbd.Error as e:
-                self._failed(e)
-                raise
-            finally:
-                self._busy -= 1
         self._ledger.flushed(self, self._multi_conn)
 
     def extents(self, offset=0, length=None, context="zero"):
