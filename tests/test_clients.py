@@ -87,3 +87,42 @@ def test_aria2c_four_connections(daemon, image, tmp_path):
     # It did split: several connections bound to the ticket.
     assert daemon.log().count("bound to ticket {}".format(
         t["uuid"][:8])) >= 2
+
+
+def test_v2v_pool_sizing_read_only_ticket_fails_at_once(daemon, image):
+    # virt-v2v's rhv-upload plugin sizes its pool of connections as
+    # min(max_readers, max_writers, 4) from OPTIONS and takes a connection
+    # from it for every write: with max_writers 0 the pool is empty and the
+    # first write waits forever.  The established service answers 1, so
+    # the write is sent and refused with 403 at once.
+    import http.client
+    import queue
+    import ssl
+    path, data = image
+    t = add(daemon, path, len(data), ops=["read"])
+    ctx = ssl.create_default_context(cafile=daemon.ca_file)
+
+    def connect():
+        return http.client.HTTPSConnection("localhost", daemon.remote_port,
+                                           context=ctx, timeout=10)
+
+    target = "/images/" + t["uuid"]
+    con = connect()
+    con.request("OPTIONS", target)
+    options = json.loads(con.getresponse().read())
+    con.close()
+    count = min(options["max_readers"], options["max_writers"], 4)
+    pool = queue.Queue(count)
+    for _ in range(count):
+        pool.put(connect())
+    # The plugin blocks in pool.get(); a test waits a little only.
+    con = pool.get(timeout=5)
+    try:
+        con.request("PUT", target, body=b"x" * 4096,
+                    headers={"Content-Range": "bytes 0-4095/*"})
+        resp = con.getresponse()
+        body = resp.read()
+    finally:
+        con.close()
+    assert resp.status == 403, body
+    assert path.read_bytes()[:4096] == data[:4096]

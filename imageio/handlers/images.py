@@ -57,7 +57,11 @@ class Images:
             "features": features,
             "size": ticket.size,
             "max_readers": backend.max_readers,
-            "max_writers": backend.max_writers if writable else 0,
+            # At least 1, as the established service answers even for a
+            # read-only ticket: clients size their connection pool as
+            # min(max_readers, max_writers) (virt-v2v's upload plugin),
+            # and an empty pool waits forever instead of meeting the 403.
+            "max_writers": max(1, backend.max_writers),
             "encodings": compression.ENCODINGS,
         }
         if self.local_socket:
