@@ -548,3 +548,23 @@ def test_established_style_script(daemon, tmp_path, qcow2):
     data = target.read_bytes()
     assert data[:4096] == b"\x99" * 4096
     assert data[4096:8192] == bytes(4096)
+
+
+# Data safety (issue 22).
+
+def test_download_with_backing_file_writes_remote_zeroes(daemon, tmp_path,
+                                                         qcow2):
+    # A full (not incremental) download on top of BASE: where the remote
+    # reads zero, BASE has data.  The new image must read as the remote
+    # does, not show BASE through holes (the hasher was fed zeroes, so
+    # verification passed over the mix).
+    target, url = file_ticket(daemon, tmp_path)
+    assert ovirt_img("upload", qcow2, url, "--insecure").returncode == 0
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(base), str(SIZE))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0xee 0 64M", str(base))
+    out = tmp_path / "out.qcow2"
+    r = ovirt_img("download", url, out, "--backing-file", base,
+                  "--backing-format", "qcow2", "--cafile", daemon.ca_file)
+    assert r.returncode == 0, r.stderr
+    compare(target, out, "raw", "qcow2")

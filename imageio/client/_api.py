@@ -250,10 +250,15 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         else:
             items = transfer.plan(transfer.merged(
                 (e.start, e.length, e.zero) for e in http.extents(context="zero")))
-
-            def skip(item):
-                # A new image reads as zero: zero extents stay holes.
-                return True
+            if backing_file:
+                # BASE shows through the holes of a new image on top of
+                # it: where the remote reads zero, zeroes are written
+                # (qcow2 zero clusters), so the image reads as the remote.
+                skip = None
+            else:
+                def skip(item):
+                    # A new image reads as zero: zero extents stay holes.
+                    return True
 
         journal = journal_mod.Journal("download", filename, url)
         if not (resume and os.path.exists(filename) and
