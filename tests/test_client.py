@@ -568,3 +568,39 @@ def test_download_with_backing_file_writes_remote_zeroes(daemon, tmp_path,
                   "--backing-format", "qcow2", "--cafile", daemon.ca_file)
     assert r.returncode == 0, r.stderr
     compare(target, out, "raw", "qcow2")
+
+
+def guest_raw_with_qcow2_header(tmp_path):
+    """A raw guest disk whose guest wrote a qcow2 header naming a host
+    file as its backing file."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"HOST-SECRET-" * 4096)
+    disk = tmp_path / "guest.raw"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F",
+        "raw", str(disk), str(SIZE))
+    with open(disk, "r+b") as f:
+        f.truncate(SIZE)
+    return disk, secret
+
+
+def test_upload_format_raw_never_follows_a_backing_file(daemon, tmp_path):
+    from imageio import client
+    disk, secret = guest_raw_with_qcow2_header(tmp_path)
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", disk, url, "--format", "raw", "--cafile",
+                  daemon.ca_file, "-v")
+    assert r.returncode == 0, r.stderr
+    assert "format raw (given)" in r.stderr, r.stderr
+    assert target.read_bytes() == disk.read_bytes()
+    assert b"HOST-SECRET" not in target.read_bytes()
+    # The library, the same.
+    target2, url2 = file_ticket(daemon, tmp_path, name="target2.raw")
+    client.upload(str(disk), url2, daemon.ca_file, fmt="raw")
+    assert target2.read_bytes() == disk.read_bytes()
+
+
+def test_upload_probed_format_is_logged(daemon, tmp_path, qcow2):
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file, "-v")
+    assert r.returncode == 0, r.stderr
+    assert "format qcow2 (probed)" in r.stderr, r.stderr

@@ -136,15 +136,20 @@ def _not_done(items, done, progress):
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
            progress=None, proxy_url=None, max_workers=MAX_WORKERS,
            member=None, backing_chain=True, disk_is_zero=False,
-           verify=False, resume=False, compress=False):
+           verify=False, resume=False, compress=False, fmt=None):
     """Upload the guest data of ``filename`` (any format qemu reads; with
     ``member``, a member of the tar file ``filename``) to the transfer
-    ``url``.  ``verify`` compares block hashes after the transfer;
-    ``resume`` skips requests an interrupted run confirmed; ``compress``
-    sends data zstd-coded when the daemon offers it (plain bytes
-    otherwise).  Raises errors.Error subclasses with messages a user can
-    act on."""
-    image = qemu.info(filename, member)
+    ``url``.  ``fmt`` is the source's format (None: probed by qemu; give
+    it for a disk of unknown content: a raw disk whose guest wrote an
+    image header is probed as that format).  A backing file is followed
+    only for a qcow2 source and ``backing_chain``.  ``verify`` compares
+    block hashes after the transfer; ``resume`` skips requests an
+    interrupted run confirmed; ``compress`` sends data zstd-coded when
+    the daemon offers it (plain bytes otherwise).  Raises errors.Error
+    subclasses with messages a user can act on."""
+    image = qemu.info(filename, member, fmt)
+    log.info("Source %s: format %s (%s)", filename, image["format"],
+             "given" if fmt else "probed")
     http = _open_http(url, cafile, secure, proxy_url)
     try:
         if compress:

@@ -67,6 +67,10 @@ def parser():
     up.add_argument("url", metavar="URL")
     up.add_argument("--member", help="upload this member of the tar (OVA) "
                     "file FILE")
+    up.add_argument("--format", help="format of FILE (default: probed; "
+                    "give it for a disk whose content you do not control: "
+                    "a raw disk is never probed as another format, and "
+                    "only a qcow2's backing file is followed)")
     _transfer_options(up)
     up.set_defaults(run=_upload)
 
@@ -137,7 +141,7 @@ def _common(args):
 def _upload(args):
     with _progress(args, "uploading") as progress:
         _api.upload(args.filename, args.url, member=args.member,
-                    progress=progress, **_common(args))
+                    fmt=args.format, progress=progress, **_common(args))
         progress.phase = "upload completed"
 
 

@@ -64,15 +64,24 @@ def image_spec(filename, member=None):
         "file": {"driver": "file", "filename": filename}}})
 
 
-def info(filename, member=None):
+def info(filename, member=None, fmt=None):
     """``qemu-img info`` as a dict (with member-offset/member-size for a
-    tar member)."""
+    tar member); ``fmt`` is the format to open it as (None: probed)."""
     spec = image_spec(filename, member)
     if member is None and not os.access(filename, os.R_OK):
         raise Error("Cannot read {}: {}".format(
             filename, "no such file" if not os.path.exists(filename)
             else "permission denied"))
-    out = json.loads(_run(["qemu-img", "info", "--output", "json", spec]))
+    argv = ["qemu-img", "info", "--output", "json"]
+    if fmt is not None:
+        if member is not None:
+            # The tar member through the raw driver, opened as ``fmt``.
+            inner = json.loads(spec[len("json:"):])
+            spec = "json:" + json.dumps({"driver": fmt,
+                                         "file": inner["file"]})
+        else:
+            argv += ["-f", fmt]
+    out = json.loads(_run(argv + [spec]))
     if member is not None:
         out["member-offset"], out["member-size"] = find_member(
             filename, member)
@@ -119,18 +128,24 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
         argv += ["--discard", "unmap", "--detect-zeroes", "unmap"]
     if bitmap:
         argv += ["--bitmap", bitmap]
+    # A backing file is followed only for a qcow2 whose chain is asked
+    # for: a raw disk never has one (a qcow2 header written by its guest
+    # names a host file), and other formats' parents are not ours to read.
+    follow = backing_chain and fmt == "qcow2"
     if member is not None:
         # The tar member through qemu's raw driver; the top driver from
         # the probed format.
         inner = json.loads(spec[len("json:"):])
-        argv.append("json:" + json.dumps({"driver": fmt, "file":
-                                          inner["file"]}))
+        top = {"driver": fmt, "file": inner["file"]}
+        if not follow and fmt != "raw":
+            top["backing"] = None
+        argv.append("json:" + json.dumps(top))
+    elif follow or fmt == "raw":
+        argv += ["--format", fmt, filename]
     else:
-        if not backing_chain and fmt == "qcow2":
-            argv += ["--image-opts",
-                     "driver=qcow2,backing=,file.filename=" + filename]
-        else:
-            argv += ["--format", fmt, filename]
+        argv.append("json:" + json.dumps({
+            "driver": fmt, "backing": None,
+            "file": {"driver": "file", "filename": filename}}))
     log_path = os.path.join(tmp, "qemu-nbd.log")
     with open(log_path, "w") as log:
         try:
