@@ -322,15 +322,14 @@ def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
         while time.monotonic() < deadline:
             journals = list(journal_dir.glob("*.journal")) \
                 if journal_dir.exists() else []
-            if journals and len(journals[0].read_text().splitlines()) >= 3:
+            if journals and len(journal_items(journals[0])) >= 3:
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # Its private qemu-nbd dies with it.
         assert wait_gone(str(source))
-        confirmed = [tuple(map(int, line.split()))
-                     for line in journals[0].read_text().splitlines()]
+        confirmed = journal_items(journals[0])
         assert 3 <= len(confirmed) < SIZE // (8 * MiB)
         # The daemon ends the killed client's PUT first.
         wait_idle(daemon, t["uuid"])
@@ -345,6 +344,91 @@ def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
     assert second == SIZE - sent
     compare(source, disk, "raw", "raw")
     assert not list((state / "imageio").glob("*.journal"))
+
+
+def journal_items(path):
+    """(start, length) of a journal's items (its first line names the
+    source)."""
+    return [tuple(map(int, line.split()))
+            for line in path.read_text().splitlines()[1:]
+            if len(line.split()) == 2]
+
+
+def test_resume_refused_when_the_source_changed(daemon, tmp_path):
+    import signal
+    import time
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
+    from harness.nbdserver import nbdkit
+    sock = tmp_path / "slow.sock"
+    disk = tmp_path / "target.raw"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    ops = tmp_path / "ops.log"
+    server = nbdkit("file", str(disk), sock=sock, filters=["log", "delay"])
+    server.argv += ["wdelay=200ms", "logfile={}".format(ops)]
+    state = tmp_path / "state"
+    env = dict(os.environ, XDG_STATE_HOME=str(state))
+    with server.start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        daemon.add_ticket(t)
+        argv = [OVIRT_IMG, "upload", str(source), url_of(daemon, t),
+                "--cafile", daemon.ca_file, "--max-workers", "1",
+                "--no-verify", "-o", "json"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        journal_dir = state / "imageio"
+        deadline = time.monotonic() + 60
+        journals = []
+        while time.monotonic() < deadline:
+            journals = list(journal_dir.glob("*.journal")) \
+                if journal_dir.exists() else []
+            if journals and len(journal_items(journals[0])) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert wait_gone(str(source))
+        wait_idle(daemon, t["uuid"])
+        # Every journaled request was flushed before it was journaled:
+        # the target's log has a flush after the writes of those bytes.
+        log = ops.read_text()
+        confirmed = sum(n for _, n in journal_items(journals[0]))
+        assert " Flush " in log, log[-2000:]
+        flushed = written(log[:log.rindex(" Flush ")])
+        assert flushed >= confirmed > 0
+        # The source changes between the runs, same size.
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64M",
+            str(source))
+        r = subprocess.run(argv + ["--resume"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert_error(r, "Cannot resume", "changed", "without --resume")
+        # Run again from the start: the target is the new source.
+        r = subprocess.run(argv, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    compare(source, disk, "raw", "raw")
+
+
+def test_download_never_overwrites_an_existing_file(daemon, tmp_path,
+                                                     qcow2):
+    target, url = file_ticket(daemon, tmp_path)
+    assert ovirt_img("upload", qcow2, url, "--insecure").returncode == 0
+    out = tmp_path / "precious.qcow2"
+    out.write_bytes(b"precious")
+    assert_error(ovirt_img("download", url, out, "--cafile",
+                           daemon.ca_file), "exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    # --resume without a journal of an interrupted download into it: the
+    # same.
+    assert_error(ovirt_img("download", url, out, "--cafile",
+                           daemon.ca_file, "--resume"), "exists")
+    assert out.read_bytes() == b"precious"
+    r = ovirt_img("download", url, out, "--cafile", daemon.ca_file,
+                  "--overwrite")
+    assert r.returncode == 0, r.stderr
+    compare(qcow2, out, "qcow2", "qcow2")
 
 
 def wait_gone(arg, timeout=10):

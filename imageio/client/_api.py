@@ -113,11 +113,11 @@ class _ZeroRanges:
         return i >= 0 and self._ends[i] >= start + length
 
 
-def _resume(journal, resume):
+def _resume(journal, resume, flush):
     """The (start, length) an earlier run confirmed (``--resume``); the
-    journal is open for this run's."""
+    journal is open for this run's, ``flush()`` making them durable."""
     done = journal.load() if resume else set()
-    journal.start(keep=resume)
+    journal.start(keep=resume, flush=flush)
     if done:
         log.info("Resuming: %d requests already confirmed", len(done))
     return done
@@ -169,9 +169,12 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 # of their own while the workers copy.
                 extents_nbd = nbd.clone()
                 try:
+                    journal = journal_mod.Journal(
+                        "upload", filename, url,
+                        journal_mod.file_identity(filename))
                     _upload(nbd, extents_nbd, http, size, buffer_size,
                             progress, max_workers, disk_is_zero,
-                            (filename, url), verify, resume)
+                            journal, verify, resume)
                 finally:
                     extents_nbd.close()
             finally:
@@ -181,18 +184,33 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
 
 
 def _upload(nbd, extents_nbd, http, size, buffer_size, progress,
-            max_workers, disk_is_zero, names, verify, resume):
+            max_workers, disk_is_zero, journal, verify, resume):
     # A compressed PUT the daemon decodes whole before writing (docs/api.md,
     # "Compression"): a refused one leaves the image unchanged.
     request_size = compression.DECODE_SIZE if http.coding \
         else transfer.REQUEST_SIZE
     target_zero = _target_zero(http, disk_is_zero)
+    can_flush = "flush" in http.features or not http.features
+    # Journaled requests are flushed first, on a connection of their own.
+    flusher = http.clone() if can_flush else None
+    try:
+        done = _resume(journal, resume,
+                       flusher.flush if flusher else None)
+        _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
+                      max_workers, target_zero, journal, done, verify,
+                      request_size, can_flush)
+    finally:
+        if flusher is not None:
+            flusher.close()
+    journal.remove()
 
+
+def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
+                  max_workers, target_zero, journal, done, verify,
+                  request_size, can_flush):
     def skip(item):
         return target_zero.covers(item.start, item.length)
 
-    journal = journal_mod.Journal("upload", *names)
-    done = _resume(journal, resume)
     hasher = _hasher(http, size) if verify and not done else None
     workers = max(1, min(max_workers, http.max_writers))
     try:
@@ -201,13 +219,12 @@ def _upload(nbd, extents_nbd, http, size, buffer_size, progress,
         todo = _not_done(items, done, progress)
         _copy(transfer.Upload, nbd, http, transfer.tasks(todo, request_size),
               workers, buffer_size, progress, journal, hasher, skip)
-        if "flush" in http.features or not http.features:
+        if can_flush:
             http.flush()
     finally:
         journal.close()
     if verify:
         _verify(nbd, http, size, hasher)
-    journal.remove()
 
 
 def _target_zero(http, disk_is_zero):
@@ -225,13 +242,15 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
              proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
              backing_format=None, verify=False, resume=False,
-             compress=False):
+             compress=False, overwrite=True):
     """Download the transfer ``url`` into a new image ``filename`` in
     format ``fmt`` ("raw" or "qcow2").  Only data extents are read; zero
     extents stay unallocated.  With ``incremental``, only the dirty extents,
     into a qcow2 on top of ``backing_file``.  ``compress`` asks for data
-    zstd-coded when the daemon offers it.  Raises errors.Error
-    subclasses."""
+    zstd-coded when the daemon offers it.  An existing ``filename`` is
+    replaced only with ``overwrite`` (True, as the established client
+    does; ``ovirt-img`` passes False unless ``--overwrite``), or continued
+    with ``resume``.  Raises errors.Error subclasses."""
     if fmt not in ("raw", "qcow2"):
         raise errors.Error("Unsupported format {!r}: raw or qcow2".format(
             fmt))
@@ -266,16 +285,20 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     return True
 
         journal = journal_mod.Journal("download", filename, url)
-        if not (resume and os.path.exists(filename) and
-                os.path.exists(journal.path)):
-            resume = False
-            _create_target(filename, fmt, size, backing_file,
-                           backing_format)
+        resume = _download_target(journal, filename, resume, overwrite,
+                                  fmt, size, backing_file, backing_format)
+        # The journal is this image's: same remote size, same local file.
+        st = os.stat(filename)
+        journal.identity = {"size": size, "inode": st.st_ino,
+                            "device": st.st_dev}
         with qemu.serve(filename, fmt, read_only=False,
                         shared=NBD_SHARED) as nbd_url:
             nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
+            # Journaled requests are flushed first, on a connection of
+            # their own.
+            flusher = nbd.clone()
             try:
-                done = _resume(journal, resume)
+                done = _resume(journal, resume, flusher.flush)
                 todo = _not_done(items, done, progress)
                 # Clean extents of an incremental download are not moved:
                 # the local image is hashed after the transfer.
@@ -302,9 +325,26 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                             remote.result() if remote else None)
                 journal.remove()
             finally:
+                flusher.close()
                 nbd.close()
     finally:
         http.close()
+
+
+def _download_target(journal, filename, resume, overwrite, fmt, size,
+                     backing_file, backing_format):
+    """Create the download's image, or keep it to resume; return whether
+    to resume.  An existing file is never replaced unless ``overwrite``."""
+    exists = os.path.lexists(filename)
+    if resume and exists and os.path.exists(journal.path):
+        return True
+    if exists and not overwrite:
+        raise errors.Error(
+            "{} exists: not overwritten (--overwrite replaces it; "
+            "--resume continues an interrupted download into it)".format(
+                filename))
+    _create_target(filename, fmt, size, backing_file, backing_format)
+    return False
 
 
 def _create_target(filename, fmt, size, backing_file, backing_format):

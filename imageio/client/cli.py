@@ -85,6 +85,9 @@ def parser():
                       "--backing-file")
     down.add_argument("--backing-file", metavar="BASE")
     down.add_argument("--backing-format", choices=("raw", "qcow2"))
+    down.add_argument("--overwrite", action="store_true",
+                      help="replace FILE if it exists (without it, an "
+                      "existing FILE is an error unless --resume)")
     _transfer_options(down)
     down.set_defaults(run=_download)
 
@@ -151,6 +154,7 @@ def _download(args):
                       incremental=args.incremental,
                       backing_file=args.backing_file,
                       backing_format=args.backing_format,
+                      overwrite=args.overwrite,
                       progress=progress, **_common(args))
         progress.phase = "download completed"
 

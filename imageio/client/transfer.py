@@ -167,7 +167,7 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
     per endpoint in ``endpoints`` (objects with ``copy_data``, ``zero``,
     ``close``); a task's items in order.  ``progress(n)`` is called with
     the bytes of each finished item, ``done(item)`` after it is confirmed
-    written.  Zero items for which ``skip(item)`` is true are not sent
+    written (by the worker, outside the workers' lock: it may block).  Zero items for which ``skip(item)`` is true are not sent
     (their bytes count in ``progress`` at once).  ``tasks`` may be a
     generator: workers take the next task under a lock as they need it.
     ``hasher`` (a checksum.BlockHasher) is fed every item's bytes as they
@@ -202,8 +202,9 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
                     with lock:
                         if progress:
                             progress(item.length)
-                        if done:
-                            done(item)
+                    # Outside the lock: done() may flush the target.
+                    if done:
+                        done(item)
         except BaseException as e:
             failures.append(e)
             stop.set()
