@@ -688,3 +688,27 @@ def test_upload_probed_format_is_logged(daemon, tmp_path, qcow2):
     r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file, "-v")
     assert r.returncode == 0, r.stderr
     assert "format qcow2 (probed)" in r.stderr, r.stderr
+
+
+def test_error_full_disk_on_upload_shows_the_daemon_message(daemon,
+                                                            tmp_path):
+    # The daemon's filesystem fills up: it answers 507 with its message,
+    # which the client's one line must carry.
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt))
+    try:
+        target = mnt / "disk.raw"
+        with open(target, "wb") as f:
+            f.truncate(SIZE)
+        t = new_ticket("file://" + str(target), SIZE, sparse=True)
+        daemon.add_ticket(t)
+        r = ovirt_img("upload", source, url_of(daemon, t), "--cafile",
+                      daemon.ca_file)
+        assert_error(r, "No space left on device")
+        wait_idle(daemon, t["uuid"])
+    finally:
+        run("umount", "-l", str(mnt))
