@@ -175,27 +175,50 @@ def test_checksum_local_and_remote_agree(daemon, tmp_path, qcow2):
     assert info["extents"]["data"] + info["extents"]["zero"] == SIZE
 
 
-def test_verification_hashes_sha256_as_the_data_moves(daemon, tmp_path,
+def test_verification_hashes_blake3_as_the_data_moves(daemon, tmp_path,
                                                      qcow2):
-    # Both daemons list sha256 in /checksum/algorithms: the digest the
-    # client logs as verified is the daemon's sha256 block hash, for an
-    # upload and for a download of the same image.
+    # This daemon lists blake3 in /checksum/algorithms: the digest the
+    # client logs as verified is the daemon's blake3 block hash, for an
+    # upload and for a download of the same image, and the output names
+    # the algorithm.
     from imageio.backends.http import HTTPBackend
     target, url = file_ticket(daemon, tmp_path)
-    r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file, "-v")
+    r = ovirt_img("upload", qcow2, url, "--cafile", daemon.ca_file, "-v",
+                  "-o", "json")
     assert r.returncode == 0, r.stderr
+    assert json_lines(r.stdout)[-1]["phase"] == \
+        "upload completed, verified (blake3)"
     http = HTTPBackend(url, cafile=daemon.ca_file)
     try:
-        remote = http.checksum("sha256", 4 * MiB)["checksum"]
+        assert "blake3" in http.checksum_algorithms()
+        remote = http.checksum("blake3", 4 * MiB)["checksum"]
     finally:
         http.close()
-    assert "Verified: checksum {}".format(remote) in r.stderr
+    assert "Verified: blake3 checksum {}".format(remote) in r.stderr
     out = tmp_path / "back.qcow2"
     r = ovirt_img("download", url, str(out), "--cafile", daemon.ca_file,
-                  "-v")
+                  "-v", "-o", "json")
     assert r.returncode == 0, r.stderr
-    assert "Verified: checksum {}".format(remote) in r.stderr
+    assert "Verified: blake3 checksum {}".format(remote) in r.stderr
+    assert json_lines(r.stdout)[-1]["phase"] == \
+        "download completed, verified (blake3)"
     compare(qcow2, out)
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256", "blake2b"])
+def test_checksum_algorithm_local_and_remote(daemon, tmp_path, qcow2,
+                                             algorithm):
+    target, url = file_ticket(daemon, tmp_path)
+    assert ovirt_img("upload", qcow2, url, "--insecure").returncode == 0
+    local = json.loads(ovirt_img("checksum", qcow2, "--algorithm",
+                                 algorithm).stdout)
+    remote = json.loads(ovirt_img("checksum", url, "--algorithm",
+                                  algorithm, "--cafile",
+                                  daemon.ca_file).stdout)
+    assert local == remote
+    assert local["algorithm"] == algorithm
+    r = ovirt_img("checksum", qcow2, "--algorithm", "nope")
+    assert_error(r, "Unsupported checksum algorithm")
 
 
 def test_private_qemu_nbd_keeps_request_buffers_in_the_heap(tmp_path,
@@ -270,8 +293,16 @@ def test_incremental_download_of_dirty_bitmap(daemon, tmp_path):
 
 # Verification and resume.
 
+VERIFY_ALGORITHMS = [None, "blake3", "sha256", "blake2b"]
+
+
+def algorithm_args(algorithm):
+    return [] if algorithm is None else ["--algorithm", algorithm]
+
+
+@pytest.mark.parametrize("algorithm", VERIFY_ALGORITHMS)
 def test_verification_catches_target_that_loses_writes(daemon, tmp_path,
-                                                       qcow2):
+                                                       qcow2, algorithm):
     # An NBD target that accepts every write and keeps none: the daemon
     # answers 200 to each PUT, the checksums differ.
     from harness.nbdserver import nbdkit
@@ -281,14 +312,59 @@ def test_verification_catches_target_that_loses_writes(daemon, tmp_path,
         t = new_ticket("nbd:unix:" + str(sock), SIZE)
         daemon.add_ticket(t)
         r = ovirt_img("upload", qcow2, url_of(daemon, t), "--cafile",
-                      daemon.ca_file, "-o", "json")
+                      daemon.ca_file, "-o", "json",
+                      *algorithm_args(algorithm))
     assert r.returncode == 1
     line = r.stderr.strip().splitlines()[-1]
     assert "Verification failed" in line
+    assert "local image {} checksum".format(algorithm or "blake3") in line
     digests = [w.strip(",.'") for w in line.split() if len(w.strip(",.'"))
                == 64]
     assert len(digests) == 2 and digests[0] != digests[1]
     assert "completed" not in r.stdout
+
+
+@pytest.mark.parametrize("algorithm", VERIFY_ALGORITHMS)
+def test_verification_catches_target_changed_behind_the_transfer(
+        daemon, tmp_path, algorithm):
+    # Another writer changes the target after the client's writes, while
+    # the daemon reads it back (its reads held 2 s; only verification
+    # reads the target): every PUT was answered 200, the checksums
+    # differ.
+    import time
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 8M", str(source))
+    from harness.nbdserver import nbdkit
+    sock = tmp_path / "target.sock"
+    disk = tmp_path / "target.raw"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    ops = tmp_path / "ops.log"
+    server = nbdkit("file", str(disk), sock=sock, filters=["log", "delay"])
+    server.argv += ["rdelay=2", "logfile={}".format(ops)]
+    with server.start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE, sparse=True)
+        daemon.add_ticket(t)
+        proc = subprocess.Popen(
+            [OVIRT_IMG, "upload", str(source), url_of(daemon, t),
+             "--cafile", daemon.ca_file, "-o", "json"] +
+            algorithm_args(algorithm), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while " Read " not in (ops.read_text() if ops.exists() else ""):
+            assert time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        with open(disk, "r+b") as f:
+            f.seek(MiB)
+            f.write(b"\x99" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert_error(subprocess.CompletedProcess([], 1, out, err),
+                 "Verification failed")
+    assert "completed" not in out
 
 
 def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
@@ -578,9 +654,17 @@ def test_established_daemon_upload_download_checksum(established, tmp_path,
     d.add_ticket("t", str(target), size=SIZE, ops=("read", "write"),
                  sparse=True)
     url = "https://127.0.0.1:{}{}".format(d.https[1], d.path("t"))
-    r = ovirt_img("upload", qcow2, url, "--cafile", cert, "-o", "json")
+    r = ovirt_img("upload", qcow2, url, "--cafile", cert, "-o", "json",
+                  "-v")
     assert r.returncode == 0, r.stderr
     assert json_lines(r.stdout)[-1]["transferred"] == SIZE
+    # It offers sha256, not blake3: verification falls back.
+    assert "Verified: sha256 checksum" in r.stderr, r.stderr
+    assert json_lines(r.stdout)[-1]["phase"] == \
+        "upload completed, verified (sha256)"
+    r = ovirt_img("upload", qcow2, url, "--cafile", cert, "--algorithm",
+                  "blake3")
+    assert_error(r, "does not offer", "blake3")
     compare(qcow2, target, "qcow2", "raw")
     out = tmp_path / "download.qcow2"
     r = ovirt_img("download", url, out, "--cafile", cert)
@@ -588,6 +672,10 @@ def test_established_daemon_upload_download_checksum(established, tmp_path,
     compare(qcow2, out, "qcow2", "qcow2")
     remote = json.loads(ovirt_img("checksum", url, "--cafile", cert).stdout)
     assert remote == json.loads(ovirt_img("checksum", qcow2).stdout)
+    remote = json.loads(ovirt_img("checksum", url, "--cafile", cert,
+                                  "--algorithm", "sha256").stdout)
+    assert remote == json.loads(ovirt_img("checksum", qcow2, "--algorithm",
+                                          "sha256").stdout)
 
 
 # A script written for the established client, the import changed.

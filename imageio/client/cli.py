@@ -41,6 +41,9 @@ def _transfer_options(p):
                    "costs CPU; never on the daemon's unix socket")
     p.add_argument("--no-verify", action="store_true",
                    help="do not compare block hashes after the transfer")
+    p.add_argument("--algorithm", help="block hash of the verification "
+                   "(default: blake3 when the daemon offers it, else "
+                   "sha256, else blake2b)")
     p.add_argument("--resume", action="store_true",
                    help="send only what an interrupted run of the same "
                    "transfer did not confirm")
@@ -95,6 +98,10 @@ def parser():
                         "of a transfer URL")
     ck.add_argument("target", metavar="FILE|URL")
     ck.add_argument("--member")
+    ck.add_argument("--algorithm", default=_api.blkhash.DEFAULT_ALGORITHM,
+                    help="block hash: blake2b (default, as the established "
+                    "daemon), sha256, blake3 (fastest, when the daemon "
+                    "offers it) or another hashlib algorithm")
     tls = ck.add_mutually_exclusive_group()
     tls.add_argument("--cafile")
     tls.add_argument("--insecure", action="store_true")
@@ -138,33 +145,41 @@ def _common(args):
     return dict(cafile=args.cafile, secure=not args.insecure,
                 buffer_size=args.buffer_size, max_workers=args.max_workers,
                 verify=not args.no_verify, resume=args.resume,
-                compress=args.compress)
+                compress=args.compress, algorithm=args.algorithm)
 
 
 def _upload(args):
     with _progress(args, "uploading") as progress:
-        _api.upload(args.filename, args.url, member=args.member,
-                    fmt=args.format, progress=progress, **_common(args))
-        progress.phase = "upload completed"
+        verified = _api.upload(args.filename, args.url, member=args.member,
+                               fmt=args.format, progress=progress,
+                               **_common(args))
+        progress.phase = _done("upload", verified)
 
 
 def _download(args):
     with _progress(args, "downloading") as progress:
-        _api.download(args.url, args.filename, fmt=args.format,
-                      incremental=args.incremental,
-                      backing_file=args.backing_file,
-                      backing_format=args.backing_format,
-                      overwrite=args.overwrite,
-                      progress=progress, **_common(args))
-        progress.phase = "download completed"
+        verified = _api.download(
+            args.url, args.filename, fmt=args.format,
+            incremental=args.incremental, backing_file=args.backing_file,
+            backing_format=args.backing_format, overwrite=args.overwrite,
+            progress=progress, **_common(args))
+        progress.phase = _done("download", verified)
+
+
+def _done(what, verified):
+    if verified is None:
+        return what + " completed"
+    return "{} completed, verified ({})".format(what, verified["algorithm"])
 
 
 def _checksum(args):
     if args.target.startswith(("https://", "http://")):
         result = _api.remote_checksum(args.target, args.cafile,
-                                      secure=not args.insecure)
+                                      secure=not args.insecure,
+                                      algorithm=args.algorithm)
     else:
-        result = _api.checksum(args.target, member=args.member)
+        result = _api.checksum(args.target, member=args.member,
+                               algorithm=args.algorithm)
     print(json.dumps(result, indent=2))
 
 
