@@ -393,25 +393,6 @@ def test_connection_summary_logged(mdaemon, image):
     assert ticket["uuid"] not in mdaemon.log()
 
 
-def test_rate_meter_spreads_a_long_request():
-    m = accounting.RateMeter(window=5)
-    # 100 MiB moved over 10 seconds, reported at once at the end.
-    m.add(100 * MiB, 1000.0, 1010.0)
-    # Only the last 5 seconds count: 10 MiB/s.
-    assert m.rate(1010.0) == pytest.approx(10 * MiB, rel=0.05)
-    assert m.rate(1020.0) == 0
-
-
-def test_rate_meter_young_transfer():
-    m = accounting.RateMeter(window=5)
-    m.add(10 * MiB, 2000.0, 2001.0)
-    # One second of activity is measured over one second.
-    assert m.rate(2001.0) == pytest.approx(10 * MiB, rel=0.05)
-    # Idle afterwards: the rate falls as the window moves on.
-    assert m.rate(2004.5) < 4 * MiB
-    assert m.rate(2007.0) == 0
-
-
 # A real Prometheus server
 
 def dashboard_queries():

@@ -4,7 +4,6 @@ import time
 import pytest
 
 from imageio import config
-from imageio import accounting
 from imageio import errors
 from imageio import tickets
 
@@ -333,34 +332,6 @@ def test_info_fields():
     assert info["idle_time"] == 7
     assert info["transfer_id"] == "tx-1"
     assert info["filename"] == "disk.raw"
-
-
-def test_rangeset():
-    r = accounting.RangeSet()
-    for s, e in [(10, 20), (30, 40), (15, 35), (0, 5), (5, 10)]:
-        r.add(s, e)
-    assert r.ranges() == [(0, 40)]
-    assert r.total() == 40
-    r.add(50, 60)
-    assert r.total(extra=[(55, 70)]) == 60
-    assert r.total() == 50
-
-
-def test_rangeset_random_against_reference():
-    import random
-    rnd = random.Random(42)
-    r = accounting.RangeSet()
-    covered = set()
-    for _ in range(2000):
-        s = rnd.randrange(0, 5000)
-        e = s + rnd.randrange(0, 60)
-        r.add(s, e)
-        covered.update(range(s, e))
-        assert r.total() == len(covered)
-    ranges = r.ranges()
-    # Sorted, merged, not touching.
-    for (s1, e1), (s2, e2) in zip(ranges, ranges[1:]):
-        assert e1 < s2
 
 
 def test_concurrent_accounting():
