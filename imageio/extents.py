@@ -8,7 +8,8 @@ them, written once.
 - ``Extent(start, length, zero, hole)`` and ``DirtyExtent(start, length,
   dirty, zero)``: what ``backend.extents()`` returns.
 - ``check_range(offset, length, size)``: the end of ``[offset, offset +
-  length)``, or RangeNotSatisfiable outside the image.
+  length)``, or RangeNotSatisfiable outside the image; ``check_io`` the
+  same for a read, write or zero.
 - ``pieces(backend, offset, length)``: ``(start, length, zero)`` covering
   exactly the range, asked for that range alone.
 - ``windows(extents_of, start, end, step)``: the extents of a range asked
@@ -36,6 +37,16 @@ def check_range(offset, length, size):
             "Extents range {}+{} is outside the image (size {})".format(
                 offset, length, size), size=size)
     return end
+
+
+def check_io(offset, length, size):
+    """RangeNotSatisfiable unless ``[offset, offset + length)`` is inside
+    an image of ``size`` bytes: the one check of a read, write or zero
+    range (handlers and backends alike)."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise errors.RangeNotSatisfiable(
+            "Requested range {}-{} is outside the image (size {})".format(
+                offset, offset + length - 1, size), size=size)
 
 
 def pieces(backend, offset, length):

@@ -23,6 +23,7 @@ import urllib.parse
 import weakref
 
 from .. import errors
+from .. import extents
 from .._io import nbd
 from . import DirtyExtent, Extent, check_extents_range
 from .base import Backend
@@ -553,7 +554,4 @@ class NbdBackend(Backend):
         raise errors.NotFound("Unknown extents context {!r}".format(context))
 
     def _check_range(self, offset, length):
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise errors.RangeNotSatisfiable(
-                "Range {}+{} is outside the image (size {})".format(
-                    offset, length, self._size), size=self._size)
+        extents.check_io(offset, length, self._size)

@@ -6,6 +6,7 @@ import logging
 from .. import buffers
 from .. import compression
 from .. import errors
+from .. import extents
 from .. import http
 
 log = logging.getLogger("images")
@@ -48,11 +49,7 @@ def put(req, ticket, backend, buf, offset, exact_length, cfg):
         limit = ticket.size - offset
     else:
         limit = exact_length
-        if offset + limit > ticket.size:
-            raise errors.RangeNotSatisfiable(
-                "Requested range {}-{} is outside the image (size {})".format(
-                    offset, offset + limit - 1, ticket.size),
-                size=ticket.size)
+        extents.check_io(offset, limit, ticket.size)
     # Per request, so an idle connection holds none (4 MiB: zeroing it
     # costs a fraction of a millisecond); counted with the decoder's
     # largest window against max_buffer_memory like every transfer's

@@ -4,6 +4,7 @@ import logging
 
 from .. import compression
 from .. import errors
+from .. import extents
 from .. import httpparse
 from .. import ops
 from . import compressed
@@ -138,7 +139,7 @@ class Images:
         if not req.chunked:
             # Before req.body(): a client waiting for 100 Continue gets 416
             # instead of sending a body that cannot be written.
-            _check_range(offset, req.content_length, ticket.size)
+            extents.check_io(offset, req.content_length, ticket.size)
         body = req.body()
         if req.chunked:
             self._put_chunked(ticket, backend, buf, body, offset)
@@ -161,7 +162,7 @@ class Images:
                 size = body.next_chunk()
                 if size == 0:
                     break
-                _check_range(offset, size, ticket.size)
+                extents.check_io(offset, size, ticket.size)
                 op.op.length += size
                 ops.write(backend, body, offset, size, buf, op.progress)
                 offset += size
@@ -177,7 +178,7 @@ class Images:
             offset = _int_field(msg, "offset", 0)
             size = _int_field(msg, "size", None)
             flush = _bool_field(msg, "flush", False)
-            _check_range(offset, size, ticket.size)
+            extents.check_io(offset, size, ticket.size)
             if "zero" not in backend.features:
                 raise errors.MethodNotAllowed("Backend does not support zero")
             with ticket.operation(offset, size) as running:
@@ -213,13 +214,6 @@ def _read_answer(req, ticket):
     # A whole-image answer depends on Accept-Encoding.
     headers["Vary"] = "Accept-Encoding"
     return 200, 0, size, headers
-
-
-def _check_range(offset, length, size):
-    if offset + length > size:
-        raise errors.RangeNotSatisfiable(
-            "Requested range {}-{} is outside the image (size {})".format(
-                offset, offset + length - 1, size), size=size)
 
 
 def _int_field(msg, name, default):
