@@ -17,7 +17,7 @@ from . import backends
 from . import errors
 from . import httpparse
 from . import ratelog
-from . import tickets
+from . import redact
 from . import transport
 
 
@@ -436,7 +436,7 @@ class Request:
         log line)."""
         parts = self.path.split("/")
         if len(parts) > 2 and parts[1] in ("images", "tickets") and parts[2]:
-            parts[2] = tickets.short_id(parts[2])
+            parts[2] = redact.short_id(parts[2])
         return ratelog.printable("/".join(parts))
 
     @property

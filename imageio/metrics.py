@@ -58,7 +58,7 @@ CONNECTIONS = prometheus_client.Gauge(
 # went away or stalled): nginx's "client closed request".
 NO_RESPONSE = 499
 
-# Backend series exist from the start at 0 (backends.scheme_of names the
+# Backend series exist from the start at 0 (urls.scheme_of names the
 # kinds): a counter that appears only at its first error has no rate() for
 # that error, and a dashboard panel over it would be empty.
 BACKEND_KINDS = ("file", "nbd", "http")

@@ -10,8 +10,9 @@ import threading
 import time
 import unicodedata
 
-from . import backends
 from . import errors
+from . import urls
+from .redact import short_id
 from .accounting import Operation, RangeSet, RateMeter
 
 log = logging.getLogger("tickets")
@@ -43,12 +44,6 @@ MAX_SIZE = 2**63 - 1
 MAX_TIMEOUT = 2**32
 LIMITS = {"size": MAX_SIZE, "timeout": MAX_TIMEOUT,
           "inactivity_timeout": MAX_TIMEOUT}
-
-
-def short_id(ticket_id):
-    """The part of a ticket id safe to log: logs are read by more people
-    than the control socket, and the id is the secret."""
-    return ticket_id[:8] + "..." if len(ticket_id) > 8 else ticket_id
 
 
 def validate(d, default_inactivity_timeout=60):
@@ -108,7 +103,7 @@ def validate(d, default_inactivity_timeout=60):
     if not clean["ops"]:
         raise errors.BadRequest("Invalid ticket: field 'ops' is empty")
     try:
-        backends.validate_url(clean["url"])
+        urls.validate(clean["url"])
     except errors.BadRequest as e:
         raise errors.BadRequest(
             "Invalid ticket: field 'url': {}".format(e.message))

@@ -10,7 +10,6 @@ import pytest
 from harness import nbdserver
 from imageio import backends, errors, http, ops
 from imageio._io.buffer import AlignedBuffer
-from imageio.backends import nbd as nbd_backend
 
 MiB = 1024**2
 
@@ -116,78 +115,6 @@ def write_all(backend, buf, data, offset=0, prefix=b""):
 
 
 # URLs.
-
-@pytest.mark.parametrize("url,kind,attrs", [
-    ("nbd:unix:/run/x.sock", "unix", {"path": "/run/x.sock", "export": ""}),
-    ("nbd:unix:/run/x.sock:exportname=sda", "unix",
-     {"path": "/run/x.sock", "export": "sda"}),
-    ("nbd:unix:/run/x.sock:exportname=a:b", "unix",
-     {"path": "/run/x.sock", "export": "a:b"}),
-    ("nbd:localhost:10809", "tcp",
-     {"host": "localhost", "port": 10809, "export": ""}),
-    ("nbd:localhost:10809:exportname=sda", "tcp",
-     {"host": "localhost", "port": 10809, "export": "sda"}),
-    ("nbd:localhost:10809:exportname=x:1", "tcp",
-     {"host": "localhost", "port": 10809, "export": "x:1"}),
-    ("nbd:[::1]:10809:exportname=sda", "tcp",
-     {"host": "::1", "port": 10809, "export": "sda"}),
-    ("nbd:::1:10809", "tcp", {"host": "::1", "port": 10809}),
-    ("nbd://localhost:10809/sda", "uri", {"export": "sda"}),
-    ("nbd://localhost/sda", "uri", {"export": "sda"}),
-    ("nbd://localhost", "uri", {"export": ""}),
-    ("nbd+unix:///sda?socket=/run/x.sock", "uri", {"export": "sda"}),
-    ("nbd+unix:///?socket=/run/x.sock", "uri", {"export": ""}),
-    ("nbds://localhost:10809/sda?tls-certificates=/pki", "uri",
-     {"export": "sda"}),
-    ("nbds+unix://alice@/sda?socket=/s&tls-psk-file=/k", "uri",
-     {"export": "sda", "tls_username": None}),
-    ("nbds+unix:///sda?socket=/s&tls-psk-file=/k&tls-username=bob", "uri",
-     {"export": "sda", "tls_username": "bob"}),
-])
-def test_parse_url(url, kind, attrs):
-    address = nbd_backend.parse_url(url)
-    assert address.kind == kind
-    for name, value in attrs.items():
-        assert getattr(address, name) == value
-    backends.validate_url(url)
-
-
-@pytest.mark.parametrize("url", [
-    "nbd:",
-    "nbd:unix:",
-    "nbd:unix:relative.sock",
-    "nbd:localhost",
-    "nbd:localhost:port",
-    "nbd://",
-    "nbd://localhost:port/x",
-    "nbd+unix:///sda",
-    "nbd+unix://host/sda?socket=/s",
-    "nbd+unix:///sda?socket=/a&socket=/b",
-    "nbd://localhost/sda?socket=/s",
-    "nbds+unix:///x",
-])
-def test_parse_url_invalid(url):
-    with pytest.raises(errors.BadRequest) as e:
-        backends.validate_url(url)
-    assert "NBD url" in str(e.value) or "url" in str(e.value)
-
-
-def test_redact():
-    url = ("nbds+unix://alice:secret@/x?socket=/s&tls-psk-file=/keys.psk"
-           "&tls-certificates=/pki&token=abc")
-    r = nbd_backend.redact(url)
-    assert "secret" not in r
-    assert "abc" not in r
-    assert "tls-psk-file=/keys.psk" in r
-    assert "socket=/s" in r
-    assert "tls-certificates=/pki" in r
-    assert "alice" in r
-    assert r.startswith("nbds+unix://alice@/x?")
-    assert nbd_backend.redact("nbd+unix:///x?socket=/s") == \
-        "nbd+unix:///x?socket=/s"
-    assert nbd_backend.redact("nbd:unix:/s:exportname=x") == \
-        "nbd:unix:/s:exportname=x"
-
 
 # Connecting with every URL form.
 

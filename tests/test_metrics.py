@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imageio import accounting
 from imageio import metrics
-from imageio import tickets
+from imageio import redact
 
 from conftest import add, make_image, request, ticket_info, wait_idle
 from harness.daemonproc import Daemon
@@ -377,7 +377,7 @@ def test_rate_while_transferring_and_after(mdaemon, tmp_path):
 def test_connection_summary_logged(mdaemon, image):
     ticket, read, written = traffic(mdaemon, image[0], gets=3, puts=2,
                                     forbidden=0)
-    short = re.escape(tickets.short_id(ticket["uuid"]))
+    short = re.escape(redact.short_id(ticket["uuid"]))
     pattern = re.compile(r"ticket ({}) done: ops (.*)".format(short))
     # Logged when the daemon has closed the connection's backend.
     deadline = time.monotonic() + 10
@@ -385,7 +385,7 @@ def test_connection_summary_logged(mdaemon, image):
         assert time.monotonic() < deadline, mdaemon.log()[-3000:]
         time.sleep(0.05)
     line = pattern.search(mdaemon.log())
-    assert line.group(1) == tickets.short_id(ticket["uuid"])
+    assert line.group(1) == redact.short_id(ticket["uuid"])
     assert "read=3 write=2 zero=0 flush=0 extents=0" in line.group(2)
     assert "{} bytes in ".format(read + written) in line.group(2)
     assert re.search(r"\(\d+\.\d MiB/s\), connection open \d+\.\d+ s",

@@ -353,10 +353,6 @@ def test_concurrent_accounting():
     assert t.info()["active"] is False
 
 
-def test_short_id_hides_secret():
-    assert tickets.short_id("0123456789abcdef") == "01234567..."
-
-
 def test_refused_operation_does_not_extend_ticket():
     # A request refused inside its operation before moving a byte (a
     # malformed chunk size line) leaves the ticket as it was; one that

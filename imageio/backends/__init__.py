@@ -74,10 +74,9 @@ layer turns them into a ``500`` naming the operation, offset and length
 (``507`` for ``ENOSPC``).
 """
 
-import urllib.parse
-
 from .. import errors
 from .. import extents
+from .. import urls
 from .. import transport
 
 # The extent types and range check live in imageio.extents (a leaf).
@@ -105,32 +104,6 @@ class Sink:
         self._sock.sendall(data)
 
 
-def scheme_of(url):
-    """Return the backend module name serving ``url``, or None."""
-    if url.startswith("file:"):
-        return "file"
-    if url.startswith(("nbd:", "nbd+unix:", "nbds:", "nbds+unix:")):
-        return "nbd"
-    if url.startswith("https:"):
-        return "http"
-    return None
-
-
-def validate_url(url):
-    """Raise errors.BadRequest if ``url`` cannot be served."""
-    kind = scheme_of(url)
-    if kind is None:
-        raise errors.BadRequest(
-            "Invalid ticket: unsupported url {!r}: expected file:, nbd:, "
-            "nbd+unix:, nbds:, nbds+unix: or https:".format(url))
-    if kind == "file":
-        parse_file_url(url)
-        return
-    check = getattr(_module(kind), "validate_url", None)
-    if check:
-        check(url)
-
-
 def open_backend(ticket, cfg):
     """Open the backend serving ``ticket``.
 
@@ -138,7 +111,7 @@ def open_backend(ticket, cfg):
     the daemon configuration.  Raises ``errors.BackendError`` when the image
     cannot be reached.
     """
-    kind = scheme_of(ticket.url)
+    kind = urls.scheme_of(ticket.url)
     return _module(kind).open(ticket, cfg)
 
 
@@ -159,12 +132,3 @@ def _module(kind):
     else:
         raise errors.BadRequest("Unsupported url scheme: {}".format(kind))
     return module
-
-
-def parse_file_url(url):
-    """Return the path of a file: url."""
-    u = urllib.parse.urlsplit(url)
-    if u.scheme != "file" or not u.path.startswith("/"):
-        raise errors.BadRequest(
-            "Invalid file url {!r}: expected file:///absolute/path".format(url))
-    return urllib.parse.unquote(u.path)

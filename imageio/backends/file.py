@@ -19,7 +19,8 @@ from .. import errors
 from .._io import directio
 from .._io import stream
 from .._io.buffer import AlignedBuffer
-from . import Extent, check_extents_range, parse_file_url
+from .. import urls
+from . import Extent, check_extents_range
 from .base import Backend
 
 log = logging.getLogger("backends.file")
@@ -76,7 +77,7 @@ def open(ticket, cfg):
     Raises errors.BadRequest for a bad url, OSError when the path cannot be
     opened.
     """
-    path = parse_file_url(ticket.url)
+    path = urls.parse_file_url(ticket.url)
     writable = "write" in ticket.ops
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
     try:

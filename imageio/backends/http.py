@@ -24,22 +24,13 @@ from .. import errors
 from .. import http as http_layer
 from .. import httpclient
 from .. import tls
+from .. import urls
 from . import DirtyExtent, Extent, Sink, check_extents_range
 from .base import Backend
 
 log = logging.getLogger("backends.http")
 
 TIMEOUT = 60
-
-
-def validate_url(url):
-    u = urllib.parse.urlsplit(url)
-    if u.scheme != "https" or not u.hostname or \
-            not u.path.startswith("/images/") or \
-            len(u.path) <= len("/images/"):
-        raise errors.BadRequest(
-            "Invalid proxy url {!r}: expected https://host:port/images/ID"
-            .format(url))
 
 
 def open(ticket, cfg):
@@ -166,7 +157,7 @@ class HTTPBackend(_DataPath, Backend):
                  use_unix_socket=True, timeout=TIMEOUT,
                  ca_hint="check the CA file", options=None,
                  ssl_context=None):
-        validate_url(url)
+        urls.validate_https_url(url)
         self._url_text = url
         self._url = urllib.parse.urlsplit(url)
         self._path = self._url.path

@@ -15,16 +15,14 @@ One backend holds one libnbd handle; bulk bytes move in
 
 import contextlib
 import logging
-import os
-import pwd
-import re
 import threading
-import urllib.parse
 import weakref
 
 from .. import errors
 from .. import extents
 from .._io import nbd
+from .. import redact as redact_
+from .. import urls
 from . import DirtyExtent, Extent, check_extents_range
 from .base import Backend
 
@@ -32,153 +30,6 @@ log = logging.getLogger("backends.nbd")
 
 # Connections a client may open to one image at once.
 MAX_CONNECTIONS = 8
-
-# nbd:unix:/path[:exportname=NAME]
-_LEGACY_UNIX = re.compile(r"nbd:unix:(?P<path>/[^:]*)(?::exportname=(?P<name>.*))?")
-
-# nbd:HOST:PORT[:exportname=NAME]; HOST may be an IPv6 address, bracketed or
-# not (the non-greedy match finds the first ":PORT" that completes the URL).
-_LEGACY_TCP = re.compile(
-    r"nbd:(?P<host>[^/].*?):(?P<port>\d+)(?::exportname=(?P<name>.*))?")
-
-_URI_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
-
-# Query parameters whose values are shown in messages: paths and names, not
-# secrets (a PSK file's path is not its key).
-_PUBLIC_PARAMS = {"socket", "tls-certificates", "tls-psk-file",
-                  "tls-username"}
-
-
-class Address:
-    """Where an export is: ``kind`` is "uri", "unix" or "tcp"."""
-
-    def __init__(self, kind, url, path=None, host=None, port=None,
-                 export="", tls_username=None):
-        self.kind = kind
-        self.url = url
-        self.path = path
-        self.host = host
-        self.port = port
-        self.export = export
-        self.tls_username = tls_username
-
-    def connect(self, handle, dirty):
-        if self.kind == "unix":
-            handle.connect_unix(self.path, self.export, dirty=dirty)
-        elif self.kind == "tcp":
-            handle.connect_tcp(self.host, self.port, self.export, dirty=dirty)
-        else:
-            handle.connect(self.url, dirty=dirty,
-                           tls_username=self.tls_username)
-
-
-def parse_url(url):
-    """Return the ``Address`` of an nbd URL; raise errors.BadRequest."""
-    if url.startswith("nbd:") and not url.startswith("nbd://"):
-        m = _LEGACY_UNIX.fullmatch(url)
-        if m:
-            return Address("unix", url, path=m.group("path"),
-                           export=m.group("name") or "")
-        if url.startswith("nbd:unix:"):
-            raise errors.BadRequest(
-                "Invalid NBD url {!r}: expected nbd:unix:/socket"
-                "[:exportname=NAME]".format(redact(url)))
-        m = _LEGACY_TCP.fullmatch(url)
-        if m:
-            host = m.group("host")
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
-            return Address("tcp", url, host=host, port=int(m.group("port")),
-                           export=m.group("name") or "")
-        raise errors.BadRequest(
-            "Invalid NBD url {!r}: expected nbd:unix:/socket[:exportname=NAME], "
-            "nbd:HOST:PORT[:exportname=NAME] or an NBD URI "
-            "(nbd://, nbds://, nbd+unix://, nbds+unix://)".format(redact(url)))
-
-    try:
-        u = urllib.parse.urlsplit(url)
-        u.port  # Raises ValueError for a bad port.
-    except ValueError as e:
-        raise errors.BadRequest(
-            "Invalid NBD url {!r}: {}".format(redact(url), e))
-    if u.scheme not in _URI_SCHEMES:
-        raise errors.BadRequest(
-            "Invalid NBD url {!r}: unsupported scheme {!r}".format(
-                redact(url), u.scheme))
-    query = urllib.parse.parse_qs(u.query)
-    if u.scheme.endswith("+unix"):
-        sockets = query.get("socket", [])
-        if len(sockets) != 1 or not sockets[0]:
-            raise errors.BadRequest(
-                "Invalid NBD url {!r}: {}:// needs exactly one socket=PATH "
-                "query parameter".format(redact(url), u.scheme))
-        if u.hostname:
-            raise errors.BadRequest(
-                "Invalid NBD url {!r}: {}:// takes no host".format(
-                    redact(url), u.scheme))
-    else:
-        if not u.hostname:
-            raise errors.BadRequest(
-                "Invalid NBD url {!r}: missing host".format(redact(url)))
-        if "socket" in query:
-            raise errors.BadRequest(
-                "Invalid NBD url {!r}: socket= is only for nbd+unix:// "
-                "and nbds+unix://".format(redact(url)))
-    # The NBD URI standard: the export name is the path without its
-    # first "/".
-    export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/")
-                                  else u.path)
-    tls_username = None
-    if u.scheme.startswith("nbds") and not u.username:
-        # libnbd 1.14 ignores the tls-username parameter and otherwise
-        # uses getlogin(), which fails in a daemon.
-        names = query.get("tls-username")
-        tls_username = names[0] if names else _login_name()
-    return Address("uri", url, export=export, tls_username=tls_username)
-
-
-def _login_name():
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
-def redact(url):
-    """``url`` fit for messages and logs: no password, no secret query values."""
-    if "://" not in url:
-        # Legacy nbd:unix:/path and nbd:host:port forms carry no secrets.
-        return url
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    netloc = u.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = "{}@{}".format(user, hostport)
-    if u.query:
-        params = []
-        for key, value in urllib.parse.parse_qsl(u.query,
-                                                 keep_blank_values=True):
-            if key not in _PUBLIC_PARAMS:
-                value = "***"
-            params.append("{}={}".format(key, value))
-        query = "&".join(params)
-    else:
-        query = ""
-    # Not urlunsplit(): it drops the "//" of "nbd+unix:///".
-    out = "{}://{}{}".format(u.scheme, netloc, u.path)
-    if query:
-        out += "?" + query
-    return out
-
-
-def validate_url(url):
-    """Raise errors.BadRequest if ``url`` is not an NBD URL we can serve."""
-    parse_url(url)
-
 
 class WriteLedger:
     """Which connections to one export hold writes the server acknowledged
@@ -278,7 +129,7 @@ def connect(url, dirty=False, buffer_size=8 * 1024**2,
     context; ``ledger`` (a WriteLedger) is shared with the other backends
     of the same export.  Raises errors.BadRequest for a bad url and
     errors.BackendError when the server cannot be reached."""
-    backend = NbdBackend(parse_url(url), dirty=dirty, buffer_size=buffer_size,
+    backend = NbdBackend(urls.parse_nbd_url(url), dirty=dirty, buffer_size=buffer_size,
                          max_connections=max_connections, ledger=ledger)
     try:
         backend.reconnect()
@@ -344,7 +195,7 @@ class NbdBackend(Backend):
             h.close()
             raise errors.BackendError(
                 "Cannot connect to NBD server {}: {}".format(
-                    redact(self._address.url), e)) from None
+                    redact_.url(self._address.url), e)) from None
         self._h = h
         self._size = h.size()
         self._read_only = h.is_read_only()
@@ -352,7 +203,7 @@ class NbdBackend(Backend):
         self._can_flush = h.can_flush()
         self._multi_conn = h.can_multi_conn()
         log.debug("Connected to %s size=%d read_only=%s multi_conn=%s "
-                  "dirty_context=%s", redact(self._address.url), self._size,
+                  "dirty_context=%s", redact_.url(self._address.url), self._size,
                   self._read_only, self._multi_conn, h.dirty_context)
 
     def _handle(self):
@@ -365,14 +216,14 @@ class NbdBackend(Backend):
             if self._h is not None:
                 self._lost()
                 log.warning("NBD connection to %s was lost, reconnecting",
-                            redact(self._address.url))
+                            redact_.url(self._address.url))
             self.reconnect()
         return self._h
 
     def _lost(self, cause=None):
         """The connection is gone: raise BackendError if unflushed writes
         went with it."""
-        lost = self._ledger.connection_lost(redact(self._address.url))
+        lost = self._ledger.connection_lost(redact_.url(self._address.url))
         if lost is not None:
             log.error("%s", lost)
             raise errors.BackendError(lost) from cause
@@ -525,7 +376,7 @@ class NbdBackend(Backend):
     def flush(self):
         with self._command() as h:
             lost = self._ledger.check_others(self,
-                                             redact(self._address.url))
+                                             redact_.url(self._address.url))
             if lost is not None:
                 log.error("%s", lost)
                 raise errors.BackendError(lost)
@@ -548,7 +399,7 @@ class NbdBackend(Backend):
             if h.dirty_context is None:
                 raise errors.NotFound(
                     "NBD export {} has no dirty bitmap".format(
-                        redact(self._address.url)))
+                        redact_.url(self._address.url)))
             return [DirtyExtent(*e)
                     for e in h.dirty_extents(offset, end - offset)]
         raise errors.NotFound("Unknown extents context {!r}".format(context))

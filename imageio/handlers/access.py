@@ -11,6 +11,7 @@ from .. import backends
 from .. import buffers
 from .. import errors
 from .. import metrics
+from .. import urls
 
 log = logging.getLogger("access")
 
@@ -74,7 +75,7 @@ def _bind(conn, ticket, cfg):
         # The slot is free again, whatever stopped the open.
         ticket.remove_connection(id(conn))
         raise
-    backend = metrics.Metered(backend, backends.scheme_of(ticket.url),
+    backend = metrics.Metered(backend, urls.scheme_of(ticket.url),
                               conn.name, ticket.name)
     binding = Binding(ticket, backend)
     conn.bound = True
