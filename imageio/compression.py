@@ -25,6 +25,7 @@ import threading
 from . import errors
 from . import extents
 from . import ops
+from . import streams
 from ._io import zstd as _zstd
 
 ZSTD = "zstd"
@@ -260,23 +261,6 @@ class Encoder:
             self._write(data)
 
 
-class EncodingSink:
-    """A backends.Sink compressing what is written to it into one zstd
-    stream sent to ``write(bytes)``; ``close()`` ends the stream."""
-
-    fd = -1
-
-    def __init__(self, write, length, timeout=None):
-        self.timeout = timeout
-        self._encoder = Encoder(write, length)
-
-    def write(self, data):
-        self._encoder.data(data)
-
-    def close(self):
-        self._encoder.close()
-
-
 def send(backend, buf, offset, length, write, progress):
     """Send ``[offset, offset + length)`` of the image as one zstd stream
     to ``write``; ``progress(n)`` after each piece (raises Canceled).
@@ -287,7 +271,7 @@ def send(backend, buf, offset, length, write, progress):
     for storage, as every other transfer does.
     """
     encoder = Encoder(write, length)
-    sink = _EncoderSink(encoder)
+    sink = streams.EncodingSink(encoder)
     for start, size, zero in extents.pieces(backend, offset, length):
         if zero:
             encoder.zeros(size)
@@ -297,141 +281,11 @@ def send(backend, buf, offset, length, write, progress):
     encoder.close()
 
 
-class _EncoderSink:
-    """The copy engine's sink into an Encoder."""
-
-    fd = -1
-    timeout = None
-
-    def __init__(self, encoder):
-        self.write = encoder.data
-
-
 # Decoding.
 
-class DecodingSource:
-    """A body source (the interface of http.Body) of the decoded bytes of
-    a zstd-coded chunked body.
-
-    Yields at most ``limit`` bytes; ``exact`` means the stream must decode
-    to exactly ``limit`` bytes (a Content-Range).  Before returning the last
-    bytes it checks that the stream ends there, at a frame boundary, with no
-    more output: a bad stream raises before its end can be written.
-    """
-
-    fd = -1
-
-    def __init__(self, body, limit, exact, inbuf):
-        self._body = body
-        self.timeout = body.timeout
-        self._limit = limit
-        self._left = limit
-        self._exact = exact
-        self._decoder = _zstd.Decoder(WINDOW_LOG_MAX)
-        self._in = memoryview(inbuf)
-        self._start = self._end = 0
-        self._done = False
-
-    def consumed(self, n):  # pragma: no cover - fd is never >= 0
-        pass
-
-    @property
-    def received(self):
-        """Decoded bytes returned so far."""
-        return self._limit - self._left
-
-    def readinto(self, view):
-        if self._done:
-            return 0
-        n = 0
-        if self._left:
-            n = self._decode_some(view[:self._left])
-            self._left -= n
-            if n and self._left:
-                return n
-        # The range is full or the stream ended: it must end here.
-        self._finish()
-        self._done = True
-        return n
-
-    def _decode_some(self, view):
-        """Decode into view; return the count, 0 at the end of input."""
-        while True:
-            consumed, produced = self._decode(view)
-            if produced:
-                return produced
-            if not consumed and not self._fill():
-                return 0
-
-    def _finish(self):
-        probe = memoryview(bytearray(1))
-        while True:
-            consumed, produced = self._decode(probe)
-            if produced:
-                if self._exact:
-                    raise errors.BadRequest(
-                        "zstd body decodes to more than the Content-Range "
-                        "({} bytes)".format(self._limit))
-                raise errors.RangeNotSatisfiable(
-                    "zstd body decodes past the end of the image")
-            if not consumed and not self._fill():
-                break
-        if not self._decoder.frame_done:
-            raise errors.BadRequest(
-                "zstd body is truncated: it ends inside a frame")
-        if self._exact and self._left:
-            raise errors.BadRequest(
-                "zstd body decodes to {} bytes, the Content-Range has {}"
-                .format(self._limit - self._left, self._limit))
-
-    def _decode(self, view):
-        try:
-            consumed, produced = self._decoder.decode(
-                self._in[self._start:self._end], view)
-        except _zstd.Error as e:
-            raise errors.BadRequest("Invalid zstd body: {}".format(e))
-        self._start += consumed
-        return consumed, produced
-
-    def _fill(self):
-        """Read more compressed bytes; False at the end of the body."""
-        if self._start:
-            left = self._end - self._start
-            self._in[:left] = self._in[self._start:self._end]
-            self._start, self._end = 0, left
-        if self._end == len(self._in):
-            raise errors.BadRequest(
-                "Invalid zstd body: no progress over {} bytes".format(
-                    len(self._in)))
-        body = self._body
-        if not body.remaining:
-            if body.done or body.next_chunk() == 0:
-                return False
-        n = body.readinto(self._in[self._end:])
-        if not n:
-            raise errors.BadRequest("Request body ended inside a chunk")
-        self._end += n
-        return True
-
-
-class MemorySource:
-    """A body source (the interface of http.Body) over bytes in memory."""
-
-    fd = -1
-    timeout = None
-
-    def __init__(self, view):
-        self._view = view
-        self._pos = 0
-
-    def readinto(self, view):
-        n = min(len(view), len(self._view) - self._pos)
-        view[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def consumed(self, n):  # pragma: no cover - fd is never >= 0
-        pass
+def decoder():
+    """A zstd decoder whose window is bounded by WINDOW_LOG_MAX."""
+    return _zstd.Decoder(WINDOW_LOG_MAX)
 
 
 def receive(body, backend, buf, scratch, inbuf, offset, limit, exact,
@@ -445,13 +299,13 @@ def receive(body, backend, buf, scratch, inbuf, offset, limit, exact,
     truncated or oversized stream) or RangeNotSatisfiable (past the image
     end).
     """
-    source = DecodingSource(body, limit, exact, inbuf)
+    source = streams.DecodingSource(body, limit, exact, inbuf, decoder())
     view = memoryview(scratch)
     pos = offset
     while True:
         n = _read_full(source, view)
         if n:
-            ops.write(backend, MemorySource(view[:n]), pos, n, buf,
+            ops.write(backend, streams.MemorySource(view[:n]), pos, n, buf,
                       lambda _: check())
             pos += n
         if n < len(view):

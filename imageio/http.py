@@ -13,11 +13,11 @@ import select
 import socket
 import time
 
-from . import backends
 from . import errors
 from . import httpparse
 from . import ratelog
 from . import redact
+from . import streams
 from . import transport
 
 
@@ -55,12 +55,6 @@ REASONS = {
 
 # Bodies read into memory (JSON) are limited.
 MAX_JSON_BODY = 64 * 1024
-# Receive size for the line reader.
-READ_SIZE = 64 * 1024
-# fill() stops once this much is buffered: a head is at most MAX_HEAD, so
-# a client that keeps its socket full cannot grow the buffer or keep the
-# selector thread receiving for ever.
-FILL_LIMIT = httpparse.MAX_HEAD + READ_SIZE
 # After an error, unread request bodies up to this size are read and
 # dropped so the connection survives; larger ones close the connection.
 DRAIN_LIMIT = 1024**2
@@ -70,329 +64,6 @@ DRAIN_LIMIT = 1024**2
 # waiting for bytes that never come.  (A body refused before its first
 # byte is dropped as it arrives, by the selector: Reader.discarding.)
 DRAIN_IDLE = 1.0
-# Once a request starts arriving, its request line and headers must be
-# complete within this time, however slowly a client trickles them in
-# (blocking use; the daemon uses [daemon] header_timeout).
-HEADERS_TIMEOUT = 30
-
-
-class Reader:
-    """Reads request heads, lines and bodies from a connection.
-
-    Bytes received beyond a head or line stay in a small buffer and are
-    returned first; large reads go straight from the socket into the
-    caller's buffer (``readinto``), so bodies land in aligned buffers
-    without a copy.
-    """
-
-    def __init__(self, sock):
-        self._sock = transport.wrap(sock)
-        self._buf = bytearray()
-        self._pos = 0
-        # The peer closed its side (seen by fill()).
-        self.eof = False
-        # Bytes of a refused request's body still to drop as they arrive
-        # (before the next head).
-        self.discarding = 0
-        # The refused request's response said "Connection: close": close
-        # once its body is dropped (closing with unread bytes would reset
-        # the connection under the client before it reads the answer).
-        self.close_after_discard = False
-        # A partial head: where it started, how much of it had arrived at
-        # the last full parse, and how far it was searched for its end.
-        self._head_at = -1
-        self._parsed = 0
-        self._searched = 0
-
-    def peek_buffered(self):
-        return len(self._buf) - self._pos
-
-    # Request heads.
-
-    def parse_head(self):
-        """The next request head if all of it is buffered, else None.
-        Raises HTTPError for a malformed head (httpparse.parse_head).
-
-        A head arriving in many small pieces is not parsed again from its
-        start for each piece: only when its end (an empty line) has
-        arrived, or when it has doubled since the last parse (which finds
-        a too-long line or too many headers early), so the work stays
-        linear in the head's size.
-        """
-        if self.discarding and not self.discard():
-            return None
-        if self.close_after_discard:
-            raise ConnectionResetError(
-                "Closing after the refused request's body")
-        avail = len(self._buf) - self._pos
-        if avail == 0:
-            return None
-        if self._head_at != self._pos:
-            self._head_at, self._parsed, self._searched = self._pos, 0, 0
-        elif avail < 2 * self._parsed and avail < httpparse.MAX_HEAD:
-            since = self._pos + max(0, self._searched - 3)
-            self._searched = avail
-            if self._buf.find(b"\n\r\n", since) < 0 \
-                    and self._buf.find(b"\n\n", since) < 0:
-                return None
-        self._parsed = self._searched = avail
-        result = httpparse.parse_head(self._buf, self._pos)
-        if result is None:
-            if avail >= FILL_LIMIT:
-                # Only line ends (parse_head skips them between requests),
-                # filling what fill() may buffer: nothing will come of it.
-                raise errors.HeadersTooLarge(
-                    "Request head too large: at most {} bytes allowed"
-                    .format(httpparse.MAX_HEAD))
-            return None
-        head, self._pos = result
-        self._head_at = -1
-        self._compact()
-        return head
-
-    def discard(self):
-        """Drop buffered bytes of a refused body; True once all of it is
-        gone."""
-        n = min(self.discarding, len(self._buf) - self._pos)
-        if n:
-            self._pos += n
-            self.discarding -= n
-            self._compact()
-        return self.discarding == 0
-
-    def only_blank(self):
-        """Whether the buffered bytes are only line ends (a client may
-        send a stray CRLF after a request)."""
-        return not self._buf[self._pos:].strip(b"\r\n")
-
-    def fill(self, limit=FILL_LIMIT):
-        """Receive the bytes available now from a non-blocking socket, until
-        ``limit`` bytes are buffered; return how many.  Sets ``eof`` when
-        the peer closed.  Bytes of a refused body are dropped as they
-        come."""
-        total = 0
-        while True:
-            if self.discarding:
-                self.discard()
-            if len(self._buf) - self._pos >= limit:
-                return total
-            data = self._sock.recv_nowait(READ_SIZE)
-            if data is None:
-                return total
-            if not data:
-                self.eof = True
-                return total
-            self._buf += data
-            total += len(data)
-            if len(data) < READ_SIZE and not self._sock.pending():
-                return total
-
-    def read_head(self, deadline=None):
-        """Block until a whole head is buffered (None at end of stream,
-        or HTTPError); the head must be complete by ``deadline``
-        (monotonic) once its first byte arrived.  For blocking use of a
-        connection (Connection.serve); the daemon reads heads in the
-        selector (imageio.connections)."""
-        while True:
-            head = self.parse_head()
-            if head is not None:
-                return head
-            if self.peek_buffered() and not self.only_blank() \
-                    and deadline is None:
-                deadline = time.monotonic() + HEADERS_TIMEOUT
-            chunk = self._recv_until(deadline)
-            if not chunk:
-                if self.peek_buffered() and not self.only_blank():
-                    raise ConnectionResetError("Client closed during head")
-                return None
-            self._buf += chunk
-
-    def read_response_head(self):
-        """Block until a whole response head is buffered (the client side
-        of a connection: imageio.httpclient); ConnectionResetError when
-        the peer closes first, BadGateway for a malformed head."""
-        while True:
-            if self._pos < len(self._buf):
-                result = httpparse.parse_response_head(self._buf, self._pos)
-                if result is not None:
-                    head, self._pos = result
-                    self._compact()
-                    return head
-            chunk = self._sock.recv(READ_SIZE)
-            if not chunk:
-                raise ConnectionResetError(
-                    "connection closed before the response")
-            self._buf += chunk
-
-    def _recv_until(self, deadline):
-        if deadline is None:
-            return self._sock.recv(READ_SIZE)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("Request headers not received in time")
-        timeout = self._sock.gettimeout()
-        self._sock.settimeout(remaining if timeout is None
-                              else min(timeout, remaining))
-        try:
-            return self._sock.recv(READ_SIZE)
-        finally:
-            self._sock.settimeout(timeout)
-
-    # Lines and bodies.
-
-    def readline(self, limit=httpparse.MAX_LINE):
-        """Read one line inside a body (chunk sizes, trailers): it waits
-        only for the socket's timeout, so a streamed upload may last as
-        long as its data keeps coming."""
-        while True:
-            i = self._buf.find(b"\n", self._pos)
-            if i >= 0:
-                line = bytes(self._buf[self._pos:i + 1])
-                self._pos = i + 1
-                self._compact()
-                if len(line) > limit:
-                    raise _LineTooLong()
-                return line
-            if len(self._buf) - self._pos > limit:
-                raise _LineTooLong()
-            chunk = self._sock.recv(READ_SIZE)
-            if not chunk:
-                line = bytes(self._buf[self._pos:])
-                self._buf.clear()
-                self._pos = 0
-                return line
-            self._buf += chunk
-
-    def _compact(self):
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        elif self._pos > READ_SIZE:
-            del self._buf[:self._pos]
-            self._pos = 0
-
-    def readinto(self, view):
-        """Read up to len(view) bytes; 0 at end of stream."""
-        avail = len(self._buf) - self._pos
-        if avail:
-            n = min(avail, len(view))
-            view[:n] = self._buf[self._pos:self._pos + n]
-            self._pos += n
-            self._compact()
-            return n
-        return self._sock.recv_into(view)
-
-    def read(self, n):
-        """Read exactly n bytes (fewer only at end of stream)."""
-        out = bytearray(n)
-        view = memoryview(out)
-        got = 0
-        while got < n:
-            k = self.readinto(view[got:])
-            if k == 0:
-                break
-            got += k
-        return bytes(out[:got])
-
-
-class _LineTooLong(Exception):
-    pass
-
-
-class Body:
-    """A request body of known length, never read past its end: the
-    source that ``ops.write`` reads.
-
-    ``readinto(view)`` reads up to ``len(view)`` bytes (0 at the end);
-    bytes the reader buffered beyond the headers come first.  ``fd`` is
-    the raw socket fd once no buffered bytes remain and the socket is
-    plain, else -1 (use ``readinto``); C code reading ``fd`` directly
-    reports the bytes with ``consumed(n)``, so the connection knows the
-    body was read and can serve the next request.  ``timeout`` (seconds)
-    bounds a wait for the client; ``remaining`` is the unread byte count.
-    """
-
-    def __init__(self, reader, sock, length, timeout):
-        self._reader = reader
-        self._transport = transport.wrap(sock)
-        self.timeout = timeout
-        self.remaining = length
-
-    @property
-    def fd(self):
-        if self._reader.peek_buffered():
-            return -1
-        return self._transport.fd
-
-    def consumed(self, n):
-        """Account bytes read directly from ``fd`` by C code."""
-        self.remaining -= n
-
-    def readinto(self, view):
-        if self.remaining <= 0:
-            return 0
-        if len(view) > self.remaining:
-            view = view[:self.remaining]
-        n = self._reader.readinto(view)
-        self.remaining -= n
-        return n
-
-
-class ChunkedBody:
-    """A chunked request body, read one chunk at a time: ``next_chunk()``
-    returns the size of the next chunk (0 at the end); then the chunk's
-    bytes are read through this object as through a ``Body``."""
-
-    def __init__(self, reader, timeout):
-        self._reader = reader
-        self.timeout = timeout
-        self.remaining = 0
-        self.done = False
-        self._first = True
-
-    fd = -1
-
-    def next_chunk(self):
-        if self.remaining:
-            raise errors.BadRequest("Chunk not fully read")
-        if not self._first:
-            if self._readline("chunk end") not in (b"\r\n", b"\n"):
-                raise errors.BadRequest("Invalid chunked body: missing CRLF")
-        self._first = False
-        size = httpparse.parse_chunk_size(self._readline("chunk size line"))
-        if size == 0:
-            # Trailers, then an empty line.
-            for _ in range(httpparse.MAX_HEADERS):
-                if self._readline("trailer line") in (b"\r\n", b"\n", b""):
-                    break
-            else:
-                # The rest would be parsed as the next request.
-                raise errors.BadRequest(
-                    "Too many trailer lines: at most {} allowed".format(
-                        httpparse.MAX_HEADERS))
-            self.done = True
-        self.remaining = size
-        return size
-
-    def _readline(self, what):
-        try:
-            return self._reader.readline()
-        except _LineTooLong:
-            raise errors.BadRequest(
-                "Invalid chunked body: {} longer than {} bytes".format(
-                    what, httpparse.MAX_LINE))
-
-    def consumed(self, n):  # pragma: no cover - fd is never >= 0
-        self.remaining -= n
-
-    def readinto(self, view):
-        if self.remaining <= 0:
-            return 0
-        if len(view) > self.remaining:
-            view = view[:self.remaining]
-        n = self._reader.readinto(view)
-        self.remaining -= n
-        return n
 
 
 class Request:
@@ -455,9 +126,9 @@ class Request:
                 self.conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             timeout = self.conn.timeout
             if self.chunked:
-                self._body = ChunkedBody(self.conn.reader, timeout)
+                self._body = streams.ChunkedBody(self.conn.reader, timeout)
             else:
-                self._body = Body(self.conn.reader, self.conn.sock,
+                self._body = streams.Body(self.conn.reader, self.conn.sock,
                                   self.content_length, timeout)
         return self._body
 
@@ -528,7 +199,7 @@ class Response:
     def chunked_writer(self):
         """A ChunkedWriter for the body, after send_headers(status, None,
         {"Transfer-Encoding": "..., chunked"})."""
-        return ChunkedWriter(self.conn.sock)
+        return streams.ChunkedWriter(self.conn.sock)
 
     def send_with_body(self, status, body, headers=None):
         """Send headers and a small body (bytes-like) together: one TLS
@@ -559,26 +230,8 @@ class Response:
                   "text/plain; charset=UTF-8", headers)
 
     def sink(self):
-        """A backends.Sink writing to the client."""
-        return backends.Sink(self.conn.sock, self.conn.timeout)
-
-
-class ChunkedWriter:
-    """Writes a response body in chunked framing (RFC 9112 7.1)."""
-
-    def __init__(self, sock):
-        self._sock = sock
-
-    def write(self, data):
-        """Send ``data`` (bytes-like) as one chunk; empty data sends
-        nothing (an empty chunk would end the body)."""
-        if len(data):
-            # One sendall: one TLS record instead of three.
-            self._sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
-
-    def close(self):
-        """End the body."""
-        self._sock.sendall(b"0\r\n\r\n")
+        """A streams.Sink writing to the client."""
+        return streams.Sink(self.conn.sock, self.conn.timeout)
 
 
 class Router:
@@ -632,7 +285,7 @@ class Connection:
         self.name = name
         # The service label of this connection's request metrics.
         self.service = service
-        self.reader = Reader(self.sock)
+        self.reader = streams.Reader(self.sock)
         self.context = {}
         self._on_close = []
         self._on_idle = []

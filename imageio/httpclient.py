@@ -5,7 +5,7 @@ workers alike: raw sockets, no ``http.client`` in the data path.  A request
 head goes out in one send; a response head is parsed by the pure
 ``httpparse.parse_response_head`` (the same limits as request heads);
 bodies are read through the same stream types the server reads requests
-with (``http.Reader``, ``http.Body``, ``http.ChunkedBody``), so a known-length
+with (``streams.Reader``, ``streams.Body``, ``streams.ChunkedBody``), so a known-length
 body on a plain socket exposes its raw fd to C loops.
 
 Errors: an error status becomes the imageio error of that status
@@ -20,7 +20,7 @@ import socket
 import ssl
 
 from . import errors
-from . import http as http_layer
+from . import streams
 from . import transport
 
 # Error statuses an imageio daemon answers, and the error each becomes here.
@@ -118,7 +118,7 @@ class Connection:
             err.retriable = True
             raise err
         self.sock = transport.wrap(sock)
-        self.reader = http_layer.Reader(self.sock)
+        self.reader = streams.Reader(self.sock)
         return self.sock
 
     def close(self):
@@ -180,7 +180,7 @@ class Connection:
         """The whole body of a response that has a small one (JSON, an
         error message): BadGateway when it is larger than ``limit``."""
         if head.headers.get("transfer-encoding", "").lower() == "chunked":
-            body = http_layer.ChunkedBody(self.reader, self.timeout)
+            body = streams.ChunkedBody(self.reader, self.timeout)
             out = bytearray()
             while body.next_chunk():
                 if len(out) + body.remaining > limit:
@@ -210,12 +210,12 @@ class Connection:
 
     def body(self, length):
         """The next ``length`` bytes of the response body as a source
-        (``http.Body``: buffered bytes first, then the socket's fd for C
+        (``streams.Body``: buffered bytes first, then the socket's fd for C
         loops where it is plain)."""
-        return http_layer.Body(self.reader, self.sock, length, self.timeout)
+        return streams.Body(self.reader, self.sock, length, self.timeout)
 
     def chunked_body(self):
-        return http_layer.ChunkedBody(self.reader, self.timeout)
+        return streams.ChunkedBody(self.reader, self.timeout)
 
     def finish(self, head, size=None):
         """After a response was read: close a connection the daemon

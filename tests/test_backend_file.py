@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from imageio import backends, errors, http, ops, tls
+from imageio import backends, errors, ops, streams, tls
 from imageio._io.buffer import AlignedBuffer
 from imageio.backends import Extent, file as file_backend
 
@@ -212,7 +212,7 @@ def test_read_to(image, reference, buf, timeout):
             # A timeout makes the fd non-blocking.
             a.settimeout(timeout)
             with a, b:
-                sink = backends.Sink(a, timeout=timeout)
+                sink = streams.Sink(a, timeout=timeout)
                 assert sink.fd == a.fileno()
                 t, out = drain(b)
                 progress = Progress()
@@ -228,7 +228,7 @@ def test_read_to_tls(image, reference, buf, pki):
     image.write(reference)
     a, b = tls_pair(pki)
     with image.open(ops=["read"]) as backend, a, b:
-        sink = backends.Sink(a, timeout=5)
+        sink = streams.Sink(a, timeout=5)
         assert sink.fd == -1
         for offset, length in RANGES:
             got = bytearray()
@@ -257,7 +257,7 @@ def test_read_to_past_end(image, reference, buf):
     with image.open() as backend, a, b:
         t, out = drain(b)
         with pytest.raises(errors.BackendError):
-            ops.read(backend, backends.Sink(a), SIZE - 10, 20, buf,
+            ops.read(backend, streams.Sink(a), SIZE - 10, 20, buf,
                      Progress())
 
 
@@ -271,7 +271,7 @@ def test_read_to_canceled(image, reference, buf):
     with image.open() as backend, a, b:
         t, out = drain(b)
         with pytest.raises(errors.Canceled):
-            ops.read(backend, backends.Sink(a), 0, SIZE, buf, progress)
+            ops.read(backend, streams.Sink(a), 0, SIZE, buf, progress)
         a.shutdown(socket.SHUT_WR)
         t.join()
         # Stopped after the first chunk.
@@ -294,10 +294,10 @@ def send_request(sock, body, close=True):
 
 def request_source(sock, length):
     """The request body of ``length`` bytes, as the daemon reads it."""
-    reader = http.Reader(sock)
+    reader = streams.Reader(sock)
     assert reader.readline().startswith(b"PUT")
     assert reader.readline() == b"\r\n"
-    return http.Body(reader, sock, length, sock.gettimeout())
+    return streams.Body(reader, sock, length, sock.gettimeout())
 
 
 @pytest.mark.parametrize("transport", ["plain", "plain-timeout", "tls"])

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from harness import nbdserver
-from imageio import backends, errors, http, ops
+from imageio import backends, errors, ops, streams
 from imageio._io.buffer import AlignedBuffer
 
 MiB = 1024**2
@@ -67,7 +67,7 @@ def read_all(backend, buf, offset=0, length=None):
     with a, b:
         drain = Drain(b)
         calls = []
-        ops.read(backend, backends.Sink(a), offset, length, buf, calls.append)
+        ops.read(backend, streams.Sink(a), offset, length, buf, calls.append)
         a.shutdown(socket.SHUT_WR)
         drain.join(20)
     assert sum(calls) == length
@@ -88,7 +88,7 @@ class TLSLikeSink:
 
 
 def write_all(backend, buf, data, offset=0, prefix=b""):
-    """PUT through a real http.Body: header bytes, then the body, read
+    """PUT through a real streams.Body: header bytes, then the body, read
     partly from the HTTP reader's buffer and then from the socket fd."""
     a, b = socket.socketpair()
 
@@ -103,9 +103,9 @@ def write_all(backend, buf, data, offset=0, prefix=b""):
     with a:
         t = threading.Thread(target=send, daemon=True)
         t.start()
-        reader = http.Reader(a)
+        reader = streams.Reader(a)
         assert reader.readline() == b"HEADER\r\n"
-        body = http.Body(reader, a, len(prefix) + len(data), None)
+        body = streams.Body(reader, a, len(prefix) + len(data), None)
         calls = []
         ops.write(backend, body, offset, len(prefix) + len(data), buf,
                   calls.append)
@@ -312,7 +312,7 @@ def test_write_short_body(memory, buf):
             threading.Thread(
                 target=lambda: (b.sendall(b"x" * (3 * MiB)), b.close()),
                 daemon=True).start()
-            source = http.Body(http.Reader(a), a, 10 * MiB, None)
+            source = streams.Body(streams.Reader(a), a, 10 * MiB, None)
             with pytest.raises(errors.PartialContent) as e:
                 ops.write(backend, source, 0, 10 * MiB, buf, None)
         assert e.value.requested == 10 * MiB
@@ -465,7 +465,7 @@ def test_server_dies_then_reconnect(tmp_path, buf):
         with a, b:
             Drain(b)
             with pytest.raises(OSError):
-                ops.read(backend, backends.Sink(a), 0, 256 * MiB, buf, None)
+                ops.read(backend, streams.Sink(a), 0, 256 * MiB, buf, None)
         killer.join()
         # While the server is down: a clear error.
         os.unlink(sock)

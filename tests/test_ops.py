@@ -12,7 +12,7 @@ import types
 import pytest
 
 from harness import nbdserver
-from imageio import backends, errors, http, ops
+from imageio import backends, errors, ops, streams
 from imageio._io.buffer import AlignedBuffer
 
 MiB = 1024**2
@@ -306,7 +306,7 @@ def test_canceled_waits_for_the_read_in_flight(tmp_path, data):
 # Streams: a request body in, a response socket out.
 
 def body_from(data, length, tls_like=False):
-    """A real http.Body on a socketpair carrying ``data`` then EOF, as the
+    """A real streams.Body on a socketpair carrying ``data`` then EOF, as the
     daemon reads a PUT (part of it buffered by the HTTP reader)."""
     a, b = socket.socketpair()
 
@@ -320,10 +320,10 @@ def body_from(data, length, tls_like=False):
 
     t = threading.Thread(target=send, daemon=True)
     t.start()
-    reader = http.Reader(a)
+    reader = streams.Reader(a)
     assert reader.readline().startswith(b"PUT")
     assert reader.readline() == b"\r\n"
-    body = http.Body(reader, a, length, None)
+    body = streams.Body(reader, a, length, None)
     if tls_like:
         body = NoFd(body)
     return a, t, body
@@ -480,7 +480,7 @@ def test_read_tap_sees_every_byte_even_to_a_plain_socket(
             t.start()
             tap = Tap(offset)
             with a, b:
-                ops.read(backend, backends.Sink(a), offset, length,
+                ops.read(backend, streams.Sink(a), offset, length,
                          AlignedBuffer(BUF), tap=tap)
                 t.join(30)
             assert bytes(tap.data) == data[offset:offset + length]

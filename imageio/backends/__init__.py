@@ -77,31 +77,11 @@ layer turns them into a ``500`` naming the operation, offset and length
 from .. import errors
 from .. import extents
 from .. import urls
-from .. import transport
 
 # The extent types and range check live in imageio.extents (a leaf).
 Extent = extents.Extent
 DirtyExtent = extents.DirtyExtent
 check_extents_range = extents.check_range
-
-
-class Sink:
-    """Where ops.read() sends bytes: the client's socket.
-
-    ``fd`` is the raw socket fd when bytes can go to it directly (plain
-    socket: sendfile/splice/send from C), else -1 (TLS: use ``write``).
-    The fd may be non-blocking (a socket with a timeout): C loops must poll
-    on EAGAIN for at most ``timeout`` seconds.
-    """
-
-    def __init__(self, sock, timeout=None):
-        self._sock = transport.wrap(sock)
-        self.timeout = timeout
-        self.fd = self._sock.fd
-
-    def write(self, data):
-        """Send all of ``data`` (bytes-like)."""
-        self._sock.sendall(data)
 
 
 def open_backend(ticket, cfg):

@@ -21,11 +21,11 @@ import urllib.parse
 
 from .. import compression
 from .. import errors
-from .. import http as http_layer
+from .. import streams
 from .. import httpclient
 from .. import tls
 from .. import urls
-from . import DirtyExtent, Extent, Sink, check_extents_range
+from . import DirtyExtent, Extent, check_extents_range
 from .base import Backend
 
 log = logging.getLogger("backends.http")
@@ -48,7 +48,7 @@ class _DataPath:
 
     def put_with(self, offset, length, send_body, flush=False):
         """PUT ``length`` bytes at ``offset``: ``send_body(sink)`` sends
-        exactly the body to a ``backends.Sink``.  Raises errors.HTTPError
+        exactly the body to a ``streams.Sink``.  Raises errors.HTTPError
         subclasses for error answers (with the daemon's message);
         transport failures raise errors.BadGateway with ``retriable =
         True``."""
@@ -66,19 +66,19 @@ class _DataPath:
             sock = con.sock
             if self.coding:
                 # Compressed as read, sent in chunks (docs/api.md).
-                writer = http_layer.ChunkedWriter(sock)
-                sink = compression.EncodingSink(writer.write, length,
-                                                self._timeout)
+                writer = streams.ChunkedWriter(sock)
+                sink = streams.EncodingSink(
+                    compression.Encoder(writer.write, length), self._timeout)
                 send_body(sink)
                 sink.close()
                 writer.close()
             else:
-                send_body(Sink(sock, self._timeout))
+                send_body(streams.Sink(sock, self._timeout))
             con.complete(con.read_head(), self._size)
 
     def get_with(self, offset, length, recv_body):
         """GET ``length`` bytes at ``offset``: ``recv_body(source)`` reads
-        exactly the body from a source like ``http.Body``.  Raises
+        exactly the body from a source like ``streams.Body``.  Raises
         like ``put_with``."""
         headers = [("Range", "bytes={}-{}".format(offset,
                                                   offset + length - 1))]
@@ -116,8 +116,9 @@ class _DataPath:
                     head.headers.get("content-range"), expected))
         if self._zstd_input is None:
             self._zstd_input = bytearray(compression.INPUT_SIZE)
-        source = compression.DecodingSource(self._con.chunked_body(), length,
-                                            True, self._zstd_input)
+        source = streams.DecodingSource(self._con.chunked_body(), length,
+                                        True, self._zstd_input,
+                                        compression.decoder())
         try:
             recv_body(source)
             if source.received != length:
@@ -396,12 +397,11 @@ class HTTPBackend(_DataPath, Backend):
         self._con.close()
 
 
-class _Reader:
+class _Reader(streams.Source):
     """A GET response's body of a range, as a ``Source`` read in Python
     (fd -1: the proxy's bytes pass through its buffer); the connection is
     closed if it is left before the end."""
 
-    fd = -1
     timeout = TIMEOUT
 
     def __init__(self, con, body, length):
@@ -422,9 +422,6 @@ class _Reader:
                 "Remote imageio daemon {} closed the connection during "
                 "read".format(self._con.where))
         return n
-
-    def consumed(self, n):  # pragma: no cover - fd is never >= 0
-        self._body.remaining -= n
 
     def __enter__(self):
         return self

@@ -1,11 +1,11 @@
-"""imageio.http over socketpairs: the Reader's bounds and costs."""
+"""imageio.streams over socketpairs: the Reader's bounds and costs."""
 
 import socket
 
 import pytest
 
 from imageio import errors
-from imageio import http
+from imageio import streams
 from imageio import httpparse
 
 
@@ -34,7 +34,7 @@ def test_fill_stops_at_limit(pair):
         pass
     assert sent > 1024**2
     server.setblocking(False)
-    reader = http.Reader(server)
+    reader = streams.Reader(server)
     reader.fill()
     # A head is at most 64 KiB: a few reads past it, not a megabyte.
     assert reader.peek_buffered() <= 256 * 1024
@@ -55,7 +55,7 @@ def test_parse_head_work_is_linear(pair, monkeypatch):
         return real(buf, start)
 
     monkeypatch.setattr(httpparse, "parse_head", counting)
-    reader = http.Reader(server)
+    reader = streams.Reader(server)
     result = None
     for i in range(0, len(head), 7):
         client.sendall(head[i:i + 7])
@@ -74,7 +74,7 @@ def test_parse_head_still_refuses_early(pair):
     # A line too long is found before the head ends (doubling rule).
     server, client = pair
     server.setblocking(False)
-    reader = http.Reader(server)
+    reader = streams.Reader(server)
     client.sendall(b"GET /x HTTP/1.1\r\nX-Long: ")
     reader.fill()
     assert reader.parse_head() is None
@@ -89,7 +89,7 @@ def test_only_line_ends_refused_at_fill_limit(pair):
     # Stray CRLFs between requests are skipped, but not without bound.
     server, client = pair
     server.setblocking(False)
-    reader = http.Reader(server)
+    reader = streams.Reader(server)
     with pytest.raises(errors.HeadersTooLarge):
         for _ in range(100):
             client.sendall(b"\r\n" * 4096)
@@ -100,7 +100,7 @@ def test_only_line_ends_refused_at_fill_limit(pair):
 def test_discard_drops_refused_body_before_next_head(pair):
     server, client = pair
     server.setblocking(False)
-    reader = http.Reader(server)
+    reader = streams.Reader(server)
     reader.discarding = 10
     client.sendall(b"0123")
     reader.fill()
@@ -115,7 +115,7 @@ def test_discard_drops_refused_body_before_next_head(pair):
 def test_close_after_discard(pair):
     server, client = pair
     server.setblocking(False)
-    reader = http.Reader(server)
+    reader = streams.Reader(server)
     reader.discarding = 3
     reader.close_after_discard = True
     client.sendall(b"abcGET /y HTTP/1.1\r\n\r\n")
