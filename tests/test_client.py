@@ -800,3 +800,80 @@ def test_error_full_disk_on_upload_shows_the_daemon_message(daemon,
         wait_idle(daemon, t["uuid"])
     finally:
         run("umount", "-l", str(mnt))
+
+
+# A source given as an http:// URL, read by qemu's curl driver from a real
+# HTTP server (nginx: python's http.server answers no Range requests,
+# which the curl driver needs).
+
+@pytest.fixture
+def web(tmp_path):
+    from harness.net import free_port
+    root = tmp_path / "www"
+    root.mkdir()
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("""
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/nginx-access.log;
+    client_body_temp_path {d}/tmp-body;
+    proxy_temp_path {d}/tmp-proxy;
+    fastcgi_temp_path {d}/tmp-fastcgi;
+    uwsgi_temp_path {d}/tmp-uwsgi;
+    scgi_temp_path {d}/tmp-scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+""".format(d=tmp_path, port=port, root=root))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-g",
+                             "daemon off;"], stderr=subprocess.PIPE)
+    import socket
+    import time
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    yield root, "http://127.0.0.1:{}".format(port)
+    proc.terminate()
+    proc.wait()
+
+
+def test_upload_from_http_url_verified(daemon, tmp_path, qcow2, web):
+    root, base = web
+    os.link(qcow2, root / "disk.qcow2")
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", base + "/disk.qcow2", url, "--cafile",
+                  daemon.ca_file, "-o", "json", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "format qcow2 (probed)" in r.stderr
+    assert "Verified: blake3 checksum" in r.stderr
+    assert json_lines(r.stdout)[-1]["transferred"] == SIZE
+    compare(qcow2, target, "qcow2", "raw")
+    # Only ranges were read: the curl driver, not a whole download.
+    assert " 206 " in (tmp_path / "nginx-access.log").read_text()
+
+
+def test_upload_from_http_url_never_follows_a_backing_file(daemon,
+                                                            tmp_path, web):
+    # A qcow2 served over HTTP whose header names a file of this host as
+    # its backing file: that file is never read.
+    root, base = web
+    disk, secret = guest_raw_with_qcow2_header(tmp_path)
+    os.link(disk, root / "disk.qcow2")
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", base + "/disk.qcow2", url, "--cafile",
+                  daemon.ca_file)
+    assert r.returncode == 0, r.stderr
+    assert b"HOST-SECRET" not in target.read_bytes()

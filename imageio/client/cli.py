@@ -65,7 +65,8 @@ def parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("upload", help="upload FILE (any format qemu "
-                        "reads) to a transfer URL")
+                        "reads; or an http(s):// URL of one) to a "
+                        "transfer URL")
     up.add_argument("filename", metavar="FILE")
     up.add_argument("url", metavar="URL")
     up.add_argument("--member", help="upload this member of the tar (OVA) "

@@ -31,13 +31,33 @@ def file_identity(path):
             "inode": st.st_ino, "device": st.st_dev}
 
 
+def source_identity(name):
+    """``file_identity`` of a local file; of an http(s) URL, what its
+    server says of it (HEAD: length, Last-Modified, ETag)."""
+    if not name.startswith(("http://", "https://")):
+        return file_identity(name)
+    import urllib.request
+    identity = {"url": name}
+    try:
+        req = urllib.request.Request(name, method="HEAD")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            for header in ("Content-Length", "Last-Modified", "ETag"):
+                if resp.headers.get(header):
+                    identity[header.lower()] = resp.headers[header]
+    except OSError:
+        pass
+    return identity
+
+
 class Journal:
     """Items of one transfer (direction, local file, URL) confirmed
     written and flushed, for the source ``identity`` (a dict: for an
     upload the source's size, mtime and inode)."""
 
     def __init__(self, direction, filename, url, identity=None):
-        key = "\0".join((direction, os.path.abspath(filename), url))
+        local = filename if filename.startswith(("http://", "https://")) \
+            else os.path.abspath(filename)
+        key = "\0".join((direction, local, url))
         name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".journal"
         self.path = os.path.join(state_dir(), name)
         self.filename = filename

@@ -40,6 +40,11 @@ def _last_line(text):
     return lines[-1].strip() if lines else ""
 
 
+def is_url(name):
+    """Whether ``name`` is an http(s) URL (read by qemu's curl driver)."""
+    return name.startswith(("http://", "https://"))
+
+
 def find_member(tarname, member):
     """Return (offset, size) of ``member``'s data inside tar ``tarname``."""
     try:
@@ -57,6 +62,9 @@ def image_spec(filename, member=None):
     member: qemu's raw driver with offset and size over the tar file)."""
     if member is None:
         return filename
+    if is_url(filename):
+        raise Error("--member needs a local tar file, not {}".format(
+            filename))
     offset, size = find_member(filename, member)
     # No top driver: qemu probes the member's format.
     return "json:" + json.dumps({"file": {
@@ -68,7 +76,8 @@ def info(filename, member=None, fmt=None):
     """``qemu-img info`` as a dict (with member-offset/member-size for a
     tar member); ``fmt`` is the format to open it as (None: probed)."""
     spec = image_spec(filename, member)
-    if member is None and not os.access(filename, os.R_OK):
+    if member is None and not is_url(filename) and \
+            not os.access(filename, os.R_OK):
         raise Error("Cannot read {}: {}".format(
             filename, "no such file" if not os.path.exists(filename)
             else "permission denied"))
@@ -131,7 +140,8 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
     # A backing file is followed only for a qcow2 whose chain is asked
     # for: a raw disk never has one (a qcow2 header written by its guest
     # names a host file), and other formats' parents are not ours to read.
-    follow = backing_chain and fmt == "qcow2"
+    # Nor for a URL's image: its backing file name would be opened here.
+    follow = backing_chain and fmt == "qcow2" and not is_url(filename)
     if member is not None:
         # The tar member through qemu's raw driver; the top driver from
         # the probed format.
@@ -143,9 +153,12 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
     elif follow or fmt == "raw":
         argv += ["--format", fmt, filename]
     else:
-        argv.append("json:" + json.dumps({
-            "driver": fmt, "backing": None,
-            "file": {"driver": "file", "filename": filename}}))
+        if is_url(filename):
+            file = {"driver": filename.split(":", 1)[0], "url": filename}
+        else:
+            file = {"driver": "file", "filename": filename}
+        argv.append("json:" + json.dumps({"driver": fmt, "backing": None,
+                                          "file": file}))
     log_path = os.path.join(tmp, "qemu-nbd.log")
     with open(log_path, "w") as log:
         try:
