@@ -58,12 +58,6 @@ MAX_JSON_BODY = 64 * 1024
 # After an error, unread request bodies up to this size are read and
 # dropped so the connection survives; larger ones close the connection.
 DRAIN_LIMIT = 1024**2
-# After an error in the middle of a body, how long in all the drain waits
-# for the rest of it.  The count of unread bytes may be stale when C code
-# failed mid-receive, so a client that sent everything must not be kept
-# waiting for bytes that never come.  (A body refused before its first
-# byte is dropped as it arrives, by the selector: Reader.discarding.)
-DRAIN_IDLE = 1.0
 
 
 class Request:
@@ -519,7 +513,7 @@ class Connection:
         dropped as it arrives, with no thread waiting for it: the reader
         discards it before the next head, under the next head's deadline
         (imageio.connections).  A body the handler had started to read is
-        read here, for at most DRAIN_IDLE seconds in all."""
+        read here, for at most streams.DRAIN_IDLE seconds in all."""
         if req.chunked or (req.expects_continue and req._body is None):
             # A client waiting for 100 Continue may never send the body.
             return False
@@ -536,7 +530,7 @@ class Connection:
         if body.remaining > DRAIN_LIMIT:
             return False
         scratch = memoryview(bytearray(min(body.remaining, 65536)))
-        deadline = time.monotonic() + DRAIN_IDLE
+        deadline = time.monotonic() + streams.DRAIN_IDLE
         try:
             while body.remaining:
                 left = deadline - time.monotonic()

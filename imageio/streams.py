@@ -43,6 +43,12 @@ FILL_LIMIT = httpparse.MAX_HEAD + READ_SIZE
 # complete within this time, however slowly a client trickles them in
 # (blocking use; the daemon uses [daemon] header_timeout).
 HEADERS_TIMEOUT = 30
+# After an error in the middle of a body, how long in all the drain waits
+# for the rest of it.  The count of unread bytes may be stale when C code
+# failed mid-receive, so a client that sent everything must not be kept
+# waiting for bytes that never come.  (A body refused before its first
+# byte is dropped as it arrives, by the selector: Reader.discarding.)
+DRAIN_IDLE = 1.0
 
 
 class Source:

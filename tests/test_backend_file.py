@@ -16,7 +16,8 @@ import pytest
 
 from imageio import backends, errors, ops, streams, tls
 from imageio._io.buffer import AlignedBuffer
-from imageio.backends import Extent, file as file_backend
+from imageio.backends import file as file_backend
+from imageio.extents import Extent
 
 MiB = 1024**2
 # A multiple of 512 (a loop device's size) but not of 4096: the last block

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from harness import nbdserver
-from imageio import backends, errors, ops, streams
+from imageio import backends, errors, extents, ops, streams
 from imageio._io.buffer import AlignedBuffer
 
 MiB = 1024**2
@@ -385,17 +385,17 @@ def test_extents_chain(tmp_path):
         backend = open_backend(s.url())
         extents = list(backend.extents())
         assert extents == [
-            backends.Extent(0, 2 * MiB, False, False),
-            backends.Extent(2 * MiB, 2 * MiB, True, True),
-            backends.Extent(4 * MiB, MiB, True, False),
-            backends.Extent(5 * MiB, 3 * MiB, True, True),
+            extents.Extent(0, 2 * MiB, False, False),
+            extents.Extent(2 * MiB, 2 * MiB, True, True),
+            extents.Extent(4 * MiB, MiB, True, False),
+            extents.Extent(5 * MiB, 3 * MiB, True, True),
         ]
         assert extents[0].zero is False
         # A range: block status for it alone, cut at odd offsets.
         assert backend.extents(MiB + 3, 3 * MiB) == [
-            backends.Extent(MiB + 3, MiB - 3, False, False),
-            backends.Extent(2 * MiB, 2 * MiB, True, True),
-            backends.Extent(4 * MiB, 3, True, False),
+            extents.Extent(MiB + 3, MiB - 3, False, False),
+            extents.Extent(2 * MiB, 2 * MiB, True, True),
+            extents.Extent(4 * MiB, 3, True, False),
         ]
         with pytest.raises(errors.RangeNotSatisfiable):
             backend.extents(MiB, 8 * MiB)
@@ -418,13 +418,13 @@ def test_extents_dirty(tmp_path):
     try:
         backend = open_backend(s.url(), ops=["read"], dirty=True)
         assert list(backend.extents(context="dirty")) == [
-            backends.DirtyExtent(0, MiB, False, False),
-            backends.DirtyExtent(MiB, 64 * 1024, True, False),
-            backends.DirtyExtent(MiB + 64 * 1024, MiB - 64 * 1024, False,
+            extents.DirtyExtent(0, MiB, False, False),
+            extents.DirtyExtent(MiB, 64 * 1024, True, False),
+            extents.DirtyExtent(MiB + 64 * 1024, MiB - 64 * 1024, False,
                                  False),
-            backends.DirtyExtent(2 * MiB, 4 * MiB, False, True),
-            backends.DirtyExtent(6 * MiB, MiB, True, True),
-            backends.DirtyExtent(7 * MiB, MiB, False, True),
+            extents.DirtyExtent(2 * MiB, 4 * MiB, False, True),
+            extents.DirtyExtent(6 * MiB, MiB, True, True),
+            extents.DirtyExtent(7 * MiB, MiB, False, True),
         ]
         assert len(backend.extents()) > 1
         backend.close()

@@ -8,7 +8,7 @@ import pytest
 
 from imageio import checksum
 from imageio import errors
-from imageio.backends import Extent
+from imageio.extents import Extent
 
 MiB = 1024**2
 

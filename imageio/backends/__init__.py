@@ -75,13 +75,8 @@ layer turns them into a ``500`` naming the operation, offset and length
 """
 
 from .. import errors
-from .. import extents
 from .. import urls
 
-# The extent types and range check live in imageio.extents (a leaf).
-Extent = extents.Extent
-DirtyExtent = extents.DirtyExtent
-check_extents_range = extents.check_range
 
 
 def open_backend(ticket, cfg):

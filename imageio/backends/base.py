@@ -11,6 +11,7 @@ it does better.
 import contextlib
 
 from .. import errors
+from .. import extents
 
 
 class Backend:
@@ -72,14 +73,13 @@ class Backend:
     def extents(self, offset=0, length=None, context="zero"):
         """Default: the range is one data extent (what a backend that
         cannot tell holes apart says); no dirty extents."""
-        from . import Extent, check_extents_range
         if context != "zero":
             raise errors.NotFound(
                 "Unknown extents context {!r}".format(context))
-        end = check_extents_range(offset, length, self.size())
+        end = extents.check_range(offset, length, self.size())
         if end == offset:
             return []
-        return [Extent(offset, end - offset, False, False)]
+        return [extents.Extent(offset, end - offset, False, False)]
 
     def operation(self, op, nbytes):
         """A context manager for one copy engine call, yielding the

@@ -20,7 +20,7 @@ from .._io import directio
 from .._io import stream
 from .._io.buffer import AlignedBuffer
 from .. import urls
-from . import Extent, check_extents_range
+from ..extents import Extent, check_range as check_extents_range
 from .base import Backend
 
 log = logging.getLogger("backends.file")

@@ -25,7 +25,7 @@ from .. import streams
 from .. import httpclient
 from .. import tls
 from .. import urls
-from . import DirtyExtent, Extent, check_extents_range
+from ..extents import DirtyExtent, Extent, check_range as check_extents_range
 from .base import Backend
 
 log = logging.getLogger("backends.http")

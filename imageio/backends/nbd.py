@@ -23,7 +23,7 @@ from .. import extents
 from .._io import nbd
 from .. import redact as redact_
 from .. import urls
-from . import DirtyExtent, Extent, check_extents_range
+from ..extents import DirtyExtent, Extent, check_range as check_extents_range
 from .base import Backend
 
 log = logging.getLogger("backends.nbd")

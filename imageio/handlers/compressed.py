@@ -7,7 +7,7 @@ from .. import buffers
 from .. import compression
 from .. import errors
 from .. import extents
-from .. import http
+from .. import streams
 
 log = logging.getLogger("images")
 
@@ -79,7 +79,7 @@ def put(req, ticket, backend, buf, offset, exact_length, cfg):
 def _drain(conn, body):
     # Like http.Connection's drain: a client that stopped sending is not
     # waited for.
-    conn.sock.settimeout(http.DRAIN_IDLE)
+    conn.sock.settimeout(streams.DRAIN_IDLE)
     try:
         compression.drain(body)
     finally:
