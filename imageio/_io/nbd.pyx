@@ -15,25 +15,40 @@ Block status is walked in C: ``extents``, ``zero_extents`` and
 
 A handle is not thread safe from Python's point of view: use one per thread
 (connection), as the daemon does.
-
-The module is one extension in parts joined by ``include`` (as uvloop's
-``loop.pyx``): ``failure.pxi`` (failures recorded without the GIL, raised
-later), ``ring.pxi`` (the ring of requests in flight and its pumps),
-``blockstatus.pxi`` (meta contexts and the block-status walk); ``Handle``
-is here.  C declarations come from ``libnbd.pxd`` and ``syscalls.pxd`` only.
 """
 
+from libc.errno cimport (
+    EAGAIN, EINTR, ENOMEM, ENOTCONN, EPROTO, ETIMEDOUT, errno)
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy, strcmp, strlen, strncmp, strncpy
 
 from imageio._io cimport libnbd as lib
-from imageio._io.syscalls cimport (
-    EAGAIN, EINTR, ENOMEM, ENOTCONN, EPROTO, ETIMEDOUT, MSG_DONTWAIT,
-    MSG_NOSIGNAL, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, errno, free,
-    memcpy, poll, pollfd, realloc, recv, send, strcmp, strlen, strncmp,
-    strncpy)
 from imageio._io.timeouts cimport now_ms, timeout_ms
 
 import os
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    enum:
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
 
 
 # Meta contexts.
@@ -81,9 +96,575 @@ DEF DRAIN_TIMEOUT_MS = 30000
 DEF MAX_CONTEXTS = 3
 
 
-include "failure.pxi"
-include "ring.pxi"
-include "blockstatus.pxi"
+class Error(OSError):
+    """A libnbd call failed.
+
+    ``errno`` is ``nbd_get_errno()`` (may be 0), ``strerror`` is
+    ``nbd_get_error()``'s text.
+    """
+
+    def __str__(self):
+        return self.strerror or "libnbd error"
+
+
+# Where a failure happened, recorded without the GIL and raised later.
+cdef enum FailKind:
+    FAIL_NONE = 0
+    FAIL_NBD        # a libnbd call failed: nbd_get_errno/nbd_get_error
+    FAIL_OS         # a syscall on the client socket failed: errno
+    FAIL_TIMEOUT    # nothing happened for the timeout
+    FAIL_PROTOCOL   # the server answered something we cannot use
+
+cdef struct Failure:
+    FailKind kind
+    int err
+    char msg[512]
+
+
+cdef void _fail_nbd(Failure *f) noexcept nogil:
+    if f.kind != FAIL_NONE:
+        return
+    f.kind = FAIL_NBD
+    f.err = lib.nbd_get_errno()
+    cdef const char *m = lib.nbd_get_error()
+    if m == NULL:
+        m = "unknown libnbd error"
+    strncpy(f.msg, m, sizeof(f.msg) - 1)
+    f.msg[sizeof(f.msg) - 1] = 0
+
+
+cdef void _fail(Failure *f, FailKind kind, int err, const char *msg) noexcept nogil:
+    if f.kind != FAIL_NONE:
+        return
+    f.kind = kind
+    f.err = err
+    strncpy(f.msg, msg, sizeof(f.msg) - 1)
+    f.msg[sizeof(f.msg) - 1] = 0
+
+
+cdef int _raise_failure(Failure *f) except -1:
+    msg = f.msg.decode("utf-8", "replace")
+    if f.kind == FAIL_NBD:
+        raise Error(f.err, msg)
+    if f.kind == FAIL_OS:
+        # OSError() picks the subclass: BrokenPipeError, ConnectionResetError...
+        raise OSError(f.err, os.strerror(f.err))
+    if f.kind == FAIL_TIMEOUT:
+        raise TimeoutError(ETIMEDOUT, msg)
+    raise Error(f.err or EPROTO, msg)
+
+
+cdef int _raise_last() except -1:
+    cdef Failure f
+    f.kind = FAIL_NONE
+    _fail_nbd(&f)
+    return _raise_failure(&f)
+
+
+# Pipelined transfers.
+#
+# A ring of slots over the caller's buffer; slot i uses
+# buf[i * req:(i + 1) * req].  Requests are issued in order into the ring
+# and consumed in order from its head.
+
+cdef struct Pipe:
+    lib.nbd_handle *h
+    int fd                  # client socket, -1 for memory transfers
+    char *buf
+    bint linear             # memory transfer: buf[k] <-> start + k
+    uint64_t start
+    size_t req              # bytes per request
+    int depth               # slots in the ring
+    uint64_t next           # next offset to issue (or receive into)
+    uint64_t end            # end of the transfer
+    int head                # oldest slot
+    int used                # slots holding data or a request
+    int64_t cookie[MAX_DEPTH]   # request in flight, 0 if none
+    uint64_t off[MAX_DEPTH]
+    size_t len[MAX_DEPTH]
+    size_t done[MAX_DEPTH]  # bytes sent to / received from the socket
+    bint ready[MAX_DEPTH]   # the NBD request completed
+    int timeout_ms
+    uint64_t moved          # bytes delivered to the sink
+    uint64_t received       # PUT: bytes received from the socket
+    bint eof                # PUT: the client closed before `end`
+    Failure f
+
+
+cdef void _pipe_init(Pipe *p, lib.nbd_handle *h, int fd, char *buf,
+                     size_t buflen, uint64_t offset, uint64_t length,
+                     size_t max_req, int timeout_ms) noexcept nogil:
+    cdef size_t req = request_size
+    cdef int depth
+    if req > max_req:
+        req = max_req
+    depth = <int>(buflen // req)
+    if depth > depth_limit:
+        depth = depth_limit
+    if depth < 4 and depth < depth_limit:
+        # A small buffer: smaller requests, still several in flight.
+        req = buflen // 4
+        req -= req % 4096
+        if req < MIN_REQUEST_SIZE:
+            req = MIN_REQUEST_SIZE if buflen >= MIN_REQUEST_SIZE else buflen
+        depth = <int>(buflen // req)
+        if depth > depth_limit:
+            depth = depth_limit
+    p.h = h
+    p.fd = fd
+    p.buf = buf
+    p.linear = False
+    p.start = offset
+    p.req = req
+    p.depth = depth
+    p.next = offset
+    p.end = offset + length
+    p.head = 0
+    p.used = 0
+    p.timeout_ms = timeout_ms
+    p.moved = 0
+    p.received = 0
+    p.eof = False
+    p.f.kind = FAIL_NONE
+    cdef int i
+    for i in range(MAX_DEPTH):
+        p.cookie[i] = 0
+        p.off[i] = 0
+        p.len[i] = 0
+        p.done[i] = 0
+        p.ready[i] = False
+
+
+cdef inline int _tail(Pipe *p) noexcept nogil:
+    return (p.head + p.used) % p.depth
+
+
+cdef int _wait(Pipe *p, short client_events) noexcept nogil:
+    """Wait for the NBD socket (as libnbd wants) and the client socket."""
+    cdef pollfd fds[2]
+    cdef unsigned dir
+    cdef int r
+    if lib.nbd_aio_is_dead(p.h) or lib.nbd_aio_is_closed(p.h):
+        _fail(&p.f, FAIL_NBD, ENOTCONN, "NBD server connection is closed")
+        return -1
+    fds[0].fd = lib.nbd_aio_get_fd(p.h)
+    fds[0].events = 0
+    fds[0].revents = 0
+    dir = lib.nbd_aio_get_direction(p.h)
+    if dir & lib.LIBNBD_AIO_DIRECTION_READ:
+        fds[0].events |= POLLIN
+    if dir & lib.LIBNBD_AIO_DIRECTION_WRITE:
+        fds[0].events |= POLLOUT
+    fds[1].fd = p.fd if client_events else -1
+    fds[1].events = client_events
+    fds[1].revents = 0
+    r = poll(fds, 2, p.timeout_ms)
+    if r < 0:
+        if errno == EINTR:
+            return 0
+        _fail(&p.f, FAIL_OS, errno, "poll")
+        return -1
+    if r == 0:
+        if client_events:
+            _fail(&p.f, FAIL_TIMEOUT, ETIMEDOUT,
+                  "Timed out waiting for the client socket")
+        else:
+            _fail(&p.f, FAIL_TIMEOUT, ETIMEDOUT,
+                  "Timed out waiting for the NBD server")
+        return -1
+    if fds[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
+        if lib.nbd_aio_notify_read(p.h) == -1:
+            _fail_nbd(&p.f)
+            return -1
+    elif fds[0].revents & POLLOUT:
+        if lib.nbd_aio_notify_write(p.h) == -1:
+            _fail_nbd(&p.f)
+            return -1
+    return 0
+
+
+cdef int _issue(Pipe *p, bint write) noexcept nogil:
+    """Issue a request for the next range into the tail slot."""
+    cdef int i = _tail(p)
+    cdef size_t n = p.req
+    cdef int64_t cookie
+    cdef char *ptr
+    if p.end - p.next < n:
+        n = <size_t>(p.end - p.next)
+    if p.linear:
+        ptr = p.buf + <size_t>(p.next - p.start)
+    else:
+        ptr = p.buf + <size_t>i * p.req
+    if write:
+        cookie = lib.nbd_aio_pwrite(p.h, ptr, n, p.next,
+                                    lib.NBD_NULL_COMPLETION, 0)
+    else:
+        cookie = lib.nbd_aio_pread(p.h, ptr, n, p.next,
+                                   lib.NBD_NULL_COMPLETION, 0)
+    if cookie == -1:
+        _fail_nbd(&p.f)
+        return -1
+    p.cookie[i] = cookie
+    p.off[i] = p.next
+    p.len[i] = n
+    p.done[i] = 0
+    p.ready[i] = False
+    p.next += n
+    p.used += 1
+    return 0
+
+
+cdef int _check_head(Pipe *p) noexcept nogil:
+    """Return 1 if the head's request completed, 0 if not yet, -1 on error."""
+    cdef int i = p.head
+    cdef int r
+    if p.ready[i]:
+        return 1
+    r = lib.nbd_aio_command_completed(p.h, p.cookie[i])
+    if r == 0:
+        return 0
+    # Completed or failed, the command is retired either way.
+    p.cookie[i] = 0
+    if r == -1:
+        _fail_nbd(&p.f)
+        return -1
+    p.ready[i] = True
+    return 1
+
+
+cdef void _pop(Pipe *p) noexcept nogil:
+    p.ready[p.head] = False
+    p.head = (p.head + 1) % p.depth
+    p.used -= 1
+
+
+cdef int _drain(Pipe *p) noexcept nogil:
+    """After a failure: wait until libnbd no longer touches our buffer.
+
+    Returns 0 when every request was retired, -1 if that cannot be known in
+    time (server hung, handle dead with requests not retired); the caller
+    must then close the handle, which frees them.
+    """
+    cdef int64_t deadline = now_ms() + DRAIN_TIMEOUT_MS
+    cdef int i, r
+    for i in range(p.depth):
+        while p.cookie[i] != 0:
+            r = lib.nbd_aio_command_completed(p.h, p.cookie[i])
+            if r != 0:
+                p.cookie[i] = 0
+                break
+            if lib.nbd_aio_is_dead(p.h) or lib.nbd_aio_is_closed(p.h):
+                return -1
+            if now_ms() > deadline:
+                return -1
+            if lib.nbd_poll(p.h, 1000) == -1:
+                return -1
+    return 0
+
+
+cdef int _pump_send(Pipe *p, uint64_t until) noexcept nogil:
+    """GET: move data NBD -> socket until `until` bytes were sent."""
+    cdef int i, r
+    cdef ssize_t n
+    cdef short want
+    while p.used > 0 and p.moved < until:
+        i = p.head
+        r = _check_head(p)
+        if r < 0:
+            return -1
+        want = 0
+        if r == 1:
+            n = send(p.fd, p.buf + <size_t>i * p.req + p.done[i],
+                     p.len[i] - p.done[i], MSG_DONTWAIT | MSG_NOSIGNAL)
+            if n >= 0:
+                p.done[i] += n
+                p.moved += n
+                if p.done[i] == p.len[i]:
+                    _pop(p)
+                    if p.next < p.end and _issue(p, False) < 0:
+                        return -1
+                continue
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                _fail(&p.f, FAIL_OS, errno, "send")
+                return -1
+            want = POLLOUT
+        if _wait(p, want) < 0:
+            return -1
+    return 0
+
+
+cdef int _pump_recv(Pipe *p, uint64_t until) noexcept nogil:
+    """PUT: move data socket -> NBD until `until` bytes were written."""
+    cdef int i, r, fill
+    cdef ssize_t n
+    cdef short want
+    while p.moved < until:
+        # Retire completed writes from the head of the ring.
+        while p.used > 0 and p.cookie[p.head] != 0:
+            r = _check_head(p)
+            if r < 0:
+                return -1
+            if r == 0:
+                break
+            p.moved += p.len[p.head]
+            _pop(p)
+        if p.moved >= until:
+            break
+        want = 0
+        if p.received < p.end and not p.eof:
+            # The slot being filled: the tail, or a new one if room.
+            fill = (p.head + p.used - 1) % p.depth
+            if p.used == 0 or p.cookie[fill] != 0:
+                if p.used < p.depth:
+                    fill = _tail(p)
+                    p.off[fill] = p.received
+                    p.len[fill] = p.req
+                    if p.end - p.received < p.req:
+                        p.len[fill] = <size_t>(p.end - p.received)
+                    p.done[fill] = 0
+                    p.cookie[fill] = 0
+                    p.used += 1
+                else:
+                    fill = -1
+            if fill >= 0:
+                n = recv(p.fd, p.buf + <size_t>fill * p.req + p.done[fill],
+                         p.len[fill] - p.done[fill], MSG_DONTWAIT)
+                if n > 0:
+                    p.done[fill] += n
+                    p.received += n
+                    if p.done[fill] == p.len[fill]:
+                        p.cookie[fill] = lib.nbd_aio_pwrite(
+                            p.h, p.buf + <size_t>fill * p.req, p.len[fill],
+                            p.off[fill], lib.NBD_NULL_COMPLETION, 0)
+                        if p.cookie[fill] == -1:
+                            p.cookie[fill] = 0
+                            _fail_nbd(&p.f)
+                            return -1
+                    continue
+                if n == 0:
+                    # Short body: the caller reports it; the partial slot
+                    # is not written.
+                    p.eof = True
+                    if p.used > 0 and p.cookie[(p.head + p.used - 1) % p.depth] == 0:
+                        p.used -= 1
+                    continue
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:
+                    _fail(&p.f, FAIL_OS, errno, "recv")
+                    return -1
+                want = POLLIN
+        elif p.used == 0:
+            # Nothing in flight and nothing more to receive.
+            break
+        if _wait(p, want) < 0:
+            return -1
+    return 0
+
+
+cdef int _pump_mem(Pipe *p, bint write) noexcept nogil:
+    """Memory transfers: buf[k] <-> offset + k, requests in flight."""
+    cdef int r
+    while p.next < p.end and p.used < p.depth:
+        if _issue(p, write) < 0:
+            return -1
+    while p.used > 0:
+        r = _check_head(p)
+        if r < 0:
+            return -1
+        if r == 1:
+            p.moved += p.len[p.head]
+            _pop(p)
+            if p.next < p.end and _issue(p, write) < 0:
+                return -1
+            continue
+        if lib.nbd_poll(p.h, p.timeout_ms) <= 0:
+            if lib.nbd_aio_is_dead(p.h) or lib.nbd_aio_is_closed(p.h):
+                _fail(&p.f, FAIL_NBD, ENOTCONN, "NBD server connection is closed")
+            elif p.timeout_ms >= 0:
+                _fail(&p.f, FAIL_TIMEOUT, ETIMEDOUT,
+                      "Timed out waiting for the NBD server")
+            else:
+                _fail_nbd(&p.f)
+            return -1
+    return 0
+
+
+# Block status.
+
+cdef enum CombineKind:
+    COMBINE_RAW     # out |= value
+    COMBINE_BIT     # out |= bit if value & mask
+    COMBINE_ZERO    # out |= bit if value == 0
+
+cdef struct Context:
+    const char *name
+    CombineKind kind
+    uint32_t mask
+    uint32_t bit
+    uint32_t *entries       # (length, flags) pairs from the last reply
+    size_t n                # uint32 values in entries
+    size_t cap
+    bint seen
+
+cdef struct Walk:
+    int n
+    Context ctx[MAX_CONTEXTS]
+    # Merged output: start, length, flags.
+    uint64_t *out
+    size_t nout
+    size_t capout
+    int err
+
+
+cdef int _extent_cb(void *user_data, const char *metacontext,
+                    uint64_t offset, uint32_t *entries, size_t nr_entries,
+                    int *error) noexcept nogil:
+    cdef Walk *w = <Walk *>user_data
+    cdef Context *c
+    cdef uint32_t *p
+    cdef int i
+    for i in range(w.n):
+        c = &w.ctx[i]
+        if strcmp(metacontext, c.name) != 0:
+            continue
+        if c.seen:
+            # A buggy server answering twice: keep the first.
+            return 0
+        c.seen = True
+        nr_entries -= nr_entries % 2
+        if nr_entries > c.cap:
+            p = <uint32_t *>realloc(c.entries, nr_entries * sizeof(uint32_t))
+            if p == NULL:
+                w.err = ENOMEM
+                error[0] = ENOMEM
+                return -1
+            c.entries = p
+            c.cap = nr_entries
+        memcpy(c.entries, entries, nr_entries * sizeof(uint32_t))
+        c.n = nr_entries
+        return 0
+    return 0
+
+
+cdef int _emit(Walk *w, uint64_t start, uint64_t length, uint32_t flags) noexcept nogil:
+    cdef uint64_t *p
+    cdef size_t last
+    if w.nout > 0:
+        last = (w.nout - 1) * 3
+        if w.out[last + 2] == flags and w.out[last] + w.out[last + 1] == start:
+            w.out[last + 1] += length
+            return 0
+    if w.nout == w.capout:
+        w.capout = w.capout * 2 if w.capout else 1024
+        p = <uint64_t *>realloc(w.out, w.capout * 3 * sizeof(uint64_t))
+        if p == NULL:
+            return -1
+        w.out = p
+    w.out[w.nout * 3] = start
+    w.out[w.nout * 3 + 1] = length
+    w.out[w.nout * 3 + 2] = flags
+    w.nout += 1
+    return 0
+
+
+cdef inline uint32_t _combine(Context *c, uint32_t value) noexcept nogil:
+    if c.kind == COMBINE_RAW:
+        return value
+    if c.kind == COMBINE_BIT:
+        return c.bit if value & c.mask else 0
+    return c.bit if value == 0 else 0
+
+
+cdef int _walk(lib.nbd_handle *h, Walk *w, uint64_t offset, uint64_t length,
+               Failure *f) noexcept nogil:
+    """Walk block status of [offset, offset + length) for w's contexts."""
+    cdef uint64_t end = offset + length
+    cdef uint64_t count, covered, adv, pos, seg, sum_
+    cdef uint64_t rem[MAX_CONTEXTS]
+    cdef size_t idx[MAX_CONTEXTS]
+    cdef lib.nbd_extent_callback cb
+    cdef uint32_t flags
+    cdef int i, r
+    cdef size_t k
+    cb.callback = _extent_cb
+    cb.user_data = w
+    cb.free = NULL
+    while offset < end:
+        count = end - offset
+        if count > MAX_BLOCK_STATUS:
+            count = MAX_BLOCK_STATUS
+        for i in range(w.n):
+            w.ctx[i].seen = False
+            w.ctx[i].n = 0
+        r = lib.nbd_block_status(h, count, offset, cb, 0)
+        if r == -1:
+            if w.err:
+                _fail(f, FAIL_OS, w.err, "Out of memory")
+            else:
+                _fail_nbd(f)
+            return -1
+        # Advance by what every context covered.
+        adv = count
+        for i in range(w.n):
+            sum_ = 0
+            k = 0
+            while k < w.ctx[i].n and sum_ < count:
+                sum_ += w.ctx[i].entries[k]
+                k += 2
+            if sum_ < adv:
+                adv = sum_
+            rem[i] = w.ctx[i].entries[0] if w.ctx[i].n else 0
+            idx[i] = 0
+        if adv == 0:
+            _fail(f, FAIL_PROTOCOL, EPROTO,
+                  "NBD server returned no block status")
+            return -1
+        pos = offset
+        while pos < offset + adv:
+            seg = offset + adv - pos
+            flags = 0
+            for i in range(w.n):
+                # Skip zero-length entries a server may send.
+                while rem[i] == 0:
+                    idx[i] += 2
+                    rem[i] = w.ctx[i].entries[idx[i]]
+                if rem[i] < seg:
+                    seg = rem[i]
+                flags |= _combine(&w.ctx[i], w.ctx[i].entries[idx[i] + 1])
+            if _emit(w, pos, seg, flags) < 0:
+                _fail(f, FAIL_OS, ENOMEM, "Out of memory")
+                return -1
+            for i in range(w.n):
+                rem[i] -= seg
+            pos += seg
+        offset += adv
+    return 0
+
+
+cdef struct Names:
+    char **names
+    size_t n
+
+
+cdef int _list_cb(void *user_data, const char *name) noexcept nogil:
+    cdef Names *names = <Names *>user_data
+    cdef char **p
+    cdef size_t size = strlen(name) + 1
+    cdef char *copy = <char *>realloc(NULL, size)
+    if copy == NULL:
+        return 0
+    memcpy(copy, name, size)
+    p = <char **>realloc(names.names, (names.n + 1) * sizeof(char *))
+    if p == NULL:
+        free(copy)
+        return 0
+    names.names = p
+    names.names[names.n] = copy
+    names.n += 1
+    return 0
 
 
 cdef class Handle:
