@@ -11,7 +11,10 @@ with about half random data in runs of 1-16 MiB, on /dev/shm
 
 Peers, interleaved round by round:
 
-- imageio: ``ovirt-img`` (``--no-verify``) + this daemon;
+- imageio: ``ovirt-img`` + this daemon, the default command line
+  (verification on): what the ratios and their floors use;
+- imageio-no-verify: the same with ``--no-verify``, an extra row (no
+  floor);
 - established: ``ovirt_imageio.client`` 2.5.1 + the established daemon;
 - qemu-img: ``qemu-img convert`` of the qcow2 to raw locally (no daemon),
   the limit of the pipe: TARGETS.md asks for at most 2x its time.
@@ -33,7 +36,7 @@ from bench.e2e import *  # noqa: F401,F403 (fixtures)
 from bench.e2e import ONLY, OURS, get_server, servers_param
 from bench.nbdpeers import discard, measure
 
-PEERS = ["imageio", "established", "qemu-img"]
+PEERS = ["imageio", "imageio-no-verify", "established", "qemu-img"]
 
 
 class QemuImg:
@@ -47,8 +50,24 @@ class QemuImg:
 
 
 
+class NoVerify:
+    """``ovirt-img --no-verify`` + this daemon: the daemon's peer, another
+    row."""
+
+    kind = "imageio-no-verify"
+    label = "ovirt-img --no-verify + this daemon"
+
+    def __init__(self, server):
+        self._server = server
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+
+
 @pytest.fixture
 def peer(request, servers):
+    if request.param == "imageio-no-verify":
+        return NoVerify(get_server(servers, OURS))
     if request.param == "qemu-img":
         if ONLY and "qemu-img" not in ONLY and OURS not in ONLY:
             pytest.skip("qemu-img not selected (IMAGEIO_BENCH_SERVERS)")
@@ -91,7 +110,9 @@ def _client(servers, peer, op, url, path):
     else:
         argv = [clientbench.OVIRT_IMG, op]
         argv += [path, url] if op == "upload" else [url, path]
-        argv += ["--cafile", servers.cert, "--no-verify", "-o", "json"]
+        argv += ["--cafile", servers.cert, "-o", "json"]
+        if peer.kind == "imageio-no-verify":
+            argv.append("--no-verify")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise RuntimeError(f"{peer.label} {op}: {r.stderr.strip()[-2000:]}")
@@ -111,7 +132,7 @@ def test_client_upload(benchmark, servers, peer, rep, client_src,
         with open(target, "wb") as f:
             f.truncate(size)
         if peer.kind != "qemu-img":
-            name = f"client-up-{rep}-{state['round']}"
+            name = f"client-up-{peer.kind}-{rep}-{state['round']}"
             state["round"] += 1
             peer.add_ticket(name, target, size=size, ops=("read", "write"),
                             sparse=True)
@@ -146,7 +167,7 @@ def test_client_download(benchmark, servers, peer, rep, client_src,
         if os.path.exists(out):
             os.unlink(out)
         if peer.kind != "qemu-img":
-            name = f"client-down-{rep}-{state['round']}"
+            name = f"client-down-{peer.kind}-{rep}-{state['round']}"
             state["round"] += 1
             peer.add_ticket(name, served_raw, size=size, ops=("read",))
             state["url"] = _url(peer, name)

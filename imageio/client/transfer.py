@@ -167,8 +167,9 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
     per endpoint in ``endpoints`` (objects with ``copy_data``, ``zero``,
     ``close``); a task's items in order.  ``progress(n)`` is called with
     the bytes of each finished item, ``done(item)`` after it is confirmed
-    written (by the worker, outside the workers' lock: it may block).  Zero items for which ``skip(item)`` is true are not sent
-    (their bytes count in ``progress`` at once).  ``tasks`` may be a
+    written (by the worker, outside the workers' lock: it may block).
+    Zero items for which ``skip(item)`` is true are not sent (their bytes
+    count in ``progress`` at once).  ``tasks`` may be a
     generator: workers take the next task under a lock as they need it.
     ``hasher`` (a checksum.BlockHasher) is fed every item's bytes as they
     move, zero items (sent or skipped) as zeroes.  The first failure stops
