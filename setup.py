@@ -45,6 +45,6 @@ def extensions():
 
 setup(
     packages=find_packages(include=["imageio", "imageio.*"]),
-    package_data={"imageio._io": ["*.pyx", "*.pxd"]},
+    package_data={"imageio._io": ["*.pyx", "*.pxd", "*.pxi"]},
     ext_modules=extensions(),
 )

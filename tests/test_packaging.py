@@ -34,7 +34,9 @@ def test_sdist_contains_sources(tmp_path):
         names = tar.getnames()
     top = names[0].split("/")[0]
     for want in ("setup.py", "pyproject.toml", "imageio/_io/buffer.pyx",
-                 "imageio/_io/nbd.pyx", "imageio/_io/libnbd.pxd",
+                 "imageio/_io/nbd.pyx", "imageio/_io/ring.pxi",
+                 "imageio/_io/blockstatus.pxi", "imageio/_io/failure.pxi",
+                 "imageio/_io/libnbd.pxd",
                  "examples/conf.d/daemon.conf", "data/ovirt-imageio.service",
                  "imageio/daemon.py"):
         assert "{}/{}".format(top, want) in names

@@ -1,5 +1,5 @@
 # Linux system calls used by the byte-moving modules (buffer, directio,
-# stream), declared once.  Only what imageio uses; all may block, so all are
+# stream, zero, nbd), declared once.  Only what imageio uses; all may block, so all are
 # nogil and callers release the GIL around them.
 
 from libc.stdint cimport uint64_t
@@ -15,11 +15,16 @@ cdef extern from "<errno.h>" nogil:
         EAGAIN
         EINTR
         EINVAL
+        ENOMEM
+        ENOTCONN
         EOPNOTSUPP
+        EPROTO
+        ETIMEDOUT
 
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
+    void *realloc(void *ptr, size_t size)
     void free(void *ptr)
 
 
@@ -28,6 +33,10 @@ cdef extern from "<string.h>" nogil:
     void *memset(void *s, int c, size_t n)
     int memcmp(const void *s1, const void *s2, size_t n)
     char *strerror(int errnum)
+    size_t strlen(const char *s)
+    int strcmp(const char *s1, const char *s2)
+    int strncmp(const char *s1, const char *s2, size_t n)
+    char *strncpy(char *dest, const char *src, size_t n)
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -68,6 +77,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     enum:
+        MSG_DONTWAIT
         MSG_NOSIGNAL
 
 
@@ -80,6 +90,9 @@ cdef extern from "<poll.h>" nogil:
     enum:
         POLLIN
         POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
 
 
 cdef extern from "<sys/vfs.h>" nogil:
