@@ -3,6 +3,17 @@
 Errors that carry an HTTP status are raised where the condition is found
 and turned into a response in one place (``imageio.http``).  Anything else
 escaping a handler becomes ``500``.
+
+What an error does to the connection is a class attribute, read by that
+one place and by the client, never set on an instance:
+
+``close``
+    The server closes the connection after answering (the rest of the
+    request body cannot be found, or SPEC says close).
+``retriable``
+    The request may go again on a new connection (the client retries it):
+    the remote failed or could not be reached, its answer may differ next
+    time.
 """
 
 
@@ -10,6 +21,8 @@ class Error(Exception):
     """Base of all imageio errors."""
 
     status = 500
+    close = False
+    retriable = False
 
     def __init__(self, message=None):
         super().__init__(message or self.__class__.__doc__.strip())
@@ -31,6 +44,8 @@ class BadRequest(HTTPError):
 class Forbidden(HTTPError):
     """Forbidden."""
     status = 403
+    # SPEC: a refused request closes its connection.
+    close = True
 
 
 class NotFound(HTTPError):
@@ -51,6 +66,7 @@ class Conflict(HTTPError):
 class LengthRequired(HTTPError):
     """Length required."""
     status = 411
+    close = True
 
 
 class PayloadTooLarge(HTTPError):
@@ -93,6 +109,12 @@ class BadGateway(HTTPError):
     status = 502
 
 
+class RemoteFailed(BadGateway):
+    """The remote daemon failed or could not be reached; the request may
+    go again on a new connection."""
+    retriable = True
+
+
 class InsufficientStorage(HTTPError):
     """Insufficient storage."""
     status = 507
@@ -105,11 +127,13 @@ class ConfigError(Error):
 class Canceled(Error):
     """The operation was canceled because its ticket was deleted or expired."""
     status = 403
+    close = True
 
 
 class PartialContent(Error):
     """The client sent fewer bytes than it announced."""
     status = 400
+    close = True
 
     def __init__(self, requested, received):
         super().__init__(

@@ -456,10 +456,7 @@ class Connection:
             headers = {}
             if isinstance(e, errors.RangeNotSatisfiable) and e.size is not None:
                 headers["Content-Range"] = "bytes */{}".format(e.size)
-            # Forbidden: SPEC says close.  The others: the rest of the body
-            # cannot be found, so neither can the next request.
-            if isinstance(e, (errors.Forbidden, errors.Canceled,
-                              errors.PartialContent, errors.LengthRequired)):
+            if e.close:
                 resp.close = True
             if status >= 500:
                 log.warning("%s: %s %s: %d %s", self.name, req.method,

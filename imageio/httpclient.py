@@ -10,8 +10,8 @@ body on a plain socket exposes its raw fd to C loops.
 
 Errors: an error status becomes the imageio error of that status
 (``status_error``: the one mapping); a transport failure (refused, reset,
-timed out, TLS) becomes ``BadGateway`` marked ``retriable``; a certificate
-the CA does not verify is not retriable.
+timed out, TLS) becomes ``RemoteFailed`` (a ``BadGateway`` that is
+``retriable``); a certificate the CA does not verify is not retriable.
 """
 
 import contextlib
@@ -50,9 +50,8 @@ def status_error(status, message, size=None):
         return cls(text, size=size)
     if cls is not None:
         return cls(text)
-    err = errors.BadGateway("{} (HTTP {})".format(text, status))
-    err.retriable = status >= 500
-    return err
+    cls = errors.RemoteFailed if status >= 500 else errors.BadGateway
+    return cls("{} (HTTP {})".format(text, status))
 
 
 class Connection:
@@ -112,11 +111,9 @@ class Connection:
                 "Cannot verify the remote imageio daemon {}: {}; {}".format(
                     self.where, e.verify_message or e, self._ca_hint))
         except OSError as e:
-            err = errors.BadGateway(
+            raise errors.RemoteFailed(
                 "Cannot reach the remote imageio daemon {}: {}".format(
                     self.where, e or type(e).__name__))
-            err.retriable = True
-            raise err
         self.sock = transport.wrap(sock)
         self.reader = streams.Reader(self.sock)
         return self.sock
@@ -128,19 +125,17 @@ class Connection:
         self.reader = None
 
     def failure(self, during, e):
-        """The BadGateway for a transport failure ``e`` during
+        """The RemoteFailed for a transport failure ``e`` during
         ``during``: retriable (the request may go again on a new
         connection)."""
-        err = errors.BadGateway(
+        return errors.RemoteFailed(
             "Remote imageio daemon {} failed during {}: {}".format(
                 self.where, during, e or type(e).__name__))
-        err.retriable = True
-        return err
 
     @contextlib.contextmanager
     def guard(self, during):
         """Any failure inside closes the connection (its state is
-        unknown); transport failures become retriable BadGateway."""
+        unknown); transport failures become RemoteFailed (retriable)."""
         try:
             yield
         except errors.Error:

@@ -50,8 +50,8 @@ class _DataPath:
         """PUT ``length`` bytes at ``offset``: ``send_body(sink)`` sends
         exactly the body to a ``streams.Sink``.  Raises errors.HTTPError
         subclasses for error answers (with the daemon's message);
-        transport failures raise errors.BadGateway with ``retriable =
-        True``."""
+        transport failures raise errors.RemoteFailed (a retriable
+        BadGateway)."""
         if self.coding:
             framing = ("Transfer-Encoding",
                        "{}, chunked".format(self.coding))
@@ -127,11 +127,9 @@ class _DataPath:
             # connection is ready for the next response.
             source.readinto(memoryview(bytearray(1)))
         except (errors.BadRequest, errors.RangeNotSatisfiable) as e:
-            err = errors.BadGateway(
+            raise errors.RemoteFailed(
                 "Remote imageio daemon {} sent a bad zstd stream: {}".format(
                     self._con.where, e.message))
-            err.retriable = True
-            raise err
 
     def write(self, data, offset):
         """Write bytes-like ``data`` at ``offset`` (not flushed)."""

@@ -241,7 +241,7 @@ def _with_retries(ep, item, stop, hasher=None):
         except errors.Error as e:
             if hasher is not None:
                 hasher.restore(mark, item.start + item.length)
-            if not getattr(e, "retriable", False) or attempt == RETRIES or \
+            if not e.retriable or attempt == RETRIES or \
                     stop.is_set():
                 raise
             delay = RETRY_DELAY * 2**attempt
