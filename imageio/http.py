@@ -1,8 +1,12 @@
-"""HTTP/1.1 connection loop, Request, Response and Router.
+"""HTTP/1.1: serves one request per call, Request, Response and Router.
 
-One thread per connection.  Parsing lives in ``httpparse`` (pure
-functions); this module owns the socket.  Errors raised by handlers are
-turned into responses in one place: ``Connection._dispatch``.
+A connection holds no thread of its own: between requests it waits in
+``connections``' selector, and a worker thread serves each request that
+arrives (``Connection.serve_one``); ``serve`` is the blocking loop for a
+socket owned by one thread (tests, fuzzing).  Parsing lives in
+``httpparse`` (pure functions), the request and response bodies in
+``streams``.  Errors raised by handlers are turned into responses in one
+place: ``Connection._dispatch``.
 """
 
 import errno

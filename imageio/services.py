@@ -1,5 +1,6 @@
-"""The three services: remote (TCP, TLS), local (unix socket) and control
-(unix socket or TCP on localhost).
+"""The daemon's services, one per listening socket: remote (TCP, TLS),
+local (unix socket), control (unix socket or TCP on localhost) and
+metrics (TCP, when its port is set); ``create`` binds the enabled ones.
 
 Each service holds its connections in a selector thread of its own and
 runs their requests in its own worker threads (``imageio.connections``),
