@@ -383,14 +383,14 @@ def test_extents_chain(tmp_path):
                            allocation_depth=True).start()
     try:
         backend = open_backend(s.url())
-        extents = list(backend.extents())
-        assert extents == [
+        got = list(backend.extents())
+        assert got == [
             extents.Extent(0, 2 * MiB, False, False),
             extents.Extent(2 * MiB, 2 * MiB, True, True),
             extents.Extent(4 * MiB, MiB, True, False),
             extents.Extent(5 * MiB, 3 * MiB, True, True),
         ]
-        assert extents[0].zero is False
+        assert got[0].zero is False
         # A range: block status for it alone, cut at odd offsets.
         assert backend.extents(MiB + 3, 3 * MiB) == [
             extents.Extent(MiB + 3, MiB - 3, False, False),
