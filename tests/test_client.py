@@ -877,3 +877,46 @@ def test_upload_from_http_url_never_follows_a_backing_file(daemon,
                   daemon.ca_file)
     assert r.returncode == 0, r.stderr
     assert b"HOST-SECRET" not in target.read_bytes()
+
+
+def test_upload_from_http_url_resumed_and_verified(daemon, tmp_path, web):
+    # Killed mid-transfer, run again with --resume: the rest is sent and
+    # the source, hashed again one request at a time, verified.
+    import signal
+    import time
+    root, base = web
+    source = root / "disk.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
+    from harness.nbdserver import nbdkit
+    sock = tmp_path / "slow.sock"
+    disk = tmp_path / "target.raw"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    server = nbdkit("file", str(disk), sock=sock, filters=["delay"])
+    server.argv += ["wdelay=200ms"]
+    state = tmp_path / "state"
+    env = dict(os.environ, XDG_STATE_HOME=str(state))
+    with server.start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        daemon.add_ticket(t)
+        argv = [OVIRT_IMG, "upload", base + "/disk.raw", url_of(daemon, t),
+                "--cafile", daemon.ca_file, "-o", "json"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        journal_dir = state / "imageio"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            journals = list(journal_dir.glob("*.journal")) \
+                if journal_dir.exists() else []
+            if journals and journal_items(journals[0]):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        wait_idle(daemon, t["uuid"])
+        r = subprocess.run(argv + ["--resume", "-v"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "Resuming" in r.stderr and "Verified" in r.stderr, r.stderr
+    compare(source, disk, "raw", "raw")

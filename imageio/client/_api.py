@@ -165,9 +165,10 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 .format(url, http.size(), size))
         _progress_start(progress, size)
         if qemu.is_url(filename):
-            # qemu 7.2's curl driver can hang forever when requests run
-            # at once (qemu-img convert -m 8 of a qcow2 from nginx: 3 in
-            # 20 hung; -m 1: none in 25): one request at a time.
+            # qemu 7.2's curl driver (the reader when nbdkit is missing)
+            # can hang forever when requests run at once (qemu-img
+            # convert -m 8 of a qcow2 from nginx: 3 in 20 hung; -m 1:
+            # none in 25): one request at a time, whichever reads it.
             log.info("Source is a URL: one request at a time")
             max_workers = 1
         with qemu.serve(filename, image["format"], member=member,
@@ -265,7 +266,10 @@ def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
     finally:
         journal.close()
     if verify:
-        return _verify(nbd, http, size, verify, hasher)
+        # One worker: perhaps a URL's curl driver (see upload()), whose
+        # hash after a resume must read one request at a time too.
+        return _verify(nbd, http, size, verify, hasher,
+                       serial=workers == 1)
     return None
 
 
@@ -462,7 +466,25 @@ class _RemoteChecksum:
         self._http.close()
 
 
-def _verify(nbd, http, size, algorithm, hasher=None, remote=None):
+class _Serialized:
+    """An NBD backend whose reads and extents run one at a time."""
+
+    def __init__(self, nbd):
+        self._nbd = nbd
+        self._lock = threading.Lock()
+        self.features = nbd.features
+
+    def readinto(self, buf, offset, length):
+        with self._lock:
+            return self._nbd.readinto(buf, offset, length)
+
+    def extents(self, offset, length, context="zero"):
+        with self._lock:
+            return list(self._nbd.extents(offset, length, context))
+
+
+def _verify(nbd, http, size, algorithm, hasher=None, remote=None,
+            serial=False):
     """Compare the local block hash with the daemon's, computed next to
     its data (``remote``: already asked for during a download; else asked
     now).  The local one is ``hasher``'s (fed while the data flowed);
@@ -477,7 +499,11 @@ def _verify(nbd, http, size, algorithm, hasher=None, remote=None):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             remote = pool.submit(http.checksum, algorithm,
                                  blkhash.DEFAULT_BLOCK_SIZE)
-            local = blkhash.compute(nbd, size, algorithm=algorithm)
+            if serial:
+                local = blkhash.compute(_Serialized(nbd), size,
+                                        algorithm=algorithm, workers=1)
+            else:
+                local = blkhash.compute(nbd, size, algorithm=algorithm)
             remote = remote.result()["checksum"]
     if local != remote:
         raise VerifyError(

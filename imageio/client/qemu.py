@@ -142,7 +142,14 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
     # names a host file), and other formats' parents are not ours to read.
     # Nor for a URL's image: its backing file name would be opened here.
     follow = backing_chain and fmt == "qcow2" and not is_url(filename)
-    if member is not None:
+    reader = None
+    if is_url(filename):
+        reader, file = _url_reader(filename, tmp)
+        top = {"driver": fmt, "file": file}
+        if fmt != "raw":
+            top["backing"] = None
+        argv.append("json:" + json.dumps(top))
+    elif member is not None:
         # The tar member through qemu's raw driver; the top driver from
         # the probed format.
         inner = json.loads(spec[len("json:"):])
@@ -153,28 +160,62 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
     elif follow or fmt == "raw":
         argv += ["--format", fmt, filename]
     else:
-        if is_url(filename):
-            file = {"driver": filename.split(":", 1)[0], "url": filename}
-        else:
-            file = {"driver": "file", "filename": filename}
-        argv.append("json:" + json.dumps({"driver": fmt, "backing": None,
-                                          "file": file}))
+        argv.append("json:" + json.dumps({
+            "driver": fmt, "backing": None,
+            "file": {"driver": "file", "filename": filename}}))
     log_path = os.path.join(tmp, "qemu-nbd.log")
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=log,
-                                    stdin=subprocess.DEVNULL, env=_nbd_env(),
-                                    preexec_fn=_die_with_parent)
-        except FileNotFoundError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise Error("qemu-nbd is not installed (Debian: qemu-utils)")
+    try:
+        proc = _start(argv, log_path, "qemu-nbd", env=_nbd_env())
+    except BaseException:
+        _stop(reader)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         _wait_socket(proc, sock, log_path)
         yield "nbd:unix:" + sock
     finally:
+        _stop(proc)
+        _stop(reader)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start(argv, log_path, name, env=None):
+    with open(log_path, "w") as log:
+        try:
+            return subprocess.Popen(argv, stdout=log, stderr=log,
+                                    stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            raise Error("{} is not installed (Debian: qemu-utils)".format(
+                name))
+
+
+def _stop(proc):
+    if proc is not None:
         proc.kill()
         proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _url_reader(url, tmp):
+    """What qemu-nbd reads a URL's bytes through: nbdkit's curl plugin
+    when installed (a process, returned to be stopped), else qemu's curl
+    driver.  qemu 7.2's curl driver can stall for good under a client
+    that reads while it waits on a slow target (an upload to a slow disk:
+    no request for 24 s, the transfer hung); nbdkit's plugin serves each
+    request on a thread of its own."""
+    if shutil.which("nbdkit") is None:
+        return None, {"driver": url.split(":", 1)[0], "url": url}
+    sock = os.path.join(tmp, "curl.sock")
+    log_path = os.path.join(tmp, "nbdkit.log")
+    proc = _start(["nbdkit", "--foreground", "--readonly", "--unix", sock,
+                   "curl", "url=" + url], log_path, "nbdkit")
+    try:
+        _wait_socket(proc, sock, log_path)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, {"driver": "nbd",
+                  "server": {"type": "unix", "path": sock}}
 
 
 # qemu-nbd allocates a buffer per request (2 MiB here).  Above glibc's
