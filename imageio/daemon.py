@@ -86,6 +86,16 @@ def setup_logging(cfg):
                 type(e).__name__, e))
 
 
+def log_files():
+    """Paths of the files logging writes to (file handlers of any kind)."""
+    paths = set()
+    for ref in logging._handlerList:
+        handler = ref()
+        if isinstance(handler, logging.FileHandler):
+            paths.add(handler.baseFilename)
+    return sorted(paths)
+
+
 class Daemon:
 
     def __init__(self, cfg):
@@ -167,11 +177,34 @@ class Daemon:
         # the daemon's group can reach the control socket (mode 0660).
         for path in self._created_paths + [cfg.run_dir]:
             os.chown(path, user.pw_uid, group.gr_gid)
-        os.setgroups([group.gr_gid])
+        # Log files were opened as root: the daemon user must be able to
+        # rotate them (rename the old ones, create a new one), or the first
+        # rotation fails and logging stops.  The log directory goes too
+        # when it holds only these logs (systemd's LogsDirectory= is
+        # created root's when the unit has no User=); a shared directory
+        # is left alone (a warning follows below).
+        for path in log_files():
+            os.chown(path, user.pw_uid, group.gr_gid)
+            parent = os.path.dirname(path)
+            base = os.path.basename(path)
+            if all(name.startswith(base) for name in os.listdir(parent)):
+                os.chown(parent, user.pw_uid, group.gr_gid)
+            for name in os.listdir(parent):
+                if name.startswith(base + "."):
+                    os.chown(os.path.join(parent, name), user.pw_uid,
+                             group.gr_gid)
+        # initgroups, as the established daemon does: the daemon user's
+        # supplementary groups grant access to images and NBD sockets.
+        os.initgroups(cfg.user_name, group.gr_gid)
         os.setgid(group.gr_gid)
         os.setuid(user.pw_uid)
         log.info("Dropped privileges to %s:%s", cfg.user_name,
                  cfg.group_name)
+        for path in log_files():
+            if not os.access(os.path.dirname(path), os.W_OK):
+                log.warning("The directory of log file %s is not writable "
+                            "by %s: rotating the log will fail", path,
+                            cfg.user_name)
 
     def _on_signal(self, signo, frame):
         log.info("Received signal %d, stopping", signo)

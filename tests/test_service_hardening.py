@@ -1,0 +1,129 @@
+"""Running as a service: what the daemon does with privileges, logs, keys
+and error messages, through the real daemon process."""
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from conftest import add, connect, make_image, request
+from harness.daemonproc import Daemon
+
+MiB = 1024**2
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def proc_status(pid):
+    with open("/proc/{}/status".format(pid)) as f:
+        return dict((k, v.split()) for k, v in
+                    (line.split(":", 1) for line in f if ":" in line))
+
+
+@pytest.fixture
+def public_dir():
+    """A directory any user can reach (tmp_path's parents are 0700)."""
+    path = tempfile.mkdtemp(prefix="imageio-svc-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def service_user():
+    """A throwaway system user with its own primary group and a
+    supplementary group: (user, group, supplementary group)."""
+    tag = uuid.uuid4().hex[:8]
+    user, group, extra = "imgu" + tag, "imgg" + tag, "imgs" + tag
+    created = []
+    try:
+        for g in (group, extra):
+            subprocess.run(["groupadd", "-r", g], check=True)
+            created.append(("groupdel", g))
+        subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin",
+                        "-g", group, "-G", extra, user], check=True)
+        created.append(("userdel", user))
+        yield user, group, extra
+    finally:
+        for cmd, name in reversed(created):
+            subprocess.run([cmd, name], check=False)
+
+
+@needs_root
+def test_drop_privileges_keeps_supplementary_groups(public_dir, service_user):
+    import grp
+    user, group, extra = service_user
+    extra_gid = grp.getgrnam(extra).gr_gid
+    confdir = os.path.join(public_dir, "conf")
+    d = Daemon(confdir, "[daemon]\ndrop_privileges = true\n"
+               "user_name = {}\ngroup_name = {}\n".format(user, group))
+    d.start()
+    try:
+        status = proc_status(d.proc.pid)
+        assert str(extra_gid) in status.get("Groups", []), status["Groups"]
+        # An image readable only through the supplementary group is
+        # served.
+        data = os.urandom(MiB)
+        path = os.path.join(public_dir, "image.raw")
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, 0, extra_gid)
+        os.chmod(path, 0o640)
+        t = add(d, path, MiB, ops=("read",))
+        con = connect(d, "local")
+        resp, body = request(con, "GET", "/images/" + t["uuid"])
+        assert resp.status == 200, body
+        assert body == data
+        con.close()
+    finally:
+        d.stop()
+
+
+@needs_root
+def test_log_rotation_after_drop(public_dir, service_user):
+    user, group, _ = service_user
+    logdir = os.path.join(public_dir, "log")
+    # As systemd's LogsDirectory= makes it for a unit without User=:
+    # root's, 0755.
+    os.mkdir(logdir, 0o755)
+    logfile = os.path.join(logdir, "daemon.log")
+    confdir = os.path.join(public_dir, "conf")
+    d = Daemon(confdir, (
+        "[daemon]\ndrop_privileges = true\n"
+        "user_name = {}\ngroup_name = {}\n"
+        "[handlers]\nkeys = stderr, logfile\n"
+        "[logger_root]\nlevel = DEBUG\nhandlers = stderr, logfile\n"
+        "[handler_logfile]\n"
+        "class = logging.handlers.RotatingFileHandler\n"
+        "args = ({!r},)\n"
+        "kwargs = {{\"maxBytes\": 2048, \"backupCount\": 3}}\n"
+        "level = DEBUG\nformatter = long\n").format(user, group, logfile))
+    d.start()
+    try:
+        # Enough requests to rotate several times, after the drop.
+        for i in range(30):
+            with d.client() as c:
+                c.list_tickets()
+        con = connect(d, "local")
+        request(con, "GET", "/images/no-such-ticket")
+        con.close()
+        # The last line logged after the rotations reached the log file.
+        deadline = time.monotonic() + 10
+        while True:
+            rotated = glob.glob(logfile + ".*")
+            with open(logfile) as f:
+                current = f.read()
+            last = [line for line in d.log().splitlines()
+                    if "No such ticket" in line]
+            if rotated and last and last[-1] in current:
+                break
+            assert time.monotonic() < deadline, (rotated, d.log()[-2000:])
+            time.sleep(0.1)
+        assert "PermissionError" not in d.log()
+    finally:
+        d.stop()
