@@ -4,6 +4,7 @@ and error messages, through the real daemon process."""
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -11,7 +12,8 @@ import uuid
 
 import pytest
 
-from conftest import add, connect, make_image, request
+from conftest import add, connect, make_image, new_ticket, request
+from harness import nbdserver
 from harness.daemonproc import Daemon
 
 MiB = 1024**2
@@ -127,3 +129,54 @@ def test_log_rotation_after_drop(public_dir, service_user):
         assert "PermissionError" not in d.log()
     finally:
         d.stop()
+
+
+def open_paths(pid):
+    paths = []
+    fd_dir = "/proc/{}/fd".format(pid)
+    for fd in os.listdir(fd_dir):
+        try:
+            paths.append(os.readlink(os.path.join(fd_dir, fd)))
+        except OSError:
+            pass
+    return paths
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connections_to(pid, port):
+    """How many of ``pid``'s open sockets are TCP connections to
+    127.0.0.1:``port``."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port:
+                inodes.add("socket:[{}]".format(fields[9]))
+    return len([p for p in open_paths(pid) if p in inodes])
+
+
+def test_delete_answers_after_backend_closed(daemon, tmp_path):
+    # An LV is deactivated right after DELETE answers: the ticket's
+    # backend must be closed by then.  The NBD server is slow to close
+    # (nbdkit's delay filter), so a DELETE answering before the close is
+    # seen holding the connection.
+    port = free_port()
+    srv = nbdserver.nbdkit("memory", "size={}".format(MiB), "delay-close=2",
+                           port=port, filters=["delay"])
+    with srv.start():
+        t = new_ticket(srv.url(), MiB)
+        daemon.add_ticket(t)
+        con = connect(daemon, "local")
+        resp, body = request(con, "GET", "/images/" + t["uuid"],
+                             headers={"Range": "bytes=0-4095"})
+        assert resp.status == 206, body
+        assert connections_to(daemon.proc.pid, port) == 1
+        with daemon.client() as c:
+            c.del_ticket(t["uuid"])
+        assert connections_to(daemon.proc.pid, port) == 0
+        con.close()

@@ -89,8 +89,13 @@ def _unbind(conn, binding):
     bindings = conn.context.get("bindings", {})
     if bindings.get(binding.ticket.uuid) is binding:
         del bindings[binding.ticket.uuid]
-    binding.ticket.remove_connection(id(conn))
-    binding.backend.close()
+    # Close the backend before the ticket forgets the connection: a
+    # DELETE answers once no connection is left, and the LV teardown that
+    # follows it must never meet an open fd.
+    try:
+        binding.backend.close()
+    finally:
+        binding.ticket.remove_connection(id(conn))
 
 
 def _close(conn, force):
