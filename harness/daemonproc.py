@@ -48,7 +48,7 @@ level = DEBUG
 handlers = stderr
 """
 
-_LISTEN = re.compile(r"Listening (\w+) service on (\S+)")
+_LISTEN = re.compile(r"Listening ([\w-]+) service on (\S+)")
 
 
 def write_conf(confdir, extra="", base=BASE_CONF):
@@ -120,6 +120,16 @@ class Daemon:
     @property
     def local_socket(self):
         return self.addresses["local"].split(":", 1)[1]
+
+    @property
+    def nbd_port(self):
+        """The NBD service's TCP port ([nbd] enable = true)."""
+        return int(self.addresses["nbd"].rsplit(":", 1)[1])
+
+    @property
+    def nbd_socket(self):
+        """The NBD service's unix socket ([nbd] socket)."""
+        return self.addresses["nbd-local"].split(":", 1)[1]
 
     @property
     def control_socket(self):

@@ -75,6 +75,16 @@ DEFAULTS = {
         "host": "localhost",
         "port": -1,
     },
+    # Not in the established service: tickets served over NBD (docs/nbd.md).
+    # TCP on host:port (TLS required unless tls = false; port 0: any free
+    # port), and a unix socket for clients on this host ("": none).
+    "nbd": {
+        "enable": False,
+        "host": "::",
+        "port": 10809,
+        "socket": "",
+        "tls": True,
+    },
     "profile": {
         "filename": "/run/ovirt-imageio/profile",
     },
@@ -117,6 +127,7 @@ PATH_OPTIONS = {
     ("backend_http", "ca_file"),
     ("control", "socket"),
     ("local", "socket"),
+    ("nbd", "socket"),
     ("profile", "filename"),
 }
 

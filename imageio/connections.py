@@ -460,6 +460,7 @@ class Server:
                 self._watch(client, wait)
                 return
             client.state = HEAD
+            conn.tls_pending = False
             self._watch(client, selectors.EVENT_READ)
         try:
             got = conn.reader.fill()
@@ -558,7 +559,9 @@ class Server:
             except OSError:
                 self._close(client)
                 continue
-            client.state = HEAD
+            # A connection that asked for TLS in place (NBD's STARTTLS)
+            # comes back for its handshake.
+            client.state = HANDSHAKE if conn.tls_pending else HEAD
             timeout = conn.timeout if conn.timeout else self.idle_timeout
             # Bytes of the next head may be buffered already; the rest of
             # a refused body must come within header_timeout in all.

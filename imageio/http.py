@@ -293,6 +293,8 @@ class Connection:
         # Set once the connection used a ticket (handlers.access): at
         # max_clients, connections that never did are the first to go.
         self.bound = False
+        # HTTPS is TLS from the first byte; only NBD upgrades in place.
+        self.tls_pending = False
 
     def on_close(self, func):
         self._on_close.append(func)

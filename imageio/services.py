@@ -85,6 +85,22 @@ class ControlService(Service):
     name = "control"
 
 
+class NbdService(Service):
+    """Tickets over NBD (imageio.nbd): TCP, where TLS comes by STARTTLS
+    with the remote service's credentials, or a unix socket."""
+
+    def __init__(self, sock, store, cfg, name, tls_context=None):
+        self.name = name
+        self._store = store
+        self._tls = tls_context
+        super().__init__(sock, None, cfg)
+
+    def _make_conn(self, sock, name):
+        from .nbd import server as nbd_server
+        return nbd_server.Connection(sock, self._store, self._cfg, name,
+                                     self.name, tls_context=self._tls)
+
+
 class MetricsService(Service):
     name = "metrics"
 
@@ -176,6 +192,21 @@ def create(cfg, store, ssl_context=None):
         ])
         services.append(ControlService(sock, router, cfg))
 
+    if cfg.nbd.enable:
+        tls_context = None
+        if cfg.nbd.tls:
+            if ssl_context is None:
+                from . import errors
+                raise errors.ConfigError(
+                    "[nbd] tls = true needs the remote service's TLS "
+                    "([tls] enable = true), or set [nbd] tls = false")
+            tls_context = ssl_context
+        sock = bind_tcp(cfg.nbd.host, cfg.nbd.port)
+        services.append(NbdService(sock, store, cfg, "nbd", tls_context))
+        if cfg.nbd.socket:
+            sock = bind_unix(cfg.nbd.socket)
+            services.append(NbdService(sock, store, cfg, "nbd-local"))
+
     if cfg.metrics.port >= 0:
         sock = bind_tcp(cfg.metrics.host, cfg.metrics.port)
         router = http.Router([(r"/metrics", metrics_handler.Metrics())])
@@ -189,6 +220,8 @@ def describe(service):
     if isinstance(addr, tuple):
         host, port = addr[0], addr[1]
         scheme = "https" if service._ssl else "http"
+        if isinstance(service, NbdService):
+            scheme = "nbds" if service._tls else "nbd"
         if ":" in host:
             host = "[{}]".format(host)
         return "{}://{}:{}".format(scheme, host, port)

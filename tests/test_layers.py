@@ -1,5 +1,6 @@
 """The package's imports run one way, with the data: socket -> connections
--> http (router) -> handlers -> tickets -> backends -> ops -> _io.
+-> http (router) or nbd.server -> handlers -> tickets -> backends -> ops ->
+_io.
 
 Walks every module's imports (ast, function-level imports included) and
 fails on any import cycle, and on any import from a lower layer into a
@@ -18,14 +19,15 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ["services", "daemon", "admin", "admin.ctl", "client", "client.*"],
     ["connections"],
-    ["http"],
+    ["http", "nbd", "nbd.server"],
     ["handlers", "handlers.*"],
     ["tickets", "metrics"],
     ["backends", "backends.*", "httpclient"],
     ["ops", "checksum", "compression"],
     ["streams", "buffers", "tls"],
     ["errors", "redact", "ratelog", "extents", "urls", "httpparse",
-     "transport", "workers", "accounting", "config", "", "_io", "_io.*"],
+     "transport", "workers", "accounting", "config", "", "_io", "_io.*",
+     "nbd.protocol"],
 ]
 
 

@@ -1,0 +1,561 @@
+"""One NBD connection on the connections machinery: the fixed newstyle
+handshake (STARTTLS, GO/INFO/EXPORT_NAME with the ticket id as the export
+name, structured replies, meta contexts) and the transmission phase, each
+command checked against the ticket and served through the backend's
+primitives (every backend serves NBD with no code of its own).
+
+As an HTTP connection does, an NBD connection waits in the selector
+(imageio.connections) while nothing is buffered: the reader returns one
+unit at a time (the client's flags, an option, a request header) once it
+has all of it, and a worker serves it.  A write's payload is read by the
+worker straight into the transfer buffer.
+"""
+
+import contextlib
+import logging
+import select
+import socket
+
+from .. import buffers
+from .. import errors
+from .. import ops
+from .. import redact
+from .. import streams
+from .. import transport
+from ..handlers import access
+from . import protocol as p
+
+log = logging.getLogger("nbd")
+
+# Block size constraints advertised (NBD_INFO_BLOCK_SIZE); the maximum is
+# also the largest request served.
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_BLOCK = 32 * 1024**2
+
+# Context ids of the meta contexts a client may select.
+ALLOCATION_ID = 1
+DIRTY_ID = 2
+
+# Phases.
+FLAGS = "flags"
+OPTIONS = "options"
+TRANSMISSION = "transmission"
+
+
+class Reader(streams.Reader):
+    """A connection's reader returning whole NBD units: ("flags", data),
+    ("option", option, data) or ("request", header tuple)."""
+
+    def __init__(self, sock):
+        super().__init__(sock)
+        self.phase = FLAGS
+
+    def parse_head(self):
+        avail = len(self._buf) - self._pos
+        start = self._pos
+        if self.phase == FLAGS:
+            if avail < 4:
+                return None
+            self._pos += 4
+            unit = ("flags", bytes(self._buf[start:start + 4]))
+        elif self.phase == OPTIONS:
+            if avail < 16:
+                return None
+            option, length = p.parse_option_header(
+                bytes(self._buf[start:start + 16]))
+            if avail < 16 + length:
+                return None
+            self._pos += 16 + length
+            unit = ("option", option,
+                    bytes(self._buf[start + 16:start + 16 + length]))
+        else:
+            if avail < 28:
+                return None
+            self._pos += 28
+            unit = ("request",) + p.parse_request(
+                bytes(self._buf[start:start + 28]))
+        self._compact()
+        return unit
+
+
+class _Req:
+    """What handlers.access needs of a request: its connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn):
+        self.conn = conn
+
+
+class Connection:
+    """One NBD client connection (imageio.connections drives it like an
+    HTTP one: ``reader``, ``serve_one``, ``next_head``, ``idle``, ``close``).
+    """
+
+    def __init__(self, sock, store, cfg, name, service, tls_context=None):
+        self.sock = transport.wrap(sock)
+        self.store = store
+        self.cfg = cfg
+        self.name = name
+        self.service = service
+        self.timeout = cfg.daemon.inactivity_timeout
+        self.reader = Reader(self.sock)
+        self.context = {}
+        self.error_headers = {}
+        self._on_close = []
+        self._on_idle = []
+        self.closing = False
+        self.busy = False
+        self.bound = False
+        # TLS required before anything else (TCP), given by STARTTLS.
+        self._tls_context = tls_context
+        self.tls_pending = False
+        self._no_zeroes = False
+        self._structured = False
+        self._contexts = {}
+        self._ticket_id = None
+        self._ticket = None
+        self._backend = None
+        self.sock.sendall(p.greeting())
+
+    # What imageio.connections calls.
+
+    def on_close(self, func):
+        self._on_close.append(func)
+
+    def on_idle(self, func):
+        self._on_idle.append(func)
+
+    def set_timeout(self, timeout):
+        self.timeout = timeout
+        self.sock.settimeout(timeout)
+
+    def next_head(self, linger):
+        if self.tls_pending:
+            return None  # The selector drives the TLS handshake.
+        unit = self.reader.parse_head()
+        if unit is not None or self.reader.peek_buffered():
+            return unit
+        if not self.sock.pending():
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(linger * 1000):
+                return None
+        self.sock.settimeout(0)
+        try:
+            self.reader.fill()
+        finally:
+            self.sock.settimeout(self.timeout)
+        if self.reader.eof and not self.reader.peek_buffered():
+            raise ConnectionResetError("Client closed")
+        return self.reader.parse_head()
+
+    def idle(self):
+        funcs, self._on_idle = self._on_idle, []
+        for func in funcs:
+            try:
+                func()
+            except Exception:
+                log.exception("%s: error releasing idle connection",
+                              self.name)
+
+    def log_failure(self, e):
+        if isinstance(e, (ConnectionError, socket.timeout, TimeoutError,
+                          p.ProtocolError)):
+            log.debug("%s: connection ended: %s", self.name, e)
+        elif isinstance(e, OSError):
+            log.warning("%s: connection failed: %s", self.name, e)
+        else:
+            log.exception("%s: unexpected error, closing connection",
+                          self.name, exc_info=e)
+
+    def serve_error(self, e):
+        """A malformed unit (ProtocolError): nothing to answer."""
+        log.info("%s: %s", self.name, e)
+
+    def close(self):
+        self.idle()
+        for func in reversed(self._on_close):
+            try:
+                func()
+            except Exception:
+                log.exception("%s: error closing connection", self.name)
+        self._on_close = []
+        self.sock.close()
+
+    def shutdown(self):
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def serve_one(self, unit):
+        """Serve one unit; True if the connection goes on."""
+        self.busy = True
+        try:
+            kind = unit[0]
+            if kind == "flags":
+                self._no_zeroes = p.parse_client_flags(unit[1])
+                self.reader.phase = OPTIONS
+                return True
+            if kind == "option":
+                return self._option(unit[1], unit[2])
+            return self._request(*unit[1:])
+        except p.ProtocolError as e:
+            log.info("%s: closing: %s", self.name, e)
+            return False
+        finally:
+            self.busy = False
+
+    # Handshake.
+
+    def _send(self, data):
+        self.sock.sendall(data)
+
+    def _option(self, option, data):
+        if self._tls_context is not None and not self.sock.is_tls:
+            if option == p.OPT_STARTTLS:
+                if data:
+                    self._send(p.option_error(option, p.REP_ERR_INVALID,
+                                              "STARTTLS takes no data"))
+                    return True
+                self._send(p.option_reply(option, p.REP_ACK))
+                self.sock.setblocking(False)
+                self.sock.start_tls(self._tls_context)
+                self.tls_pending = True
+                return True
+            if option == p.OPT_ABORT:
+                self._send(p.option_reply(option, p.REP_ACK))
+                return False
+            if option == p.OPT_EXPORT_NAME:
+                return False  # No way to answer an error.
+            self._send(p.option_error(option, p.REP_ERR_TLS_REQD,
+                                      "TLS is required: send STARTTLS"))
+            return True
+        if option == p.OPT_STARTTLS:
+            self._send(p.option_error(
+                option, p.REP_ERR_INVALID if self.sock.is_tls
+                else p.REP_ERR_POLICY, "TLS is not available here"
+                if not self.sock.is_tls else "TLS is already on"))
+            return True
+        if option == p.OPT_ABORT:
+            self._send(p.option_reply(option, p.REP_ACK))
+            return False
+        if option == p.OPT_LIST:
+            # Export names are ticket ids, secrets: none is listed.
+            self._send(p.option_reply(option, p.REP_ACK))
+            return True
+        if option == p.OPT_STRUCTURED_REPLY:
+            self._structured = True
+            self._send(p.option_reply(option, p.REP_ACK))
+            return True
+        if option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+            return self._meta_context(option, data)
+        if option in (p.OPT_INFO, p.OPT_GO):
+            return self._go(option, data)
+        if option == p.OPT_EXPORT_NAME:
+            return self._export_name(data)
+        self._send(p.option_error(option, p.REP_ERR_UNSUP,
+                                  "Unsupported option {}".format(option)))
+        return True
+
+    def _lookup(self, name):
+        """(ticket, backend) of export ``name`` (a ticket id), bound to this
+        connection; errors.Error when it cannot be served."""
+        ticket, backend, _ = access.open_image(
+            _Req(self), name, "read", self.store, self.cfg, buffer=False)
+        return ticket, backend
+
+    def _flags(self, ticket, backend):
+        flags = (p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA |
+                 p.TF_SEND_WRITE_ZEROES | p.TF_SEND_CACHE | p.TF_SEND_DF |
+                 p.TF_SEND_FAST_ZERO)
+        if ticket.sparse:
+            flags |= p.TF_SEND_TRIM
+        if not ticket.may("write"):
+            flags |= p.TF_READ_ONLY
+        if backend.max_writers > 1 or not ticket.may("write"):
+            flags |= p.TF_CAN_MULTI_CONN
+        return flags
+
+    def _go(self, option, data):
+        try:
+            name, infos = p.parse_info_request(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            self._send(p.option_error(option, p.REP_ERR_INVALID, str(e)))
+            return True
+        try:
+            ticket, backend = self._lookup(name)
+        except errors.Error as e:
+            log.info("%s: export %s refused: %s", self.name,
+                     redact.short_id(name), e.message)
+            self._send(p.option_error(option, p.REP_ERR_UNKNOWN, e.message))
+            return True
+        size = ticket.size
+        self._send(p.option_reply(option, p.REP_INFO, p.info_export(
+            size, self._flags(ticket, backend))))
+        self._send(p.option_reply(option, p.REP_INFO, p.info_block_size(
+            MIN_BLOCK, PREFERRED_BLOCK, MAX_BLOCK)))
+        self._send(p.option_reply(option, p.REP_ACK))
+        if option == p.OPT_GO:
+            self._enter(name, ticket, backend)
+        return True
+
+    def _export_name(self, data):
+        try:
+            name = data.decode("utf-8")
+            ticket, backend = self._lookup(name)
+        except (UnicodeDecodeError, errors.Error) as e:
+            log.info("%s: export refused: %s", self.name, e)
+            return False  # NBD_OPT_EXPORT_NAME has no error reply.
+        self._send(p.export_name_reply(ticket.size,
+                                       self._flags(ticket, backend),
+                                       self._no_zeroes))
+        self._enter(name, ticket, backend)
+        return True
+
+    def _enter(self, name, ticket, backend):
+        self._ticket_id = name
+        self._ticket = ticket
+        self._backend = backend
+        self.reader.phase = TRANSMISSION
+        log.info("%s: serving ticket %s over NBD", self.name, ticket.name)
+
+    def _meta_context(self, option, data):
+        if option == p.OPT_SET_META_CONTEXT and not self._structured:
+            self._send(p.option_error(option, p.REP_ERR_INVALID,
+                                      "structured replies first"))
+            return True
+        try:
+            name, queries = p.parse_meta_context_request(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            self._send(p.option_error(option, p.REP_ERR_INVALID, str(e)))
+            return True
+        try:
+            ticket, backend = self._lookup(name)
+        except errors.Error as e:
+            self._send(p.option_error(option, p.REP_ERR_UNKNOWN, e.message))
+            return True
+        dirty = self._dirty_context(ticket, backend)
+        available = {p.BASE_ALLOCATION: ALLOCATION_ID}
+        if dirty:
+            available[dirty] = DIRTY_ID
+        chosen = {}
+        for query in queries or (list(available) if option ==
+                                 p.OPT_LIST_META_CONTEXT else []):
+            for ctx, cid in available.items():
+                if ctx == query or (query.endswith(":") and
+                                    ctx.startswith(query)) or \
+                        (query == "qemu:dirty-bitmap:" and ctx == dirty):
+                    chosen[ctx] = cid
+        for ctx, cid in chosen.items():
+            self._send(p.meta_context_reply(option, cid, ctx))
+        if option == p.OPT_SET_META_CONTEXT:
+            self._contexts = {cid: ctx for ctx, cid in chosen.items()}
+        self._send(p.option_reply(option, p.REP_ACK))
+        return True
+
+    def _dirty_context(self, ticket, backend):
+        """The dirty bitmap context of a dirty ticket over an NBD export
+        that has one, else None."""
+        if not ticket.dirty:
+            return None
+        name = getattr(backend, "dirty_context", None)
+        return name if isinstance(name, str) else None
+
+    # Transmission.
+
+    def _reply_error(self, cookie, error, message=""):
+        if self._structured:
+            self._send(p.error_chunk(cookie, error, message))
+        else:
+            self._send(p.simple_reply(cookie, error))
+
+    def _request(self, flags, kind, cookie, offset, length):
+        if kind == p.CMD_DISC:
+            return False
+        if kind not in p.CMD_FLAGS or flags & ~p.CMD_FLAGS[kind]:
+            if kind == p.CMD_WRITE:
+                return False  # Its payload cannot be skipped safely.
+            self._reply_error(cookie, p.EINVAL, "unknown command or flag")
+            return True
+        op = "write" if kind in (p.CMD_WRITE, p.CMD_TRIM,
+                                 p.CMD_WRITE_ZEROES) else "read"
+        size = self._ticket.size
+        if kind == p.CMD_WRITE and length > MAX_BLOCK:
+            self._reply_error(cookie, p.EINVAL, "request over the maximum")
+            return False  # Cannot skip a payload that large.
+        if kind != p.CMD_FLUSH and (offset + length > size):
+            error = p.ENOSPC if op == "write" else p.EINVAL
+            if kind == p.CMD_WRITE:
+                self._skip(length)
+            self._reply_error(cookie, error, "range past the end")
+            return True
+        if kind in (p.CMD_READ,) and length > MAX_BLOCK:
+            self._reply_error(cookie, p.EINVAL, "request over the maximum")
+            return True
+        if not self._ticket.may(op):
+            if kind == p.CMD_WRITE:
+                self._skip(length)
+            self._reply_error(cookie, p.EPERM, "the ticket does not allow "
+                              "{}".format(op))
+            return True
+        try:
+            ticket, backend, buf = access.open_image(
+                _Req(self), self._ticket_id, op, self.store, self.cfg)
+        except errors.Error as e:
+            if kind == p.CMD_WRITE:
+                self._skip(length)
+            self._reply_error(cookie, p.ESHUTDOWN, e.message)
+            return False
+        try:
+            return self._command(kind, flags, cookie, offset, length,
+                                 ticket, backend, buf)
+        except errors.Canceled as e:
+            self._reply_error(cookie, p.ESHUTDOWN, e.message)
+            return False
+        except (errors.Error, OSError) as e:
+            if isinstance(e, (ConnectionError, socket.timeout)):
+                raise
+            log.warning("%s: NBD command %d at %d length %d failed: %s",
+                        self.name, kind, offset, length, e)
+            self._reply_error(cookie, p.ENOSPC if getattr(
+                e, "errno", None) == 28 else p.EIO,
+                "{} failed".format(op))
+            return not isinstance(e, errors.PartialContent)
+
+    @contextlib.contextmanager
+    def _payload(self, length, buf):
+        """A write's whole payload, in the transfer buffer (or, for a
+        request larger than it, in memory counted against
+        max_buffer_memory)."""
+        reserved = 0
+        if length > len(buf):
+            reserved = length
+            pool = buffers.pool(self.cfg)
+            pool.reserve(reserved)
+            target = memoryview(bytearray(length))
+        else:
+            target = memoryview(buf)[:length]
+        try:
+            body = streams.Body(self.reader, self.sock, length, self.timeout)
+            got = 0
+            while got < length:
+                n = body.readinto(target[got:])
+                if not n:
+                    raise ConnectionResetError(
+                        "Client closed in a write payload ({} of {} "
+                        "bytes)".format(got, length))
+                got += n
+            yield target
+        finally:
+            if reserved:
+                pool.unreserve(reserved)
+
+    def _skip(self, length):
+        body = streams.Body(self.reader, self.sock, length, self.timeout)
+        scratch = memoryview(bytearray(min(length, 65536) or 1))
+        while body.remaining:
+            if not body.readinto(scratch):
+                raise ConnectionResetError("Client closed in a payload")
+
+    def _command(self, kind, flags, cookie, offset, length, ticket,
+                 backend, buf):
+        if kind == p.CMD_READ:
+            with ticket.operation(offset, length) as run:
+                self._read(cookie, offset, length, backend, buf, run)
+            return True
+        if kind == p.CMD_WRITE:
+            # The whole payload first: a client that disconnects in the
+            # middle of it changes nothing.
+            with self._payload(length, buf) as data:
+                with ticket.operation(offset, length) as run:
+                    if length:
+                        backend.write(data, offset)
+                    run.progress(length)
+                    if flags & p.CMD_FLAG_FUA:
+                        backend.flush()
+        elif kind == p.CMD_FLUSH:
+            with ticket.operation():
+                backend.flush()
+        elif kind in (p.CMD_WRITE_ZEROES, p.CMD_TRIM):
+            punch = ticket.sparse and (kind == p.CMD_TRIM or
+                                       not flags & p.CMD_FLAG_NO_HOLE)
+            if kind == p.CMD_TRIM and not ticket.sparse:
+                self._send(p.simple_reply(cookie))
+                return True
+            if flags & p.CMD_FLAG_FAST_ZERO and \
+                    "zero" not in backend.features:
+                self._reply_error(cookie, p.ENOTSUP, "no fast zero")
+                return True
+            with ticket.operation(offset, length) as run:
+                ops.zero(backend, offset, length, punch, run.progress)
+                if flags & p.CMD_FLAG_FUA:
+                    backend.flush()
+        elif kind == p.CMD_CACHE:
+            pass
+        elif kind == p.CMD_BLOCK_STATUS:
+            return self._block_status(flags, cookie, offset, length,
+                                      ticket, backend)
+        self._send(p.simple_reply(cookie))
+        return True
+
+    def _read(self, cookie, offset, length, backend, buf, run):
+        step = len(buf) - 8192
+        if not self._structured:
+            self._send(p.simple_reply(cookie))
+        if length == 0 and self._structured:
+            self._send(p.structured_reply(cookie, p.REPLY_TYPE_NONE))
+            return
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(step, end - pos)
+            view = backend.readinto(buf, pos, n)
+            if self._structured:
+                self.sock.send_parts((p.data_chunk_header(
+                    cookie, pos, n, pos + n == end), view))
+            else:
+                self.sock.sendall(view)
+            pos += n
+            run.progress(n)
+
+    def _block_status(self, flags, cookie, offset, length, ticket, backend):
+        if not self._structured or not self._contexts:
+            self._reply_error(cookie, p.EINVAL, "no meta context selected")
+            return True
+        end = min(offset + length, ticket.size)
+        items = sorted(self._contexts.items())
+        with ticket.operation():
+            for i, (cid, ctx) in enumerate(items):
+                if cid == ALLOCATION_ID:
+                    # A range that reads as zero is reported as a hole
+                    # that reads as zero: clients skip it either way.
+                    found = [(e.length, (p.STATE_HOLE | p.STATE_ZERO)
+                              if e.zero else 0)
+                             for e in backend.extents(offset, end - offset,
+                                                      "zero")]
+                else:
+                    found = [(e.length, p.STATE_DIRTY if e.dirty else 0)
+                             for e in backend.extents(offset, end - offset,
+                                                      "dirty")]
+                if flags & p.CMD_FLAG_REQ_ONE:
+                    found = found[:1]
+                self._send(p.block_status_chunk(
+                    cookie, cid, _u32(found), done=i == len(items) - 1))
+        return True
+
+
+def _u32(descriptors):
+    """Descriptors whose lengths fit 32 bits (split longer ones)."""
+    out = []
+    limit = 2**32 - 4096
+    for length, flags in descriptors:
+        while length > limit:
+            out.append((limit, flags))
+            length -= limit
+        if length:
+            out.append((length, flags))
+    return out
+

@@ -1,0 +1,342 @@
+"""Tickets over NBD (imageio.nbd.server): the real daemon with real NBD
+clients (qemu-img, qemu-io, nbdcopy, nbdinfo) over TLS and the unix
+socket, byte for byte, and the protocol's edge cases through a raw-socket
+client of our own (written from proto.md, not from imageio.nbd)."""
+
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from conftest import new_ticket
+from harness.daemonproc import Daemon
+
+MiB = 1024**2
+SIZE = 64 * MiB
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("nbd"),
+               "[nbd]\nenable = true\nport = 0\nsocket = run/nbd.sock\n")
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def cadir(daemon, tmp_path_factory):
+    """The daemon's CA where libnbd and qemu look for it."""
+    d = tmp_path_factory.mktemp("ca")
+    shutil.copy(daemon.ca_file, str(d / "ca-cert.pem"))
+    return str(d)
+
+
+def image(tmp_path, data=b"", size=SIZE, name="disk.raw"):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    return str(path)
+
+
+def add(daemon, path, size=SIZE, **kw):
+    t = new_ticket("file://" + path, size, **kw)
+    daemon.add_ticket(t)
+    return t
+
+
+def tls_url(daemon, t, cadir):
+    return "nbds://localhost:{}/{}?tls-certificates={}".format(
+        daemon.nbd_port, t["uuid"], cadir)
+
+
+def unix_url(daemon, t):
+    return "nbd+unix:///{}?socket={}".format(t["uuid"], daemon.nbd_socket)
+
+
+def run(*args, timeout=120):
+    r = subprocess.run([str(a) for a in args], capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# Real clients.
+
+def test_qemu_img_convert_out_over_unix_and_tls(daemon, cadir, tmp_path):
+    data = os.urandom(3 * MiB + 5)
+    path = image(tmp_path, data)
+    t = add(daemon, path, ops=["read"])
+    out = str(tmp_path / "out.raw")
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+        unix_url(daemon, t), out)
+    assert sha(out) == sha(path)
+    os.unlink(out)
+    run("qemu-img", "convert", "--object",
+        "tls-creds-x509,id=tls0,dir={},endpoint=client".format(cadir),
+        "--image-opts", "-O", "raw",
+        "driver=raw,file.driver=nbd,file.host=localhost,file.port={},"
+        "file.export={},file.tls-creds=tls0".format(daemon.nbd_port,
+                                                   t["uuid"]), out)
+    assert sha(out) == sha(path)
+
+
+def test_qemu_img_convert_qcow2_into_ticket(daemon, cadir, tmp_path):
+    src = str(tmp_path / "guest.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", src, SIZE)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 1M 2M",
+        "-c", "write -P 0xaa 40M 1M", src)
+    path = image(tmp_path)
+    t = add(daemon, path, sparse=True)
+    run("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", src,
+        unix_url(daemon, t))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src,
+        unix_url(daemon, t))
+    expect = str(tmp_path / "expect.raw")
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", src, expect)
+    assert sha(path) == sha(expect)
+
+
+def test_nbdcopy_both_ways_4_connections_tls(daemon, cadir, tmp_path):
+    data = os.urandom(8 * MiB)
+    src = image(tmp_path, data, name="src.raw")
+    dst = image(tmp_path, name="dst.raw")
+    t_src = add(daemon, src, ops=["read"])
+    t_dst = add(daemon, dst)
+    local = str(tmp_path / "local.raw")
+    run("nbdcopy", "--connections=4", tls_url(daemon, t_src, cadir), local)
+    assert sha(local) == sha(src)
+    run("nbdcopy", "--connections=4", local, tls_url(daemon, t_dst, cadir))
+    assert sha(dst) == sha(src)
+
+
+def test_nbdinfo_map_shows_holes(daemon, tmp_path):
+    path = image(tmp_path, os.urandom(MiB))
+    t = add(daemon, path, ops=["read"])
+    out = run("nbdinfo", "--map", unix_url(daemon, t))
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert rows[0][:3] == ["0", str(MiB), "0"]
+    assert rows[1][:3] == [str(MiB), str(SIZE - MiB), "3"]
+    assert "hole,zero" in out
+
+
+def test_qemu_io_odd_offsets(daemon, tmp_path):
+    path = image(tmp_path)
+    t = add(daemon, path)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 4097 1000",
+        "-c", "read -P 0x33 4097 1000", "-c", "read -P 0 0 4097",
+        unix_url(daemon, t))
+    with open(path, "rb") as f:
+        f.seek(4097)
+        assert f.read(1000) == b"\x33" * 1000
+
+
+# A raw client, from proto.md.
+
+class Raw:
+    """A fixed newstyle NBD client over a socket, for what real clients
+    never send."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        hello = self.recv(18)
+        assert hello[:16] == b"NBDMAGICIHAVEOPT"
+        self.sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE|NO_ZEROES
+
+    def recv(self, n):
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed after {} bytes".format(len(out)))
+            out += chunk
+        return out
+
+    def option(self, opt, data=b""):
+        self.sock.sendall(b"IHAVEOPT" + struct.pack(">II", opt, len(data))
+                          + data)
+        replies = []
+        while True:
+            magic, ropt, rtype, length = struct.unpack(">QIII",
+                                                       self.recv(20))
+            assert magic == 0x3e889045565a9 and ropt == opt
+            replies.append((rtype, self.recv(length)))
+            if rtype == 1 or rtype & 2**31:  # ACK or an error.
+                return replies
+
+    def go(self, name):
+        data = struct.pack(">I", len(name)) + name.encode() + \
+            struct.pack(">H", 0)
+        return self.option(7, data)
+
+    def request(self, kind, offset, length, flags=0, payload=b"",
+                cookie=1):
+        self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, flags, kind,
+                                      cookie, offset, length) + payload)
+        magic, error, rcookie = struct.unpack(">IIQ", self.recv(16))
+        assert magic == 0x67446698 and rcookie == cookie
+        return error
+
+
+def connect_tcp(daemon):
+    s = socket.create_connection(("localhost", daemon.nbd_port), timeout=20)
+    return Raw(s)
+
+
+def connect_unix(daemon):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(daemon.nbd_socket)
+    return Raw(s)
+
+
+def test_tls_required_before_anything(daemon, tmp_path):
+    t = add(daemon, image(tmp_path), ops=["read"])
+    c = connect_tcp(daemon)
+    with c.sock:
+        (rtype, msg), = c.go(t["uuid"])
+        assert rtype == 2**31 + 5  # NBD_REP_ERR_TLS_REQD
+        assert b"TLS" in msg
+        (rtype, _), = c.option(3)  # LIST: TLS first too.
+        assert rtype == 2**31 + 5
+
+
+def test_wrong_export_refused_with_message(daemon):
+    c = connect_unix(daemon)
+    with c.sock:
+        (rtype, msg), = c.go("no-such-ticket")
+        assert rtype == 2**31 + 6  # NBD_REP_ERR_UNKNOWN
+        assert b"No such ticket" in msg
+        # LIST reveals no ticket.
+        assert c.option(3) == [(1, b"")]
+
+
+def test_read_only_write_eperm_connection_lives(daemon, tmp_path):
+    data = os.urandom(MiB)
+    path = image(tmp_path, data)
+    t = add(daemon, path, ops=["read"])
+    c = connect_unix(daemon)
+    with c.sock:
+        replies = c.go(t["uuid"])
+        assert replies[-1][0] == 1
+        export = [r for r in replies if r[0] == 3 and r[1][:2] == b"\0\0"]
+        size, flags = struct.unpack(">QH", export[0][1][2:12])
+        assert size == SIZE and flags & 2  # READ_ONLY
+        assert c.request(1, 0, 4096, payload=b"x" * 4096) == 1  # EPERM
+        assert c.request(0, 0, 4096) == 0
+        assert c.recv(4096) == data[:4096]
+    with open(path, "rb") as f:
+        assert f.read(MiB) == data
+
+
+def test_past_end_and_oversized(daemon, tmp_path):
+    path = image(tmp_path)
+    t = add(daemon, path)
+    c = connect_unix(daemon)
+    with c.sock:
+        assert c.go(t["uuid"])[-1][0] == 1
+        assert c.request(0, SIZE - 10, 20) == 22          # EINVAL
+        assert c.request(1, SIZE - 10, 20, payload=b"y" * 20) == 28  # ENOSPC
+        assert c.request(0, 0, 64 * MiB) == 22            # over the maximum
+        assert c.request(7 + 20, 0, 10) == 22             # unknown command
+        assert c.request(0, 0, 512, flags=1 << 9) == 22   # unknown flag
+        assert c.request(0, 0, 512) == 0                  # still serving
+        c.recv(512)
+    with open(path, "rb") as f:
+        assert f.read().count(b"\0") == SIZE
+
+
+def test_truncated_payload_writes_nothing_others_served(daemon, tmp_path):
+    path = image(tmp_path)
+    t = add(daemon, path)
+    c = connect_unix(daemon)
+    c.go(t["uuid"])
+    c.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 9, 0, MiB)
+                   + b"z" * 1000)
+    c.sock.close()
+    other = connect_unix(daemon)
+    with other.sock:
+        assert other.go(t["uuid"])[-1][0] == 1
+        assert other.request(0, 0, 4096) == 0
+        assert other.recv(4096) == b"\0" * 4096
+
+
+def test_garbage_handshake_does_not_hurt_others(daemon, tmp_path):
+    import random
+    rnd = random.Random(7)
+    t = add(daemon, image(tmp_path, b"ok" * 2048), ops=["read"])
+    for _ in range(30):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        s.connect(daemon.nbd_socket)
+        try:
+            s.recv(18)
+            s.sendall(bytes(rnd.randrange(256)
+                            for _ in range(rnd.randrange(1, 200))))
+            s.recv(100)
+        except OSError:
+            pass
+        finally:
+            s.close()
+    c = connect_unix(daemon)
+    with c.sock:
+        assert c.go(t["uuid"])[-1][0] == 1
+        assert c.request(0, 0, 4) == 0
+        assert c.recv(4) == b"okok"
+
+
+def test_delete_waits_for_nbd_writer_then_refuses(daemon, tmp_path):
+    path = image(tmp_path)
+    t = add(daemon, path)
+    c = connect_unix(daemon)
+    assert c.go(t["uuid"])[-1][0] == 1
+    assert c.request(1, 0, 4096, payload=b"w" * 4096) == 0
+    with daemon.client() as admin:
+        assert admin.get_ticket(t["uuid"])["connections"] == 1
+        admin.del_ticket(t["uuid"])
+    # The idle NBD connection was closed by the DELETE.
+    with pytest.raises((ConnectionError, OSError)):
+        c.request(0, 0, 4096)
+    c.sock.close()
+    c = connect_unix(daemon)
+    with c.sock:
+        assert c.go(t["uuid"])[0][0] == 2**31 + 6
+
+
+def test_expired_ticket_gets_error_and_close(daemon, tmp_path):
+    path = image(tmp_path)
+    t = add(daemon, path)
+    c = connect_unix(daemon)
+    with c.sock:
+        assert c.go(t["uuid"])[-1][0] == 1
+        with daemon.client() as admin:
+            admin.mod_ticket(t["uuid"], {"timeout": 0})
+        assert c.request(0, 0, 4096) == 108  # ESHUTDOWN
+        with pytest.raises((ConnectionError, OSError)):
+            c.request(0, 0, 4096)
+
+
+def test_transferred_counted_like_http(daemon, tmp_path):
+    path = image(tmp_path, os.urandom(2 * MiB))
+    t = add(daemon, path, ops=["read"])
+    out = str(tmp_path / "o.raw")
+    run("nbdcopy", unix_url(daemon, t), out)
+    deadline = time.monotonic() + 10
+    while True:
+        with daemon.client() as admin:
+            info = admin.get_ticket(t["uuid"])
+        if not info["connections"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert info["transferred"] >= 2 * MiB
