@@ -463,14 +463,16 @@ def test_resume_refused_when_the_source_changed(daemon, tmp_path):
             if journals and len(journal_items(journals[0])) >= 2:
                 break
             time.sleep(0.05)
+        # Every journaled request was flushed before it was journaled:
+        # the target's log, read after the journal and before the kill
+        # (the daemon may flush when the client's connections close), has
+        # a flush after the writes of those bytes.
+        confirmed = sum(n for _, n in journal_items(journals[0]))
+        log = ops.read_text()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert wait_gone(str(source))
         wait_idle(daemon, t["uuid"])
-        # Every journaled request was flushed before it was journaled:
-        # the target's log has a flush after the writes of those bytes.
-        log = ops.read_text()
-        confirmed = sum(n for _, n in journal_items(journals[0]))
         assert " Flush " in log, log[-2000:]
         flushed = written(log[:log.rindex(" Flush ")])
         assert flushed >= confirmed > 0
