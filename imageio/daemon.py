@@ -137,11 +137,18 @@ class Daemon:
                                    cfg.tls.ca_file)
             ssl_context = tls.server_context(cfg)
         os.makedirs(cfg.daemon.run_dir, exist_ok=True)
+        if cfg.control.enable and cfg.control.transport == "tcp":
+            log.warning(
+                "The control service uses TCP ([control] transport = tcp) "
+                "without authentication: anyone on localhost can add "
+                "tickets for any file the daemon can open; use the unix "
+                "transport unless every local user is trusted")
 
         self.services = services.create(cfg, self.store, ssl_context)
         for path in (cfg.local.socket if cfg.local.enable else "",
                      cfg.control.socket if cfg.control.enable
-                     and cfg.control.transport == "unix" else ""):
+                     and cfg.control.transport == "unix" else "",
+                     cfg.nbd.socket if cfg.nbd.enable else ""):
             if path and not path.startswith("\0"):
                 self._created_paths.append(path)
 

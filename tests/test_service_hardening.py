@@ -180,3 +180,13 @@ def test_delete_answers_after_backend_closed(daemon, tmp_path):
             c.del_ticket(t["uuid"])
         assert connections_to(daemon.proc.pid, port) == 0
         con.close()
+
+
+def test_tcp_control_warns_at_start(make_daemon, daemon):
+    port = free_port()
+    d = make_daemon("[control]\ntransport = tcp\nport = {}\n".format(port))
+    warnings = [line for line in d.log().splitlines()
+                if "WARNING" in line and "transport = tcp" in line]
+    assert warnings and "without authentication" in warnings[0], d.log()
+    # The unix transport, the default, says nothing of the kind.
+    assert "without authentication" not in daemon.log()
