@@ -2,6 +2,7 @@
 and error messages, through the real daemon process."""
 
 import glob
+import re
 import os
 import shutil
 import socket
@@ -190,3 +191,60 @@ def test_tcp_control_warns_at_start(make_daemon, daemon):
     assert warnings and "without authentication" in warnings[0], d.log()
     # The unix transport, the default, says nothing of the kind.
     assert "without authentication" not in daemon.log()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs, unmounted at the end."""
+    path = str(tmp_path / "tmpfs")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
+                   check=True)
+    yield path
+    subprocess.run(["umount", "-l", path], check=False)
+
+
+@needs_root
+def test_full_disk_names_operation_not_path(daemon, small_fs):
+    # The upload fills the filesystem: 507, naming the failed operation,
+    # its offset and length, and not where the image lives.
+    size = 8 * MiB
+    path = make_image(os.path.join(small_fs, "image.raw"), size)
+    t = add(daemon, path, size)
+    con = connect(daemon, "local")
+    resp, body = request(con, "PUT", "/images/" + t["uuid"],
+                         body=os.urandom(size))
+    con.close()
+    text = body.decode()
+    assert resp.status == 507, text
+    assert re.search(r"write at offset \d+ length \d+ failed: "
+                     r"No space left on device", text), text
+    assert small_fs not in text and "image.raw" not in text, text
+
+
+def test_dead_nbd_server_hides_socket_path(daemon, tmp_path):
+    sock = str(tmp_path / "nbd.sock")
+    t = new_ticket("nbd:unix:{}".format(sock), MiB)
+    daemon.add_ticket(t)
+    con = connect(daemon, "local")
+    resp, body = request(con, "GET", "/images/" + t["uuid"])
+    con.close()
+    text = body.decode()
+    assert resp.status >= 500, text
+    assert "NBD server" in text, text
+    assert sock not in text and str(tmp_path) not in text, text
+    # The log keeps the detail.
+    assert sock in daemon.log()
+
+
+def test_short_read_hides_path(daemon, tmp_path):
+    # The image shrank under the ticket: the read comes short.
+    path = make_image(str(tmp_path / "shrunk.raw"), MiB)
+    t = add(daemon, path, 2 * MiB)
+    con = connect(daemon, "local")
+    resp, body = request(con, "GET",
+                         "/images/{}/checksum".format(t["uuid"]))
+    con.close()
+    text = body.decode()
+    assert resp.status >= 500, text
+    assert str(tmp_path) not in text, text

@@ -14,6 +14,22 @@ from .. import errors
 from .. import extents
 
 
+def io_error(e, op, offset, length):
+    """An OSError like ``e`` (same errno, so a full disk is still 507)
+    whose message names the operation, offset and length, as clients see
+    it: the strerror only, never the image's path or URL (a ticket holder
+    is not told where the image lives; the backend logs that)."""
+    if isinstance(e, IOFailed):
+        return e  # Named already, by the call that failed.
+    reason = e.strerror or type(e).__name__
+    return IOFailed(e.errno, "{} at offset {} length {} failed: {}".format(
+        op, offset, length, reason))
+
+
+class IOFailed(OSError):
+    """An image I/O error whose message names the operation (io_error)."""
+
+
 class Backend:
     """A backend: primitives over one image (see ``imageio.backends``)."""
 

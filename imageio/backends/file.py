@@ -21,7 +21,7 @@ from .._io import stream
 from .._io.buffer import AlignedBuffer
 from .. import urls
 from ..extents import Extent, check_range as check_extents_range
-from .base import Backend
+from .base import Backend, IOFailed, io_error
 
 log = logging.getLogger("backends.file")
 
@@ -190,7 +190,12 @@ class FileBackend(Backend):
         end = offset + length
         while offset < end:
             n = self._chunk(offset, end, len(buf))
-            count = stream.send_file(fd, src, offset, n, buf, 1, timeout)
+            try:
+                count = stream.send_file(fd, src, offset, n, buf, 1, timeout)
+            except (ConnectionError, TimeoutError):
+                raise  # The client's side: nothing to say about the image.
+            except OSError as e:
+                raise self._failed(e, "read", offset, n) from None
             self._check_read(offset, n, count)
             if cached:
                 os.posix_fadvise(src, offset, n, os.POSIX_FADV_DONTNEED)
@@ -208,8 +213,11 @@ class FileBackend(Backend):
                 not self._block and self._in_hole(offset, length):
             # Inside a hole: zeroes from a shared buffer, the disk untouched.
             return memoryview(_zero_buffer(length)).toreadonly()[:length]
-        start, count = directio.readinto(self._fd, buf, offset, length,
-                                         self._align)
+        try:
+            start, count = directio.readinto(self._fd, buf, offset, length,
+                                             self._align)
+        except OSError as e:
+            raise self._failed(e, "read", offset, length) from None
         self._check_read(offset, length, count)
         return memoryview(buf)[start:start + count]
 
@@ -225,8 +233,20 @@ class FileBackend(Backend):
         return data >= offset + length
 
     def write(self, data, offset):
-        directio.write(self._fd, data, offset, self._bounce, self._align,
-                       self._lock)
+        try:
+            directio.write(self._fd, data, offset, self._bounce,
+                           self._align, self._lock)
+        except OSError as e:
+            raise self._failed(e, "write", offset, len(data)) from None
+
+    def _failed(self, e, op, offset, length):
+        """Log ``e`` with the image's path; return the OSError the
+        client is told (io_error: no path)."""
+        if isinstance(e, IOFailed):
+            return e  # Named and logged already.
+        error = io_error(e, op, offset, length)
+        log.warning("%s: %s", self._path, error.strerror)
+        return error
 
     def _chunk(self, offset, end, bufsize):
         """Length of the next chunk at ``offset``: its aligned superset fits
@@ -237,16 +257,24 @@ class FileBackend(Backend):
 
     def _check_read(self, offset, length, count):
         if count < length:
-            raise errors.BackendError(
-                "Short read from {}: {} bytes at offset {}, got {} (end of "
-                "file at {})".format(self._path, length, offset, count,
-                                     self.size()))
+            # The client is not told where the image lives; the log is.
+            message = ("Short read: {} bytes at offset {}, got {} (end of "
+                       "image at {})".format(length, offset, count,
+                                             self.size()))
+            log.warning("%s: %s", self._path, message)
+            raise errors.BackendError(message)
 
     # Zero and flush.
 
     def zero(self, offset, length, punch_hole):
         if length <= 0:
             return
+        try:
+            self._zero(offset, length, punch_hole)
+        except OSError as e:
+            raise self._failed(e, "zero", offset, length) from None
+
+    def _zero(self, offset, length, punch_hole):
         # An unaligned head or tail is written as zeroes through the
         # partial-block lock that writes take: fallocate on part of a
         # block, between another writer's read and write of that block,
@@ -333,15 +361,18 @@ class FileBackend(Backend):
             offset += n
 
     def flush(self):
-        directio.fdatasync(self._fd)
+        try:
+            directio.fdatasync(self._fd)
+        except OSError as e:
+            raise self._failed(e, "flush", 0, self.size()) from None
 
     # Extents.
 
     def extents(self, offset=0, length=None, context="zero"):
         if context != "zero":
             raise errors.NotFound(
-                "Extents context {!r} is not available for file {}".format(
-                    context, self._path))
+                "Extents context {!r} is not available for a file".format(
+                    context))
         size = self.size()
         end = check_extents_range(offset, length, size)
         if self._block:

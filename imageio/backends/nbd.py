@@ -16,6 +16,7 @@ One backend holds one libnbd handle; bulk bytes move in
 import contextlib
 import logging
 import threading
+import urllib.parse
 import weakref
 
 from .. import errors
@@ -24,7 +25,7 @@ from .._io import nbd
 from .. import redact as redact_
 from .. import urls
 from ..extents import DirtyExtent, Extent, check_range as check_extents_range
-from .base import Backend
+from .base import Backend, io_error
 
 log = logging.getLogger("backends.nbd")
 
@@ -84,10 +85,12 @@ class WriteLedger:
         None."""
         with self._lock:
             if len(self._unflushed) and self.lost is None:
+                # Told to clients: no URL (the log names it).
                 self.lost = (
-                    "NBD server {} went away before writes were flushed: "
+                    "The NBD server went away before writes were flushed: "
                     "data acknowledged since the last flush may be lost; "
-                    "flush failed, start the transfer again".format(url))
+                    "flush failed, start the transfer again")
+                log.error("%s: %s", url, self.lost)
             return self.lost
 
 
@@ -106,6 +109,23 @@ def _ledger(ticket):
         except KeyError:
             ledger = _ledgers[ticket] = WriteLedger()
             return ledger
+
+
+def _without(text, address):
+    """``text`` with the export's URL, socket path and host replaced:
+    libnbd's messages may name them."""
+    parts = [address.url, address.path, address.host]
+    if address.kind == "uri":
+        # nbd_connect_uri names the socket or a TLS file it could not use.
+        u = urllib.parse.urlsplit(address.url)
+        parts.append(u.hostname)
+        for name, values in urllib.parse.parse_qs(u.query).items():
+            if name != "tls-username":
+                parts.extend(values)
+    parts = [p for p in parts if isinstance(p, str) and p]
+    for part in sorted(parts, key=len, reverse=True):
+        text = text.replace(part, "<server>")
+    return text
 
 
 def open(ticket, cfg):
@@ -193,9 +213,13 @@ class NbdBackend(Backend):
             self._address.connect(h, self._dirty)
         except nbd.Error as e:
             h.close()
+            # The client is told why, not where: the server's address (a
+            # host path, a host:port) is for the log.
+            log.warning("Cannot connect to NBD server %s: %s",
+                        redact_.url(self._address.url), e)
             raise errors.BackendError(
-                "Cannot connect to NBD server {}: {}".format(
-                    redact_.url(self._address.url), e)) from None
+                "Cannot connect to NBD server: {}".format(
+                    _without(str(e), self._address))) from None
         self._h = h
         self._size = h.size()
         self._read_only = h.is_read_only()
@@ -225,11 +249,10 @@ class NbdBackend(Backend):
         went with it."""
         lost = self._ledger.connection_lost(redact_.url(self._address.url))
         if lost is not None:
-            log.error("%s", lost)
             raise errors.BackendError(lost) from cause
 
     @contextlib.contextmanager
-    def _command(self, write=False):
+    def _command(self, write=False, op=None, offset=0, length=0):
         """Run a command on the handle: busy meanwhile (peer_closed()
         does not poll a socket with replies in flight); a failure that
         took the connection with it may have lost unflushed writes
@@ -241,7 +264,14 @@ class NbdBackend(Backend):
             yield h
         except nbd.Error as e:
             self._failed(e)
-            raise
+            if op is None:
+                raise
+            # What the client is told names the request (io_error); the
+            # log keeps which server.
+            error = io_error(e, op, offset, length)
+            log.warning("%s: %s", redact_.url(self._address.url),
+                        error.strerror)
+            raise error from None
         finally:
             self._busy -= 1
         if write:
@@ -321,7 +351,7 @@ class NbdBackend(Backend):
         """Send the range to the plain socket ``fd``: NBD -> socket in C,
         requests in flight, completed in order into the socket."""
         self._check_range(offset, length)
-        with self._command() as h:
+        with self._command(op="read", offset=offset, length=length) as h:
             h.send_to_socket(fd, offset, length, buf, timeout, progress)
 
     def recv_from(self, fd, offset, length, buf, timeout, progress):
@@ -329,19 +359,22 @@ class NbdBackend(Backend):
         write them at ``offset``: socket -> NBD in C, requests in flight.
         Returns the bytes received (fewer when the peer closed early)."""
         self._check_range(offset, length)
-        with self._command(write=True) as h:
+        with self._command(write=True, op="write", offset=offset,
+                           length=length) as h:
             return h.recv_from_socket(fd, offset, length, buf, timeout,
                                       progress)
 
     def write(self, data, offset):
         n = len(data)
         self._check_range(offset, n)
-        with self._command(write=True) as h:
+        with self._command(write=True, op="write", offset=offset,
+                           length=n) as h:
             h.pwrite_pipelined(data, offset, n)
 
     def readinto(self, buf, offset, length):
         self._check_range(offset, length)
-        with self._read_lock, self._command() as h:
+        with self._read_lock, self._command(op="read", offset=offset,
+                                            length=length) as h:
             h.pread_pipelined(buf, offset, length)
         return memoryview(buf)[:length]
 
@@ -349,7 +382,8 @@ class NbdBackend(Backend):
         self._check_range(offset, length)
         if length == 0:
             return
-        with self._command(write=True) as h:
+        with self._command(write=True, op="zero", offset=offset,
+                           length=length) as h:
             self._zero(h, offset, length, punch_hole)
 
     def _zero(self, h, offset, length, punch_hole):
@@ -374,11 +408,10 @@ class NbdBackend(Backend):
             length -= n
 
     def flush(self):
-        with self._command() as h:
+        with self._command(op="flush", offset=0, length=self._size) as h:
             lost = self._ledger.check_others(self,
                                              redact_.url(self._address.url))
             if lost is not None:
-                log.error("%s", lost)
                 raise errors.BackendError(lost)
             if self._can_flush:
                 h.flush()
