@@ -36,7 +36,10 @@ REGISTRY = prometheus_client.CollectorRegistry(auto_describe=True)
 prometheus_client.ProcessCollector(registry=REGISTRY)
 
 METHODS = frozenset(
-    ("GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"))
+    ("GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS",
+     # NBD commands (the nbd services), counted with the same names.
+     "READ", "WRITE", "FLUSH", "TRIM", "CACHE", "WRITE_ZEROES",
+     "BLOCK_STATUS"))
 BACKEND_OPS = ("read", "write", "zero", "flush", "extents")
 # Seconds; transfers of whole images take minutes, so the buckets go far
 # beyond the client library defaults (10 s).

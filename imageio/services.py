@@ -62,8 +62,8 @@ class Service:
         return self.server.wait_connections(timeout)
 
 
-def _images_routes(store, cfg, local_socket):
-    img = images.Images(store, cfg, local_socket)
+def _images_routes(store, cfg, local_socket, nbd=None):
+    img = images.Images(store, cfg, local_socket, nbd)
     return [
         (r"/images/([^/]+)", img),
         (r"/images/([^/]+)/extents", extents.Extents(store, cfg)),
@@ -163,14 +163,35 @@ def create(cfg, store, ssl_context=None):
     """Bind every enabled service; return the list (not started)."""
     services = []
     local_socket = None
+    nbd_services = []
+    nbd_info = None
+    if cfg.nbd.enable:
+        tls_context = None
+        if cfg.nbd.tls:
+            if ssl_context is None:
+                from . import errors
+                raise errors.ConfigError(
+                    "[nbd] tls = true needs the remote service's TLS "
+                    "([tls] enable = true), or set [nbd] tls = false")
+            tls_context = ssl_context
+        sock = bind_tcp(cfg.nbd.host, cfg.nbd.port)
+        nbd_info = {"port": sock.getsockname()[1],
+                    "tls": tls_context is not None}
+        nbd_services.append(NbdService(sock, store, cfg, "nbd", tls_context))
+        if cfg.nbd.socket:
+            sock = bind_unix(cfg.nbd.socket)
+            nbd_info["socket"] = unix_address(sock)
+            nbd_services.append(NbdService(sock, store, cfg, "nbd-local"))
+
     if cfg.local.enable:
         sock = bind_unix(cfg.local.socket)
         local_socket = unix_address(sock)
-        router = http.Router(_images_routes(store, cfg, local_socket))
+        router = http.Router(
+            _images_routes(store, cfg, local_socket, nbd_info))
         services.append(LocalService(sock, router, cfg))
 
     sock = bind_tcp(cfg.remote.host, cfg.remote.port)
-    routes = _images_routes(store, cfg, local_socket)
+    routes = _images_routes(store, cfg, local_socket, nbd_info)
     routes.append((r"/info/?", info.Info()))
     services.insert(0, RemoteService(sock, http.Router(routes), cfg,
                                      ssl_context))
@@ -192,20 +213,7 @@ def create(cfg, store, ssl_context=None):
         ])
         services.append(ControlService(sock, router, cfg))
 
-    if cfg.nbd.enable:
-        tls_context = None
-        if cfg.nbd.tls:
-            if ssl_context is None:
-                from . import errors
-                raise errors.ConfigError(
-                    "[nbd] tls = true needs the remote service's TLS "
-                    "([tls] enable = true), or set [nbd] tls = false")
-            tls_context = ssl_context
-        sock = bind_tcp(cfg.nbd.host, cfg.nbd.port)
-        services.append(NbdService(sock, store, cfg, "nbd", tls_context))
-        if cfg.nbd.socket:
-            sock = bind_unix(cfg.nbd.socket)
-            services.append(NbdService(sock, store, cfg, "nbd-local"))
+    services.extend(nbd_services)
 
     if cfg.metrics.port >= 0:
         sock = bind_tcp(cfg.metrics.host, cfg.metrics.port)

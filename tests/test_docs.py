@@ -45,7 +45,8 @@ EXAMPLES = os.path.join(TOP, "examples")
 # Ports the guide uses: the remote service of the example daemon, a second
 # daemon's remote service and control service, NBD servers, the example
 # daemon's metrics listener, a Prometheus server.
-PORTS = ("54322", "54323", "54324", "10809", "10810", "54325", "9090")
+PORTS = ("54322", "54323", "54324", "10809", "10810", "10811", "54325",
+         "9090")
 
 # Bound for one block (some copy a 1 GiB sparse image over HTTPS).
 BLOCK_TIMEOUT = 240

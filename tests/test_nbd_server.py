@@ -340,3 +340,33 @@ def test_transferred_counted_like_http(daemon, tmp_path):
             break
         time.sleep(0.1)
     assert info["transferred"] >= 2 * MiB
+
+
+def test_options_advertise_the_nbd_endpoint(daemon, tmp_path):
+    import json
+    t = add(daemon, image(tmp_path), ops=["read"])
+    con = daemon.unix(timeout=20)
+    con.request("OPTIONS", "/images/" + t["uuid"])
+    info = json.loads(con.getresponse().read())
+    con.close()
+    assert info["nbd"] == {"port": daemon.nbd_port, "tls": True,
+                           "socket": daemon.nbd_socket}
+    # What a client builds from it reaches the ticket.
+    out = run("nbdinfo", "--size", "nbd+unix:///{}?socket={}".format(
+        t["uuid"], info["nbd"]["socket"]))
+    assert int(out) == SIZE
+
+
+def test_metrics_count_nbd_requests(daemon, tmp_path):
+    import urllib.request  # noqa: F401 (the control socket is unix)
+    t = add(daemon, image(tmp_path, os.urandom(MiB)), ops=["read"])
+    run("nbdcopy", unix_url(daemon, t), str(tmp_path / "o.raw"))
+    con = daemon.control(timeout=20)
+    con.request("GET", "/metrics")
+    text = con.getresponse().read().decode()
+    con.close()
+    reads = [line for line in text.splitlines()
+             if line.startswith("imageio_http_requests_total")
+             and 'service="nbd-local"' in line and 'method="READ"' in line]
+    assert reads and float(reads[0].rsplit(" ", 1)[1]) >= 1
+    assert 'imageio_connections{service="nbd-local"}' in text

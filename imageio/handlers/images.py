@@ -21,10 +21,13 @@ SMALL_READ = 256 * 1024
 
 class Images:
 
-    def __init__(self, store, cfg, local_socket=None):
+    def __init__(self, store, cfg, local_socket=None, nbd=None):
         self.store = store
         self.cfg = cfg
         self.local_socket = local_socket
+        # The NBD service's endpoint when it is on (docs/nbd.md):
+        # {"port": P, "tls": bool} and "socket" for its unix socket.
+        self.nbd = nbd
 
     def options(self, req, resp, ticket_id):
         headers = dict(CORS)
@@ -67,6 +70,9 @@ class Images:
         }
         if self.local_socket:
             info["unix_socket"] = self.local_socket
+        if self.nbd:
+            # The export name is the ticket id (docs/nbd.md).
+            info["nbd"] = self.nbd
         resp.send_json(info, headers=headers)
 
     def head(self, req, resp, ticket_id):

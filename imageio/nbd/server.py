@@ -15,9 +15,11 @@ import contextlib
 import logging
 import select
 import socket
+import time
 
 from .. import buffers
 from .. import errors
+from .. import metrics
 from .. import ops
 from .. import redact
 from .. import streams
@@ -117,6 +119,7 @@ class Connection:
         self._ticket_id = None
         self._ticket = None
         self._backend = None
+        self._status = 200
         self.sock.sendall(p.greeting())
 
     # What imageio.connections calls.
@@ -368,6 +371,7 @@ class Connection:
     # Transmission.
 
     def _reply_error(self, cookie, error, message=""):
+        self._status = _STATUS.get(error, 500)
         if self._structured:
             self._send(p.error_chunk(cookie, error, message))
         else:
@@ -376,6 +380,15 @@ class Connection:
     def _request(self, flags, kind, cookie, offset, length):
         if kind == p.CMD_DISC:
             return False
+        start = time.monotonic()
+        self._status = 200
+        try:
+            return self._serve_request(flags, kind, cookie, offset, length)
+        finally:
+            metrics.request_done(self.service, _NAMES.get(kind, "other"),
+                                 self._status, time.monotonic() - start)
+
+    def _serve_request(self, flags, kind, cookie, offset, length):
         if kind not in p.CMD_FLAGS or flags & ~p.CMD_FLAGS[kind]:
             if kind == p.CMD_WRITE:
                 return False  # Its payload cannot be skipped safely.
@@ -545,6 +558,16 @@ class Connection:
                 self._send(p.block_status_chunk(
                     cookie, cid, _u32(found), done=i == len(items) - 1))
         return True
+
+
+# Commands and errors as /metrics counts them (the HTTP names: a command
+# is a method, an error its nearest status).
+_NAMES = {p.CMD_READ: "READ", p.CMD_WRITE: "WRITE", p.CMD_FLUSH: "FLUSH",
+          p.CMD_TRIM: "TRIM", p.CMD_CACHE: "CACHE",
+          p.CMD_WRITE_ZEROES: "WRITE_ZEROES",
+          p.CMD_BLOCK_STATUS: "BLOCK_STATUS"}
+_STATUS = {p.EPERM: 403, p.ESHUTDOWN: 403, p.EINVAL: 400, p.ENOSPC: 507,
+           p.ENOTSUP: 400, p.EIO: 500}
 
 
 def _u32(descriptors):
