@@ -13,6 +13,8 @@ import ipaddress
 import logging
 import os
 import ssl
+import stat
+import struct
 
 from . import errors
 
@@ -35,13 +37,35 @@ def server_context(cfg):
                 "TLS is enabled but [tls] {} = {} does not exist: create "
                 "it, point the option to the right file, or disable TLS "
                 "with '[tls] enable = false'".format(option, path))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    check_key_mode(t.key_file)
+    ctx = _context(t, ssl.TLSVersion.TLSv1_2)
     if t.enable_tls1_1:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
-        # OpenSSL 3 refuses TLS 1.1 at the default security level.
-        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    else:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # OpenSSL 3 refuses TLS 1.1 at the default security level, and
+        # the level is a context's: a TLS 1.1 client is moved, when its
+        # ClientHello arrives, to a context at level 0; everyone else
+        # keeps the default level (no SHA-1 signatures, no small keys).
+        legacy = _context(t, ssl.TLSVersion.TLSv1_1)
+        legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+        first = _context(t, ssl.TLSVersion.TLSv1_1)
+
+        def on_message(conn, direction, version, content_type, msg_type,
+                       data):
+            if direction == "read" and \
+                    msg_type == ssl._TLSMessageType.CLIENT_HELLO and \
+                    content_type == ssl._TLSContentType.HANDSHAKE:
+                # The context without this callback: nothing more to see,
+                # and the data path pays no Python call per record.
+                old = _max_version(data) in (0x0301, 0x0302)
+                conn.context = legacy if old else ctx
+
+        first._msg_callback = on_message
+        return first
+    return ctx
+
+
+def _context(t, minimum):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = minimum
     try:
         ctx.load_cert_chain(t.cert_file, t.key_file)
         if t.ca_file:
@@ -52,6 +76,48 @@ def server_context(cfg):
             "cert_file={}, ca_file={}): {}".format(
                 t.key_file, t.cert_file, t.ca_file, e))
     return ctx
+
+
+def _max_version(hello):
+    """The highest TLS version a ClientHello handshake message offers
+    (0x0302 is TLS 1.1); 0 when it cannot be read."""
+    try:
+        p = 4  # Handshake type and length.
+        legacy = struct.unpack_from(">H", hello, p)[0]
+        p += 2 + 32  # Version, random.
+        p += 1 + hello[p]  # Session id.
+        p += 2 + struct.unpack_from(">H", hello, p)[0]  # Cipher suites.
+        p += 1 + hello[p]  # Compression methods.
+        if p + 2 > len(hello):
+            return legacy
+        end = p + 2 + struct.unpack_from(">H", hello, p)[0]
+        p += 2
+        while p + 4 <= end:
+            kind, size = struct.unpack_from(">HH", hello, p)
+            p += 4
+            if kind == 43:  # supported_versions
+                versions = hello[p + 1:p + 1 + hello[p]]
+                return max(struct.unpack_from(">H", versions, i)[0]
+                           for i in range(0, len(versions) - 1, 2))
+            p += size
+        return legacy
+    except (IndexError, struct.error, ValueError):
+        return 0
+
+
+def check_key_mode(path):
+    """Warn about a private key other users may read: whoever reads it can
+    impersonate the host.  Group access is fine (vdsm's key is 0440
+    vdsm:kvm).  A warning, not a refusal: the established daemon never
+    checked, and a host it served must keep starting after an upgrade;
+    the admin is told how to fix it."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o007:
+        log.warning(
+            "TLS key [tls] key_file = %s is accessible by other users "
+            "(mode %04o): anyone on the host can impersonate this daemon; "
+            "make it readable only by its owner and group (chmod o-rwx %s)",
+            path, mode, path)
 
 
 def client_context(ca_file):
@@ -129,8 +195,22 @@ def create_dev_pki(key_file, cert_file, ca_file, hosts=("localhost",),
 
 
 def _write(path, data, mode):
+    # A new file, never through a link someone planted where the file or
+    # its temporary goes (a key written into their file, or over ours):
+    # O_EXCL fails on any existing name, O_NOFOLLOW on a symlink.
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                     os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise errors.ConfigError(
+            "Cannot create the development PKI: {} exists (a file left by "
+            "an interrupted run, or planted): remove it".format(
+                tmp)) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -248,3 +248,71 @@ def test_short_read_hides_path(daemon, tmp_path):
     text = body.decode()
     assert resp.status >= 500, text
     assert str(tmp_path) not in text, text
+
+
+def s_client(port, *args):
+    """An openssl s_client handshake with the daemon: (ok, output)."""
+    r = subprocess.run(
+        ["openssl", "s_client", "-connect", "localhost:{}".format(port),
+         *args], input=b"", capture_output=True, timeout=20)
+    out = r.stdout.decode(errors="replace")
+    return "Cipher is (NONE)" not in out and "Cipher is" in out, out
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
+def test_tls1_1_lowers_security_only_for_tls1_1(make_daemon):
+    d = make_daemon("[tls]\nenable_tls1_1 = true\n")
+    port = d.remote_port
+    # A TLS 1.1 client is served (OpenSSL 3 needs security level 0)...
+    ok, out = s_client(port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
+    assert ok and "TLSv1.1" in out, out
+    # ...but a TLS 1.2 client keeps the default level: SHA-1 signatures
+    # are refused.
+    ok, out = s_client(port, "-tls1_2", "-sigalgs", "ECDSA+SHA1",
+                       "-cipher", "DEFAULT:@SECLEVEL=0")
+    assert not ok, out
+    ok, out = s_client(port, "-tls1_2")
+    assert ok, out
+    # And the daemon serves modern clients as before.
+    con = d.https()
+    resp, body = request(con, "GET", "/info/")
+    assert resp.status == 200, body
+    con.close()
+
+
+def test_world_readable_key_warns(tmp_path):
+    from imageio import tls
+    pki = tmp_path / "pki"
+    tls.create_dev_pki(str(pki / "key.pem"), str(pki / "cert.pem"),
+                       str(pki / "ca.pem"))
+    assert os.stat(pki / "key.pem").st_mode & 0o777 == 0o600
+    os.chmod(pki / "key.pem", 0o644)
+    d = Daemon(tmp_path).start()
+    try:
+        warnings = [line for line in d.log().splitlines()
+                    if "WARNING" in line and "key.pem" in line]
+        assert warnings and "other users" in warnings[0], d.log()
+    finally:
+        d.stop()
+    # A key only its owner reads: no warning.
+    os.chmod(pki / "key.pem", 0o600)
+    d = Daemon(tmp_path).start()
+    try:
+        assert "other users" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_dev_pki_does_not_follow_planted_symlink(tmp_path):
+    # Someone who may write where the PKI goes plants a link: the key must
+    # not be written through it (into their file, or over one of ours).
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "pki").mkdir()
+    os.symlink(victim, tmp_path / "pki" / "key.pem.tmp")
+    d = Daemon(tmp_path)
+    with pytest.raises(RuntimeError) as e:
+        d.start()
+    assert "key.pem.tmp" in str(e.value)
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "pki" / "key.pem").exists()
