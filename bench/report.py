@@ -31,6 +31,7 @@ LABELS = {
     "data-only": "imageio, data only",
     "qemu-img": "qemu-img convert",
     "direct": "imageio direct",
+    "imageio-no-verify": "imageio --no-verify",
 }
 # Scenario order and descriptions.
 SCENARIOS = {
