@@ -18,6 +18,7 @@ from .. import extents as extents_
 from ..backends import http as http_backend
 from ..backends import nbd as nbd_backend
 from . import journal as journal_mod
+from . import nbd_transport
 from . import qemu
 from . import transfer
 
@@ -34,17 +35,30 @@ class VerifyError(errors.Error):
     """The image the daemon holds differs from the local one."""
 
 
-def _open_http(url, cafile, secure, proxy_url=None):
+def _open_http(url, cafile, secure, proxy_url=None, transport="http",
+               buffer_size=None):
+    """The daemon's transfer URL: HTTP, or with ``transport="nbd"`` its
+    data over the daemon's NBD endpoint (client.nbd_transport)."""
+    if transport not in ("http", "nbd"):
+        raise errors.Error("Unknown transport {!r}: expected http or "
+                           "nbd".format(transport))
     try:
-        return http_backend.HTTPBackend(url, cafile=cafile, secure=secure,
+        http = http_backend.HTTPBackend(url, cafile=cafile, secure=secure,
                                         ca_hint="check --cafile")
     except errors.BadGateway:
         if proxy_url is None:
             raise
         log.info("Cannot use %s, trying %s", url, proxy_url)
-        return http_backend.HTTPBackend(proxy_url, cafile=cafile,
+        http = http_backend.HTTPBackend(proxy_url, cafile=cafile,
                                         secure=secure,
                                         ca_hint="check --cafile")
+    if transport == "http":
+        return http
+    try:
+        return nbd_transport.NbdPath(http, cafile, secure, buffer_size)
+    except BaseException:
+        http.close()
+        raise
 
 
 def _progress_start(progress, size):
@@ -138,7 +152,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
            progress=None, proxy_url=None, max_workers=MAX_WORKERS,
            member=None, backing_chain=True, disk_is_zero=False,
            verify=False, resume=False, compress=False, fmt=None,
-           algorithm=None):
+           algorithm=None, transport="http"):
     """Upload the guest data of ``filename`` (any format qemu reads; with
     ``member``, a member of the tar file ``filename``) to the transfer
     ``url``.  ``fmt`` is the source's format (None: probed by qemu; give
@@ -149,12 +163,14 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     interrupted run confirmed; ``compress`` sends data zstd-coded when
     the daemon offers it (plain bytes otherwise).  ``algorithm`` is the
     verification's block hash (None: the fastest the daemon offers).
+    ``transport="nbd"`` moves the data over the daemon's NBD endpoint.
     Returns ``{"algorithm", "checksum"}`` verified, or None.  Raises
     errors.Error subclasses with messages a user can act on."""
     image = qemu.info(filename, member, fmt)
     log.info("Source %s: format %s (%s)", filename, image["format"],
              "given" if fmt else "probed")
-    http = _open_http(url, cafile, secure, proxy_url)
+    http = _open_http(url, cafile, secure, proxy_url, transport,
+                      buffer_size)
     try:
         if compress:
             http.use_zstd()
@@ -288,7 +304,8 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
              proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
              backing_format=None, verify=False, resume=False,
-             compress=False, overwrite=True, algorithm=None):
+             compress=False, overwrite=True, algorithm=None,
+             transport="http"):
     """Download the transfer ``url`` into a new image ``filename`` in
     format ``fmt`` ("raw" or "qcow2").  Only data extents are read; zero
     extents stay unallocated.  With ``incremental``, only the dirty extents,
@@ -296,15 +313,16 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
     zstd-coded when the daemon offers it.  An existing ``filename`` is
     replaced only with ``overwrite`` (True, as the established client
     does; ``ovirt-img`` passes False unless ``--overwrite``), or continued
-    with ``resume``.  ``algorithm`` and the result: as ``upload``'s.
-    Raises errors.Error subclasses."""
+    with ``resume``.  ``algorithm``, ``transport`` and the result: as
+    ``upload``'s.  Raises errors.Error subclasses."""
     if fmt not in ("raw", "qcow2"):
         raise errors.Error("Unsupported format {!r}: raw or qcow2".format(
             fmt))
     if incremental and (fmt != "qcow2" or not backing_file):
         raise errors.Error("An incremental download needs --format qcow2 "
                            "and --backing-file BASE")
-    http = _open_http(url, cafile, secure, proxy_url)
+    http = _open_http(url, cafile, secure, proxy_url, transport,
+                      buffer_size)
     try:
         if compress:
             http.use_zstd()

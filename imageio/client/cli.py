@@ -4,7 +4,6 @@ through an imageio daemon."""
 import argparse
 import json
 import logging
-import os
 import sys
 
 from .. import errors
@@ -47,6 +46,10 @@ def _transfer_options(p):
     p.add_argument("--resume", action="store_true",
                    help="send only what an interrupted run of the same "
                    "transfer did not confirm")
+    p.add_argument("--transport", choices=("http", "nbd"), default="http",
+                   help="move the data over HTTP (default) or over the "
+                   "daemon's NBD endpoint, which OPTIONS advertises "
+                   "(docs/nbd.md)")
     _output_option(p)
 
 
@@ -146,7 +149,8 @@ def _common(args):
     return dict(cafile=args.cafile, secure=not args.insecure,
                 buffer_size=args.buffer_size, max_workers=args.max_workers,
                 verify=not args.no_verify, resume=args.resume,
-                compress=args.compress, algorithm=args.algorithm)
+                compress=args.compress, algorithm=args.algorithm,
+                transport=args.transport)
 
 
 def _upload(args):
