@@ -13,16 +13,15 @@ import errno
 import json
 import logging
 import re
-import select
 import socket
 import time
 
 from . import errors
 from . import httpparse
 from . import ratelog
+from . import served
 from . import redact
 from . import streams
-from . import transport
 
 
 _metrics_module = None
@@ -260,7 +259,7 @@ class Router:
         raise errors.NotFound("No resource {}".format(req.path_for_log()))
 
 
-class Connection:
+class Connection(served.Served):
     """One client connection, served one request per ``serve_one`` call
     (nbdkit's protocol_recv_request_send_reply).
 
@@ -277,35 +276,8 @@ class Connection:
     """
 
     def __init__(self, sock, router, timeout=60, name="conn", service=""):
-        self.sock = transport.wrap(sock)
+        super().__init__(sock, streams.Reader, timeout, name, service)
         self.router = router
-        self.timeout = timeout
-        self.name = name
-        # The service label of this connection's request metrics.
-        self.service = service
-        self.reader = streams.Reader(self.sock)
-        self.context = {}
-        self._on_close = []
-        self._on_idle = []
-        self.closing = False
-        # True while a request is being served.
-        self.busy = False
-        # Set once the connection used a ticket (handlers.access): at
-        # max_clients, connections that never did are the first to go.
-        self.bound = False
-        # HTTPS is TLS from the first byte; only NBD upgrades in place.
-        self.tls_pending = False
-
-    def on_close(self, func):
-        self._on_close.append(func)
-
-    def on_idle(self, func):
-        """Run ``func()`` once, when the connection next goes idle."""
-        self._on_idle.append(func)
-
-    def set_timeout(self, timeout):
-        self.timeout = timeout
-        self.sock.settimeout(timeout)
 
     def serve(self):
         """Serve requests until the client closes (blocking)."""
@@ -324,71 +296,6 @@ class Connection:
             self.log_failure(e)
         finally:
             self.close()
-
-    def next_head(self, linger):
-        """The next request's head if it is buffered or arrives within
-        ``linger`` seconds (a keep-alive client that sends its next
-        request at once is served without a trip through the selector).
-        Return None otherwise: the caller hands the connection back.
-        Raises HTTPError for a malformed head, ConnectionError when the
-        client closed."""
-        head = self.reader.parse_head()
-        if head is not None or self.reader.peek_buffered():
-            return head
-        if not self.sock.pending():
-            p = select.poll()
-            p.register(self.sock.fileno(), select.POLLIN)
-            if not p.poll(linger * 1000):
-                return None
-        self.sock.settimeout(0)
-        try:
-            self.reader.fill()
-        finally:
-            self.sock.settimeout(self.timeout)
-        if self.reader.eof and not self.reader.peek_buffered():
-            raise ConnectionResetError("Client closed")
-        return self.reader.parse_head()
-
-    def idle(self):
-        """The connection waits for its next request: run the on_idle
-        callbacks."""
-        funcs, self._on_idle = self._on_idle, []
-        for func in funcs:
-            try:
-                func()
-            except Exception:
-                log.exception("%s: error releasing idle connection",
-                              self.name)
-
-    def log_failure(self, e):
-        """Log why the connection ends (the caller closes it)."""
-        if isinstance(e, (ConnectionError, socket.timeout, TimeoutError)):
-            log.debug("%s: connection ended: %s", self.name, e)
-        elif isinstance(e, OSError):
-            if e.errno not in (errno.EBADF, errno.ENOTCONN):
-                log.warning("%s: connection failed: %s", self.name, e)
-        else:
-            # A bug; the daemon goes on serving everyone else.
-            log.exception("%s: unexpected error, closing connection",
-                          self.name, exc_info=e)
-
-    def close(self):
-        self.idle()
-        for func in reversed(self._on_close):
-            try:
-                func()
-            except Exception:
-                log.exception("%s: error closing connection", self.name)
-        self._on_close = []
-        self.sock.close()
-
-    def shutdown(self):
-        """Stop the connection from another thread."""
-        self.closing = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def serve_error(self, e):
         """Answer a request whose head could not be parsed; the connection

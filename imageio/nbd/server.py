@@ -13,7 +13,6 @@ worker straight into the transfer buffer.
 
 import contextlib
 import logging
-import select
 import socket
 import time
 
@@ -22,8 +21,8 @@ from .. import errors
 from .. import metrics
 from .. import ops
 from .. import redact
+from .. import served
 from .. import streams
-from .. import transport
 from ..handlers import access
 from . import protocol as p
 
@@ -90,29 +89,19 @@ class _Req:
         self.conn = conn
 
 
-class Connection:
+class Connection(served.Served):
     """One NBD client connection (imageio.connections drives it like an
     HTTP one: ``reader``, ``serve_one``, ``next_head``, ``idle``, ``close``).
     """
 
     def __init__(self, sock, store, cfg, name, service, tls_context=None):
-        self.sock = transport.wrap(sock)
+        super().__init__(sock, Reader, cfg.daemon.inactivity_timeout, name,
+                         service)
         self.store = store
         self.cfg = cfg
-        self.name = name
-        self.service = service
-        self.timeout = cfg.daemon.inactivity_timeout
-        self.reader = Reader(self.sock)
-        self.context = {}
         self.error_headers = {}
-        self._on_close = []
-        self._on_idle = []
-        self.closing = False
-        self.busy = False
-        self.bound = False
         # TLS required before anything else (TCP), given by STARTTLS.
         self._tls_context = tls_context
-        self.tls_pending = False
         self._no_zeroes = False
         self._structured = False
         self._contexts = {}
@@ -122,77 +111,15 @@ class Connection:
         self._status = 200
         self.sock.sendall(p.greeting())
 
-    # What imageio.connections calls.
-
-    def on_close(self, func):
-        self._on_close.append(func)
-
-    def on_idle(self, func):
-        self._on_idle.append(func)
-
-    def set_timeout(self, timeout):
-        self.timeout = timeout
-        self.sock.settimeout(timeout)
-
-    def next_head(self, linger):
-        if self.tls_pending:
-            return None  # The selector drives the TLS handshake.
-        unit = self.reader.parse_head()
-        if unit is not None or self.reader.peek_buffered():
-            return unit
-        if not self.sock.pending():
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-            if not poller.poll(linger * 1000):
-                return None
-        self.sock.settimeout(0)
-        try:
-            self.reader.fill()
-        finally:
-            self.sock.settimeout(self.timeout)
-        if self.reader.eof and not self.reader.peek_buffered():
-            raise ConnectionResetError("Client closed")
-        return self.reader.parse_head()
-
-    def idle(self):
-        funcs, self._on_idle = self._on_idle, []
-        for func in funcs:
-            try:
-                func()
-            except Exception:
-                log.exception("%s: error releasing idle connection",
-                              self.name)
-
-    def log_failure(self, e):
-        if isinstance(e, (ConnectionError, socket.timeout, TimeoutError,
-                          p.ProtocolError)):
-            log.debug("%s: connection ended: %s", self.name, e)
-        elif isinstance(e, OSError):
-            log.warning("%s: connection failed: %s", self.name, e)
-        else:
-            log.exception("%s: unexpected error, closing connection",
-                          self.name, exc_info=e)
-
     def serve_error(self, e):
         """A malformed unit (ProtocolError): nothing to answer."""
         log.info("%s: %s", self.name, e)
 
-    def close(self):
-        self.idle()
-        for func in reversed(self._on_close):
-            try:
-                func()
-            except Exception:
-                log.exception("%s: error closing connection", self.name)
-        self._on_close = []
-        self.sock.close()
-
-    def shutdown(self):
-        self.closing = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def log_failure(self, e):
+        if isinstance(e, p.ProtocolError):
+            log.info("%s: closing: %s", self.name, e)
+        else:
+            super().log_failure(e)
 
     def serve_one(self, unit):
         """Serve one unit; True if the connection goes on."""
