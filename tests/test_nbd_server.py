@@ -442,3 +442,26 @@ def test_ovirt_img_transport_nbd(daemon, tmp_path, where):
     run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, out)
     # The data went over NBD.
     assert "serving ticket {}".format(t["uuid"][:8]) in daemon.log()
+
+
+def test_nbdinfo_map_dirty_bitmap_of_dirty_ticket(daemon, tmp_path):
+    # A dirty ticket over an NBD export with a bitmap: its clients see
+    # qemu:dirty-bitmap:NAME, as an incremental backup reads it.
+    from harness import nbdserver
+    img = str(tmp_path / "disk.qcow2")
+    nbdserver.qemu_img("create", "-f", "qcow2", img, "8M")
+    nbdserver.qemu_io(img, "qcow2", "write -P 1 0 1M")
+    nbdserver.qemu_img("bitmap", "--add", img, "b0")
+    nbdserver.qemu_io(img, "qcow2", "write -P 3 5M 1M")
+    srv = nbdserver.qemu_nbd(img, "qcow2", sock=str(tmp_path / "s"),
+                             read_only=True, bitmap="b0")
+    with srv.start():
+        t = new_ticket(srv.url(), 8 * MiB, ops=["read"], dirty=True)
+        daemon.add_ticket(t)
+        url = unix_url(daemon, t)
+        out = run("nbdinfo", "--map=qemu:dirty-bitmap:b0", url)
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        dirty = [(int(r[0]), int(r[1])) for r in rows if r[2] == "1"]
+        assert dirty == [(5 * MiB, MiB)], out
+        # And the allocation map beside it.
+        assert "data" in run("nbdinfo", "--map", url)

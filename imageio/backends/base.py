@@ -60,6 +60,10 @@ class Backend:
     #       daemon it fronts).
     send_to = None
     recv_from = None
+    # The name of the export's dirty bitmap context
+    # ("qemu:dirty-bitmap:NAME") for a dirty ticket over an NBD export
+    # that has one; the NBD service offers it to its clients.
+    dirty_context = None
     reader = None
     writer = None
     checksum = None

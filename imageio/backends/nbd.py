@@ -318,6 +318,12 @@ class NbdBackend(Backend):
 
     # Properties.
 
+    @property
+    def dirty_context(self):
+        if not self._dirty or self._h is None:
+            return None
+        return self._h.dirty_context
+
     def size(self):
         return self._size
 

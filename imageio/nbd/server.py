@@ -292,8 +292,7 @@ class Connection(served.Served):
         that has one, else None."""
         if not ticket.dirty:
             return None
-        name = getattr(backend, "dirty_context", None)
-        return name if isinstance(name, str) else None
+        return backend.dirty_context
 
     # Transmission.
 
