@@ -9,7 +9,6 @@ import bisect
 import concurrent.futures
 import logging
 import os
-import threading
 
 from .. import checksum as blkhash
 from .. import compression
@@ -21,6 +20,7 @@ from . import journal as journal_mod
 from . import nbd_transport
 from . import qemu
 from . import transfer
+from . import verify as verify_
 
 log = logging.getLogger("client")
 
@@ -29,10 +29,6 @@ BUFFER_SIZE = 4 * MiB
 MAX_WORKERS = 4
 # Connections a private qemu-nbd accepts (workers + one for checksums).
 NBD_SHARED = 9
-
-
-class VerifyError(errors.Error):
-    """The image the daemon holds differs from the local one."""
 
 
 def _open_http(url, cafile, secure, proxy_url=None, transport="http",
@@ -205,8 +201,8 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                     return _upload(
                         nbd, extents_nbd, http, size, buffer_size,
                         progress, max_workers, disk_is_zero, journal,
-                        _algorithm(http, algorithm) if verify else None,
-                        resume)
+                        verify_.algorithm(http, algorithm) if verify
+                        else None, resume)
                 finally:
                     extents_nbd.close()
             finally:
@@ -269,7 +265,7 @@ def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
     def skip(item):
         return target_zero.covers(item.start, item.length)
 
-    hasher = _hasher(verify, size) if verify and not done else None
+    hasher = verify_.hasher(verify, size) if verify and not done else None
     workers = max(1, min(max_workers, http.max_writers))
     try:
         items = transfer.iplan(transfer.merged(transfer.source_extents(
@@ -284,7 +280,7 @@ def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
     if verify:
         # One worker: perhaps a URL's curl driver (see upload()), whose
         # hash after a resume must read one request at a time too.
-        return _verify(nbd, http, size, verify, hasher,
+        return verify_.verify(nbd, http, size, verify, hasher,
                        serial=workers == 1)
     return None
 
@@ -367,14 +363,15 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                 todo = _not_done(items, done, progress)
                 # Clean extents of an incremental download are not moved:
                 # the local image is hashed after the transfer.
-                check = _algorithm(http, algorithm) if verify else None
-                hasher = _hasher(check, size) if check and not incremental \
-                    and not done else None
+                check = verify_.algorithm(http, algorithm) if verify \
+                    else None
+                hasher = verify_.hasher(check, size) if check and \
+                    not incremental and not done else None
                 workers = max(1, min(max_workers, http.max_readers))
                 # A download does not change the daemon's image: its hash
                 # is computed while the data flows too, on a connection of
                 # its own.
-                remote = _RemoteChecksum(http, hasher) if hasher else None
+                remote = verify_.RemoteChecksum(http, hasher) if hasher else None
                 try:
                     _copy(transfer.Download, nbd, http,
                           transfer.tasks(todo), workers, buffer_size,
@@ -386,7 +383,7 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     raise
                 finally:
                     journal.close()
-                verified = _verify(nbd, http, size, check, hasher,
+                verified = verify_.verify(nbd, http, size, check, hasher,
                                    remote.result() if remote else None) \
                     if check else None
                 journal.remove()
@@ -420,115 +417,6 @@ def _create_target(filename, fmt, size, backing_file, backing_format):
         raise errors.Error("Cannot write {}: directory {} is not "
                            "writable".format(filename, directory))
     qemu.create(filename, fmt, size, backing_file, backing_format)
-
-
-# The block hashes verification uses, the first the daemon offers (and
-# this host has): BLAKE3 (SIMD) hashes 6 GB/s a core here, SHA-256 with
-# the SHA extensions of current CPUs 1.7, blake2b (the fallback every
-# daemon has) 0.9.
-VERIFY_ALGORITHMS = ("blake3", "sha256")
-
-
-def _algorithm(http, wanted=None):
-    """The verification's algorithm: ``wanted`` (an error when the daemon
-    or this host lacks it), else the first of VERIFY_ALGORITHMS both
-    offer, else blake2b."""
-    offered = http.checksum_algorithms()
-    here = blkhash.algorithms()
-    if wanted is not None:
-        if wanted not in here:
-            raise errors.Error("Unsupported checksum algorithm {!r}; "
-                               "supported: {}".format(wanted,
-                                                      ", ".join(here)))
-        if offered and wanted not in offered:
-            raise errors.Error(
-                "The daemon does not offer checksum algorithm {!r}; it "
-                "offers: {}".format(wanted, ", ".join(offered)))
-        return wanted
-    for name in VERIFY_ALGORITHMS:
-        if name in offered and name in here:
-            return name
-    return blkhash.DEFAULT_ALGORITHM
-
-
-def _hasher(algorithm, size):
-    """A block hasher fed while the data flows."""
-    return blkhash.BlockHasher(size, algorithm, blkhash.DEFAULT_BLOCK_SIZE)
-
-
-class _RemoteChecksum:
-    """The daemon's block hash in ``hasher``'s algorithm, asked for now on
-    a connection of its own; ``result()`` waits for it, ``cancel()`` (a
-    failed transfer) closes the connection instead of waiting for a hash
-    that may take minutes."""
-
-    def __init__(self, http, hasher):
-        self._http = http.clone()
-        self._future = concurrent.futures.Future()
-        threading.Thread(target=self._run, args=(hasher,), daemon=True,
-                         name="checksum").start()
-
-    def _run(self, hasher):
-        try:
-            self._future.set_result(self._http.checksum(
-                hasher.algorithm, hasher.block_size)["checksum"])
-        except BaseException as e:
-            self._future.set_exception(e)
-        finally:
-            self._http.close()
-
-    def result(self):
-        return self._future.result()
-
-    def cancel(self):
-        self._http.close()
-
-
-class _Serialized:
-    """An NBD backend whose reads and extents run one at a time."""
-
-    def __init__(self, nbd):
-        self._nbd = nbd
-        self._lock = threading.Lock()
-        self.features = nbd.features
-
-    def readinto(self, buf, offset, length):
-        with self._lock:
-            return self._nbd.readinto(buf, offset, length)
-
-    def extents(self, offset, length, context="zero"):
-        with self._lock:
-            return list(self._nbd.extents(offset, length, context))
-
-
-def _verify(nbd, http, size, algorithm, hasher=None, remote=None,
-            serial=False):
-    """Compare the local block hash with the daemon's, computed next to
-    its data (``remote``: already asked for during a download; else asked
-    now).  The local one is ``hasher``'s (fed while the data flowed);
-    without it (a resumed transfer, an incremental download) the local image
-    is hashed now, on all cores, while the daemon hashes its copy."""
-    if hasher is not None:
-        if remote is None:
-            remote = http.checksum(hasher.algorithm,
-                                   hasher.block_size)["checksum"]
-        local = hasher.hexdigest()
-    else:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            remote = pool.submit(http.checksum, algorithm,
-                                 blkhash.DEFAULT_BLOCK_SIZE)
-            if serial:
-                local = blkhash.compute(_Serialized(nbd), size,
-                                        algorithm=algorithm, workers=1)
-            else:
-                local = blkhash.compute(nbd, size, algorithm=algorithm)
-            remote = remote.result()["checksum"]
-    if local != remote:
-        raise VerifyError(
-            "Verification failed: local image {} checksum {} differs from "
-            "the daemon's {}".format(algorithm, local, remote))
-    log.info("Verified: %s checksum %s", algorithm, local)
-    return {"algorithm": algorithm, "checksum": local}
 
 
 def checksum(filename, member=None, block_size=blkhash.DEFAULT_BLOCK_SIZE,
