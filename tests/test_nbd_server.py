@@ -465,3 +465,36 @@ def test_nbdinfo_map_dirty_bitmap_of_dirty_ticket(daemon, tmp_path):
         assert dirty == [(5 * MiB, MiB)], out
         # And the allocation map beside it.
         assert "data" in run("nbdinfo", "--map", url)
+
+
+def test_idle_and_half_open_connections_cost_no_threads(daemon, tmp_path):
+    # 200 clients that connect and stop after the greeting, or in the
+    # middle of an option: file descriptors, not threads; a ticket holder
+    # is still served.
+    def threads():
+        with open("/proc/{}/status".format(daemon.proc.pid)) as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+
+    t = add(daemon, image(tmp_path, b"ok" * 2048), ops=["read"])
+    time.sleep(6)  # Idle workers of earlier tests exit.
+    before = threads()
+    socks = []
+    try:
+        for i in range(200):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(daemon.nbd_socket)
+            if i % 2:
+                s.sendall(struct.pack(">I", 3) + b"IHAVEOPT")  # Half.
+            socks.append(s)
+        time.sleep(0.5)
+        assert threads() < before + 10
+        c = connect_unix(daemon)
+        with c.sock:
+            assert c.go(t["uuid"])[-1][0] == 1
+            assert c.request(0, 0, 4) == 0
+            assert c.recv(4) == b"okok"
+    finally:
+        for s in socks:
+            s.close()
