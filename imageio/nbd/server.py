@@ -210,19 +210,28 @@ class Connection(served.Served):
             flags |= p.TF_CAN_MULTI_CONN
         return flags
 
-    def _go(self, option, data):
+    def _export_option(self, option, parse, data):
+        """(name, rest, ticket, backend) of an option naming an export, or
+        None once an error reply went out."""
         try:
-            name, infos = p.parse_info_request(data)
+            name, rest = parse(data)
         except (ValueError, UnicodeDecodeError) as e:
             self._send(p.option_error(option, p.REP_ERR_INVALID, str(e)))
-            return True
+            return None
         try:
             ticket, backend = self._lookup(name)
         except errors.Error as e:
             log.info("%s: export %s refused: %s", self.name,
                      redact.short_id(name), e.message)
             self._send(p.option_error(option, p.REP_ERR_UNKNOWN, e.message))
+            return None
+        return name, rest, ticket, backend
+
+    def _go(self, option, data):
+        found = self._export_option(option, p.parse_info_request, data)
+        if found is None:
             return True
+        name, _, ticket, backend = found
         size = ticket.size
         self._send(p.option_reply(option, p.REP_INFO, p.info_export(
             size, self._flags(ticket, backend))))
@@ -258,16 +267,11 @@ class Connection(served.Served):
             self._send(p.option_error(option, p.REP_ERR_INVALID,
                                       "structured replies first"))
             return True
-        try:
-            name, queries = p.parse_meta_context_request(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            self._send(p.option_error(option, p.REP_ERR_INVALID, str(e)))
+        found = self._export_option(option, p.parse_meta_context_request,
+                                    data)
+        if found is None:
             return True
-        try:
-            ticket, backend = self._lookup(name)
-        except errors.Error as e:
-            self._send(p.option_error(option, p.REP_ERR_UNKNOWN, e.message))
-            return True
+        _, queries, ticket, backend = found
         dirty = self._dirty_context(ticket, backend)
         available = {p.BASE_ALLOCATION: ALLOCATION_ID}
         if dirty:
