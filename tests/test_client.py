@@ -369,38 +369,16 @@ def test_verification_catches_target_changed_behind_the_transfer(
 
 def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
     import signal
-    import time
-    source = tmp_path / "source.raw"
-    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
-    # A slow target: each write waits, so the kill lands mid-transfer.
-    from harness.nbdserver import nbdkit
-    sock = tmp_path / "slow.sock"
-    disk = tmp_path / "target.raw"
-    with open(disk, "wb") as f:
-        f.truncate(SIZE)
-    writes = tmp_path / "writes.log"
-    server = nbdkit("file", str(disk), sock=sock,
-                    filters=["log", "delay"])
-    server.argv += ["wdelay=200ms", "logfile={}".format(writes)]
-    state = tmp_path / "state"
-    env = dict(os.environ, XDG_STATE_HOME=str(state))
+    source, disk, writes, server, state, env = slow_upload(tmp_path)
     with server.start():
-        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        t = new_ticket(server.url(form="legacy"), SIZE)
         daemon.add_ticket(t)
         url = url_of(daemon, t)
         argv = [OVIRT_IMG, "upload", str(source), url, "--cafile",
                 daemon.ca_file, "--max-workers", "1", "-o", "json"]
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        journal_dir = state / "imageio"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            journals = list(journal_dir.glob("*.journal")) \
-                if journal_dir.exists() else []
-            if journals and len(journal_items(journals[0])) >= 3:
-                break
-            time.sleep(0.05)
+        journals = wait_journal(state, 3)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # Its private qemu-nbd dies with it.
@@ -422,6 +400,42 @@ def test_resume_after_sigkill_sends_only_the_rest(daemon, tmp_path):
     assert not list((state / "imageio").glob("*.journal"))
 
 
+def slow_upload(tmp_path):
+    """A 64 MiB source and a target behind nbdkit whose writes each wait
+    200 ms (so a kill lands mid-transfer), logging every request; the
+    client's journal under a state directory of the test's own.  Returns
+    (source, target, log, server (not started), state, env)."""
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
+    from harness.nbdserver import nbdkit
+    disk = tmp_path / "target.raw"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    log = tmp_path / "ops.log"
+    server = nbdkit("file", str(disk), sock=tmp_path / "slow.sock",
+                    filters=["log", "delay"])
+    server.argv += ["wdelay=200ms", "logfile={}".format(log)]
+    state = tmp_path / "state"
+    return source, disk, log, server, state, dict(
+        os.environ, XDG_STATE_HOME=str(state))
+
+
+def wait_journal(state, items, timeout=60):
+    """The journals under ``state`` once the first holds ``items``."""
+    import time
+    journal_dir = state / "imageio"
+    deadline = time.monotonic() + timeout
+    journals = []
+    while time.monotonic() < deadline:
+        journals = list(journal_dir.glob("*.journal")) \
+            if journal_dir.exists() else []
+        if journals and len(journal_items(journals[0])) >= items:
+            break
+        time.sleep(0.05)
+    return journals
+
+
 def journal_items(path):
     """(start, length) of a journal's items (its first line names the
     source)."""
@@ -432,37 +446,16 @@ def journal_items(path):
 
 def test_resume_refused_when_the_source_changed(daemon, tmp_path):
     import signal
-    import time
-    source = tmp_path / "source.raw"
-    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64M", str(source))
-    from harness.nbdserver import nbdkit
-    sock = tmp_path / "slow.sock"
-    disk = tmp_path / "target.raw"
-    with open(disk, "wb") as f:
-        f.truncate(SIZE)
-    ops = tmp_path / "ops.log"
-    server = nbdkit("file", str(disk), sock=sock, filters=["log", "delay"])
-    server.argv += ["wdelay=200ms", "logfile={}".format(ops)]
-    state = tmp_path / "state"
-    env = dict(os.environ, XDG_STATE_HOME=str(state))
+    source, disk, ops, server, state, env = slow_upload(tmp_path)
     with server.start():
-        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        t = new_ticket(server.url(form="legacy"), SIZE)
         daemon.add_ticket(t)
         argv = [OVIRT_IMG, "upload", str(source), url_of(daemon, t),
                 "--cafile", daemon.ca_file, "--max-workers", "1",
                 "--no-verify", "-o", "json"]
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        journal_dir = state / "imageio"
-        deadline = time.monotonic() + 60
-        journals = []
-        while time.monotonic() < deadline:
-            journals = list(journal_dir.glob("*.journal")) \
-                if journal_dir.exists() else []
-            if journals and len(journal_items(journals[0])) >= 2:
-                break
-            time.sleep(0.05)
+        journals = wait_journal(state, 2)
         # Every journaled request was flushed before it was journaled:
         # the target's log, read after the journal and before the kill
         # (the daemon may flush when the client's connections close), has
@@ -602,7 +595,6 @@ def test_error_full_disk_on_download(daemon, tmp_path, qcow2):
 
 
 def test_error_daemon_dies_mid_transfer(make_daemon, tmp_path):
-    import time
     d = make_daemon()
     source = tmp_path / "source.raw"
     run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
