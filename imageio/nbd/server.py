@@ -12,11 +12,13 @@ worker straight into the transfer buffer.
 """
 
 import contextlib
+import errno
 import logging
 import socket
 import time
 
 from .. import buffers
+from .. import checksum
 from .. import errors
 from .. import metrics
 from .. import ops
@@ -364,9 +366,9 @@ class Connection(served.Served):
                 raise
             log.warning("%s: NBD command %d at %d length %d failed: %s",
                         self.name, kind, offset, length, e)
-            self._reply_error(cookie, p.ENOSPC if getattr(
-                e, "errno", None) == 28 else p.EIO,
-                "{} failed".format(op))
+            self._reply_error(cookie, p.ENOSPC if isinstance(e, OSError)
+                              and e.errno == errno.ENOSPC else p.EIO,
+                              "{} failed".format(op))
             return not isinstance(e, errors.PartialContent)
 
     @contextlib.contextmanager
@@ -446,7 +448,8 @@ class Connection(served.Served):
         return True
 
     def _read(self, cookie, offset, length, backend, buf, run):
-        step = len(buf) - 8192
+        # Room O_DIRECT needs around an unaligned read (as checksum's).
+        step = len(buf) - checksum.READ_SLACK
         if not self._structured:
             self._send(p.simple_reply(cookie))
         if length == 0 and self._structured:

@@ -737,27 +737,13 @@ def _nbd_restart_scenario(daemon, tmp_path, connections):
         os.unlink(sock_path)  # A killed nbdkit leaves its socket behind.
         srv = nbdserver.nbdkit("memory", "size={}".format(size),
                                sock=sock_path).start()
-        con = cons[connections]
-        msg = json.dumps({"op": "flush"}).encode()
-        try:
-            resp, body = request(con, "PATCH", "/images/" + t["uuid"],
-                                 body=msg,
-                                 headers={"Content-Type": "application/json"})
-            status = resp.status
-        except (http.client.HTTPException, OSError) as e:
-            status, body = None, e
+        status, body = _flush(cons[connections], t)
         # An error naming the loss, or a cut connection: never a 200.
         assert status != 200, body
         if status is not None:
             assert status >= 500 and b"flush" in body.lower(), (status, body)
         # The writing connection does not go on as if nothing happened.
-        try:
-            resp, body = request(cons[0], "PATCH", "/images/" + t["uuid"],
-                                 body=msg,
-                                 headers={"Content-Type": "application/json"})
-            status = resp.status
-        except (http.client.HTTPException, OSError) as e:
-            status, body = None, e
+        status, body = _flush(cons[0], t)
         assert status != 200, body
     finally:
         for con in cons:
@@ -765,6 +751,18 @@ def _nbd_restart_scenario(daemon, tmp_path, connections):
         srv.kill()
         with daemon.client() as c:
             c.del_ticket(t["uuid"])
+
+
+def _flush(con, t):
+    """(status, body) of PATCH flush, or (None, error) for a cut
+    connection."""
+    try:
+        resp, body = request(con, "PATCH", "/images/" + t["uuid"],
+                             body=json.dumps({"op": "flush"}).encode(),
+                             headers={"Content-Type": "application/json"})
+        return resp.status, body
+    except (http.client.HTTPException, OSError) as e:
+        return None, e
 
 
 def test_nbd_restart_loses_unflushed_write_same_connection(daemon, tmp_path):
