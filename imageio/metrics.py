@@ -277,6 +277,8 @@ class Metered:
         self._bytes = 0
         self._busy = 0.0
         self._closed = False
+        # The summary's counters: an NBD connection's lanes count at once.
+        self._lock = threading.Lock()
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
@@ -357,8 +359,11 @@ class _Operation:
                 _count_backend(_ERRORS, m._kind, self._op)
         elif self._nbytes:
             _count_backend(_BYTES, m._kind, self._op, self._nbytes)
-            m._bytes += self._nbytes
         _count_backend(_OPS, m._kind, self._op)
-        m._ops[self._op] += 1
-        m._busy += m._clock() - self._start
+        elapsed = m._clock() - self._start
+        with m._lock:
+            if exc_type is None:
+                m._bytes += self._nbytes
+            m._ops[self._op] += 1
+            m._busy += elapsed
         return False

@@ -24,7 +24,7 @@ LAYERS = [
     ["tickets", "metrics"],
     ["backends", "backends.*", "httpclient"],
     ["ops", "checksum", "compression"],
-    ["streams", "buffers", "tls", "served"],
+    ["streams", "buffers", "tls", "served", "nbd.pipeline"],
     ["errors", "redact", "ratelog", "extents", "urls", "httpparse",
      "transport", "workers", "accounting", "config", "", "_io", "_io.*",
      "nbd.protocol"],

@@ -47,6 +47,12 @@ class Backend:
     # it with the other side of a transfer.
     overlap = False
 
+    # Whether clones may serve one client's requests at once: writes
+    # through any clone land in the same storage, partial blocks are
+    # serialized between them, and a flush of any clone covers them all
+    # (the NBD service pipelines a connection's requests over clones).
+    shared_clones = False
+
     # Optional fast paths, None where the backend has none:
     #   send_to(fd, offset, length, buf, timeout, progress)
     #       the range to a plain socket, in C;
@@ -89,6 +95,12 @@ class Backend:
 
     def flush(self):
         """Default: nothing to make durable."""
+
+    def leading_hole(self, offset, length):
+        """How many bytes from ``offset`` (at most ``length``) are known,
+        cheaply, to read as zeroes: NBD READ replies send a hole chunk
+        for them.  Default: 0, nothing known."""
+        return 0
 
     def extents(self, offset=0, length=None, context="zero"):
         """Default: the range is one data extent (what a backend that

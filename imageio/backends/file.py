@@ -129,6 +129,9 @@ class FileBackend(Backend):
     features = frozenset({"extents", "zero", "flush"})
     max_readers = 8
     max_writers = 8
+    # Clones are fds of one file: fdatasync on any covers every write, and
+    # _block_lock serializes partial blocks between them.
+    shared_clones = True
 
     def __init__(self, fd, path, direct=True, writable=True):
         st = os.fstat(fd)
@@ -220,6 +223,22 @@ class FileBackend(Backend):
             raise self._failed(e, "read", offset, length) from None
         self._check_read(offset, length, count)
         return memoryview(buf)[start:start + count]
+
+    def leading_hole(self, offset, length):
+        # One SEEK_DATA, never SEEK_HOLE: on tmpfs SEEK_HOLE walks every
+        # page up to the next hole, the whole file when it is all data
+        # (measured: a 1 GiB NBD read took 22 s asking it per request).
+        if self._block or length <= 0:
+            return 0
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            # ENXIO: no data after offset (but past the end of file is not
+            # a hole: the read reports it).  Anything else: cannot tell.
+            if e.errno != errno.ENXIO:
+                return 0
+            return length if offset + length <= self.size() else 0
+        return min(data - offset, length)
 
     def _in_hole(self, offset, length):
         try:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import socket
+import threading
 import time
 
 from .. import buffers
@@ -25,7 +26,10 @@ from .. import ops
 from .. import redact
 from .. import served
 from .. import streams
+from .._io import stream
+from .._io.buffer import AlignedBuffer
 from ..handlers import access
+from . import pipeline
 from . import protocol as p
 
 log = logging.getLogger("nbd")
@@ -111,6 +115,10 @@ class Connection(served.Served):
         self._ticket = None
         self._backend = None
         self._status = 200
+        # Every reply goes out under this lock (the pipeline's when there
+        # is one): lanes reply while the worker reads on.
+        self._send_lock = threading.Lock()
+        self._pipeline = None
         self.sock.sendall(p.greeting())
 
     def serve_error(self, e):
@@ -144,7 +152,41 @@ class Connection(served.Served):
     # Handshake.
 
     def _send(self, data):
-        self.sock.sendall(data)
+        self._send_parts((data,))
+
+    def _send_parts(self, parts):
+        with self._send_lock:
+            self._send_locked(parts)
+
+    def _send_locked(self, parts):
+        # The caller holds the send lock.  A plain socket is written with
+        # writev, polling when full, whatever its timeout mode (a lane
+        # sends while the worker reads with its own timeout).
+        if self.sock.fd != -1:
+            pipeline.send_parts(self.sock.fd, parts, self.timeout)
+        else:
+            self.sock.send_parts(parts)
+
+    # The connection's life: lanes end when it goes idle or closes.
+
+    def next_head(self, linger):
+        head = super().next_head(linger)
+        # While lanes still serve, the client waits for their replies and
+        # sends more after them: keep reading.
+        while head is None and self._pipeline is not None \
+                and self._pipeline.busy and not self.closing:
+            head = super().next_head(linger)
+        return head
+
+    def idle(self):
+        if self._pipeline is not None:
+            self._pipeline.close()
+        super().idle()
+
+    def close(self):
+        if self._pipeline is not None:
+            self._pipeline.close()
+        super().close()
 
     def _option(self, option, data):
         if self._tls_context is not None and not self.sock.is_tls:
@@ -262,6 +304,9 @@ class Connection(served.Served):
         self._ticket = ticket
         self._backend = backend
         self.reader.phase = TRANSMISSION
+        if self.sock.fd != -1 and backend.shared_clones:
+            self._pipeline = pipeline.Pipeline(
+                self._open_lane, self._close_lane, self._lane_failed)
         log.info("%s: serving ticket %s over NBD", self.name, ticket.name)
 
     def _meta_context(self, option, data):
@@ -302,23 +347,28 @@ class Connection(served.Served):
 
     # Transmission.
 
+    def _error_reply(self, cookie, error, message=""):
+        if self._structured:
+            return p.error_chunk(cookie, error, message)
+        return p.simple_reply(cookie, error)
+
     def _reply_error(self, cookie, error, message=""):
         self._status = _STATUS.get(error, 500)
-        if self._structured:
-            self._send(p.error_chunk(cookie, error, message))
-        else:
-            self._send(p.simple_reply(cookie, error))
+        self._send(self._error_reply(cookie, error, message))
 
     def _request(self, flags, kind, cookie, offset, length):
         if kind == p.CMD_DISC:
             return False
-        start = time.monotonic()
+        self._started = time.monotonic()
         self._status = 200
         try:
             return self._serve_request(flags, kind, cookie, offset, length)
         finally:
-            metrics.request_done(self.service, _NAMES.get(kind, "other"),
-                                 self._status, time.monotonic() - start)
+            # None: a lane serves it and counts it when it replies.
+            if self._status is not None:
+                metrics.request_done(self.service, _NAMES.get(kind, "other"),
+                                     self._status,
+                                     time.monotonic() - self._started)
 
     def _serve_request(self, flags, kind, cookie, offset, length):
         if kind not in p.CMD_FLAGS or flags & ~p.CMD_FLAGS[kind]:
@@ -326,8 +376,7 @@ class Connection(served.Served):
                 return False  # Its payload cannot be skipped safely.
             self._reply_error(cookie, p.EINVAL, "unknown command or flag")
             return True
-        op = "write" if kind in (p.CMD_WRITE, p.CMD_TRIM,
-                                 p.CMD_WRITE_ZEROES) else "read"
+        op = _OP[kind]
         size = self._ticket.size
         if kind == p.CMD_WRITE and length > MAX_BLOCK:
             self._reply_error(cookie, p.EINVAL, "request over the maximum")
@@ -347,6 +396,17 @@ class Connection(served.Served):
             self._reply_error(cookie, p.EPERM, "the ticket does not allow "
                               "{}".format(op))
             return True
+        pipe = self._pipeline
+        if pipe is not None:
+            if kind in _PIPELINED:
+                lane = pipe.acquire()
+                if lane is not None:
+                    if kind != p.CMD_WRITE or length <= len(lane.buf):
+                        return self._hand_off(lane, flags, kind, cookie,
+                                              offset, length)
+                    pipe.release(lane)
+            # FLUSH covers every write before it, BLOCK_STATUS sees them.
+            pipe.drain()
         try:
             ticket, backend, buf = access.open_image(
                 _Req(self), self._ticket_id, op, self.store, self.cfg)
@@ -358,18 +418,131 @@ class Connection(served.Served):
         try:
             return self._command(kind, flags, cookie, offset, length,
                                  ticket, backend, buf)
-        except errors.Canceled as e:
+        except Exception as e:
+            error, message, keep = self._failure(kind, offset, length, e)
+            self._reply_error(cookie, error, message)
+            return keep
+
+    def _failure(self, kind, offset, length, e):
+        """(NBD error, message, whether the connection goes on) for a
+        command that failed with ``e``; the client's own failures (it went
+        away, it stalled) are raised again: nothing can be answered."""
+        if isinstance(e, errors.Canceled):
+            return p.ESHUTDOWN, e.message, False
+        if isinstance(e, (ConnectionError, socket.timeout)) or \
+                not isinstance(e, (errors.Error, OSError)):
+            raise e
+        log.warning("%s: NBD command %d at %d length %d failed: %s",
+                    self.name, kind, offset, length, e)
+        error = p.ENOSPC if isinstance(e, OSError) and \
+            e.errno == errno.ENOSPC else p.EIO
+        return (error, "{} failed".format(_OP[kind]),
+                not isinstance(e, errors.PartialContent))
+
+    # Pipelined requests (imageio.nbd.pipeline).
+
+    def _open_lane(self):
+        """A clone of the ticket's backend and a buffer for a lane, or
+        None (no buffer free in time: the request is served in place)."""
+        pool = buffers.pool(self.cfg)
+        try:
+            buf = pool.get(_lane_size(self.cfg))
+        except errors.ServiceUnavailable:
+            return None
+        try:
+            return self._backend.clone(), buf
+        except BaseException:
+            pool.release(buf)
+            raise
+
+    def _close_lane(self, backend, buf):
+        try:
+            backend.close()
+        finally:
+            buffers.pool(self.cfg).release(buf)
+
+    def _lane_failed(self, e):
+        """A lane's request ended the connection."""
+        if not isinstance(e, OSError):
+            log.error("%s: NBD request failed", self.name, exc_info=e)
+        self.shutdown()
+
+    def _hand_off(self, lane, flags, kind, cookie, offset, length):
+        """Give a READ, WRITE, WRITE_ZEROES or TRIM to ``lane``; a write's
+        payload is read here first, so the next request can be read while
+        the lane writes."""
+        pipe = self._pipeline
+        try:
+            ticket, backend, _ = access.open_image(
+                _Req(self), self._ticket_id, _OP[kind], self.store,
+                self.cfg, buffer=False)
+        except errors.Error as e:
+            pipe.release(lane)
+            if kind == p.CMD_WRITE:
+                self._skip(length)
             self._reply_error(cookie, p.ESHUTDOWN, e.message)
             return False
-        except (errors.Error, OSError) as e:
-            if isinstance(e, (ConnectionError, socket.timeout)):
+        start = 0
+        if kind == p.CMD_WRITE:
+            # O_DIRECT: the payload lands as aligned in the buffer as in
+            # the file, so only a partial head or tail needs a bounce.
+            skip = offset % _ALIGN
+            if skip + length <= len(lane.buf):
+                start = skip
+            try:
+                self._receive(lane.buf, start, length)
+            except BaseException:
+                pipe.release(lane)
                 raise
-            log.warning("%s: NBD command %d at %d length %d failed: %s",
-                        self.name, kind, offset, length, e)
-            self._reply_error(cookie, p.ENOSPC if isinstance(e, OSError)
-                              and e.errno == errno.ENOSPC else p.EIO,
-                              "{} failed".format(op))
-            return not isinstance(e, errors.PartialContent)
+        self._status = None
+        pipe.submit(lane, self._lane_serve, flags, kind, cookie, offset,
+                    length, start, ticket, backend, self._started)
+        return True
+
+    def _lane_serve(self, lane, flags, kind, cookie, offset, length, start,
+                    ticket, metered, started):
+        status = 200
+        try:
+            if kind == p.CMD_READ:
+                with ticket.operation(offset, length) as run:
+                    with metered.operation("read", length):
+                        self._read(cookie, offset, length, lane.backend,
+                                   lane.buf, run)
+            else:
+                self._modify(kind, flags, offset, length, ticket, metered,
+                             memoryview(lane.buf)[start:start + length],
+                             lane.backend)
+                self._send(p.simple_reply(cookie))
+        except Exception as e:
+            error, message, keep = self._failure(kind, offset, length, e)
+            status = _STATUS.get(error, 500)
+            self._send(self._error_reply(cookie, error, message))
+            if not keep:
+                self.shutdown()
+        finally:
+            metrics.request_done(self.service, _NAMES.get(kind, "other"),
+                                 status, time.monotonic() - started)
+
+    def _receive(self, buf, start, length):
+        """A write's whole payload into ``buf[start:start + length]``:
+        what the reader buffered, then the rest in C straight from the
+        socket."""
+        body = streams.Body(self.reader, self.sock, length, self.timeout)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            fd = body.fd
+            if fd != -1 and isinstance(buf, AlignedBuffer):
+                n = stream.recv_into(fd, buf, start + got, length - got,
+                                     self.timeout)
+                body.consumed(n)
+            else:
+                n = body.readinto(view[start + got:start + length])
+            if not n:
+                raise ConnectionResetError(
+                    "Client closed in a write payload ({} of {} "
+                    "bytes)".format(got, length))
+            got += n
 
     @contextlib.contextmanager
     def _payload(self, length, buf):
@@ -381,20 +554,10 @@ class Connection(served.Served):
             reserved = length
             pool = buffers.pool(self.cfg)
             pool.reserve(reserved)
-            target = memoryview(bytearray(length))
-        else:
-            target = memoryview(buf)[:length]
+            buf = bytearray(length)
         try:
-            body = streams.Body(self.reader, self.sock, length, self.timeout)
-            got = 0
-            while got < length:
-                n = body.readinto(target[got:])
-                if not n:
-                    raise ConnectionResetError(
-                        "Client closed in a write payload ({} of {} "
-                        "bytes)".format(got, length))
-                got += n
-            yield target
+            self._receive(buf, 0, length)
+            yield memoryview(buf)[:length]
         finally:
             if reserved:
                 pool.unreserve(reserved)
@@ -410,35 +573,23 @@ class Connection(served.Served):
                  backend, buf):
         if kind == p.CMD_READ:
             with ticket.operation(offset, length) as run:
-                self._read(cookie, offset, length, backend, buf, run)
+                with backend.operation("read", length) as b:
+                    self._read(cookie, offset, length, b, buf, run)
             return True
         if kind == p.CMD_WRITE:
             # The whole payload first: a client that disconnects in the
             # middle of it changes nothing.
             with self._payload(length, buf) as data:
-                with ticket.operation(offset, length) as run:
-                    if length:
-                        backend.write(data, offset)
-                    run.progress(length)
-                    if flags & p.CMD_FLAG_FUA:
-                        backend.flush()
+                self._modify(kind, flags, offset, length, ticket, backend,
+                             data)
         elif kind == p.CMD_FLUSH:
             with ticket.operation():
                 backend.flush()
         elif kind in (p.CMD_WRITE_ZEROES, p.CMD_TRIM):
-            punch = ticket.sparse and (kind == p.CMD_TRIM or
-                                       not flags & p.CMD_FLAG_NO_HOLE)
-            if kind == p.CMD_TRIM and not ticket.sparse:
-                self._send(p.simple_reply(cookie))
-                return True
-            if flags & p.CMD_FLAG_FAST_ZERO and \
-                    "zero" not in backend.features:
+            if not self._modify(kind, flags, offset, length, ticket, backend,
+                                None):
                 self._reply_error(cookie, p.ENOTSUP, "no fast zero")
                 return True
-            with ticket.operation(offset, length) as run:
-                ops.zero(backend, offset, length, punch, run.progress)
-                if flags & p.CMD_FLAG_FUA:
-                    backend.flush()
         elif kind == p.CMD_CACHE:
             pass
         elif kind == p.CMD_BLOCK_STATUS:
@@ -447,25 +598,90 @@ class Connection(served.Served):
         self._send(p.simple_reply(cookie))
         return True
 
+    def _modify(self, kind, flags, offset, length, ticket, metered, data,
+                lane_backend=None):
+        """WRITE ``data``, WRITE_ZEROES or TRIM, counted by ``metered``
+        (the connection's backend), with a lane's clone of it if given;
+        False when FAST_ZERO cannot be honoured."""
+        if kind == p.CMD_TRIM and not ticket.sparse:
+            return True  # Advisory: nothing to do on a preallocated image.
+        if flags & p.CMD_FLAG_FAST_ZERO and "zero" not in metered.features:
+            return False
+        with ticket.operation(offset, length) as run:
+            if kind == p.CMD_WRITE:
+                with metered.operation("write", length) as backend:
+                    if length:
+                        (lane_backend or backend).write(data, offset)
+            else:
+                punch = ticket.sparse and (kind == p.CMD_TRIM or
+                                           not flags & p.CMD_FLAG_NO_HOLE)
+                if lane_backend is None:
+                    ops.zero(metered, offset, length, punch, run.progress)
+                else:
+                    with metered.operation("zero", length):
+                        ops.zero(lane_backend, offset, length, punch,
+                                 run.progress)
+            if kind == p.CMD_WRITE:
+                run.progress(length)
+            if flags & p.CMD_FLAG_FUA:
+                with metered.operation("flush", 0) as backend:
+                    (lane_backend or backend).flush()
+        return True
+
     def _read(self, cookie, offset, length, backend, buf, run):
-        # Room O_DIRECT needs around an unaligned read (as checksum's).
-        step = len(buf) - checksum.READ_SLACK
+        """Reply to a READ: a hole chunk where the backend knows the range
+        starts with zeroes, data chunks for the rest (a simple reply: the header
+        then every byte, under the send lock all along); the file
+        backend's sendfile on a plain socket."""
+        fd = self.sock.fd
+        send_to = backend.send_to if fd != -1 else None
+        end = offset + length
         if not self._structured:
-            self._send(p.simple_reply(cookie))
-        if length == 0 and self._structured:
+            with self._send_lock:
+                self._send_locked((p.simple_reply(cookie),))
+                self._read_data(cookie, offset, end, backend, buf, run,
+                                send_to, False)
+            return
+        if length == 0:
             self._send(p.structured_reply(cookie, p.REPLY_TYPE_NONE))
             return
-        pos, end = offset, offset + length
+        pos = offset
+        while pos < end:
+            hole = backend.leading_hole(pos, end - pos)
+            if hole:
+                self._send(p.hole_chunk(cookie, pos, hole, pos + hole == end))
+                run.progress(hole)
+                pos += hole
+            else:
+                # Holes further on read as zeroes: asking where the data
+                # ends costs more than it saves.
+                self._read_data(cookie, pos, end, backend, buf, run,
+                                send_to, True)
+                break
+
+    def _read_data(self, cookie, pos, end, backend, buf, run, send_to,
+                   chunks):
+        # Room O_DIRECT needs around an unaligned read (as checksum's).
+        step = len(buf) - checksum.READ_SLACK
         while pos < end:
             n = min(step, end - pos)
-            view = backend.readinto(buf, pos, n)
-            if self._structured:
-                self.sock.send_parts((p.data_chunk_header(
-                    cookie, pos, n, pos + n == end), view))
+            head = (p.data_chunk_header(cookie, pos, n, pos + n == end),) \
+                if chunks else ()
+            if send_to is not None:
+                lock = self._send_lock if chunks else contextlib.nullcontext()
+                with lock:
+                    self._send_locked(head)
+                    send_to(self.sock.fd, pos, n, buf, self.timeout,
+                            run.progress)
             else:
-                self.sock.sendall(view)
+                view = backend.readinto(buf, pos, n)
+                if chunks:
+                    with self._send_lock:
+                        self._send_locked(head + (view,))
+                else:
+                    self._send_locked((view,))
+                run.progress(n)
             pos += n
-            run.progress(n)
 
     def _block_status(self, flags, cookie, offset, length, ticket, backend):
         if not self._structured or not self._contexts:
@@ -499,8 +715,22 @@ _NAMES = {p.CMD_READ: "READ", p.CMD_WRITE: "WRITE", p.CMD_FLUSH: "FLUSH",
           p.CMD_TRIM: "TRIM", p.CMD_CACHE: "CACHE",
           p.CMD_WRITE_ZEROES: "WRITE_ZEROES",
           p.CMD_BLOCK_STATUS: "BLOCK_STATUS"}
+_OP = {p.CMD_READ: "read", p.CMD_WRITE: "write", p.CMD_FLUSH: "read",
+       p.CMD_TRIM: "write", p.CMD_CACHE: "read", p.CMD_WRITE_ZEROES: "write",
+       p.CMD_BLOCK_STATUS: "read"}
+# Served by a connection's lanes (imageio.nbd.pipeline); the others wait
+# until the lanes are done.
+_PIPELINED = frozenset({p.CMD_READ, p.CMD_WRITE, p.CMD_WRITE_ZEROES,
+                        p.CMD_TRIM})
+# O_DIRECT alignment a write's payload keeps in a lane's buffer.
+_ALIGN = 4096
 _STATUS = {p.EPERM: 403, p.ESHUTDOWN: 403, p.EINVAL: 400, p.ENOSPC: 507,
            p.ENOTSUP: 400, p.EIO: 500}
+
+
+def _lane_size(cfg):
+    return max(cfg.backend_file.buffer_size, cfg.backend_nbd.buffer_size,
+               cfg.backend_http.buffer_size)
 
 
 def _u32(descriptors):
