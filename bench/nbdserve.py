@@ -1,7 +1,9 @@
 """Tickets over NBD, side by side in one run: ``nbdcopy`` from a qcow2
 into a raw file ticket over the daemon's NBD endpoint (TLS over TCP, and
 its unix socket), against ``nbdcopy`` into ``qemu-nbd`` serving the same
-kind of target the same ways (the limit), and the reverse (reads).
+kind of target the same ways (the limit), and the reverse (reads); and
+virt-v2v's path, ``nbdcopy`` into nbdkit's Python plugin turning each NBD
+write into an HTTPS PUT to the daemon (bench/v2v_plugin.py, 4 connections).
 
     python -m bench.nbdserve [--size BYTES] [--repeats N]
 
@@ -21,6 +23,8 @@ import uuid
 from harness import nbdserver
 from harness.daemonproc import Daemon
 
+V2V_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "v2v_plugin.py")
 GiB = 1024**3
 MiB = 1024**2
 
@@ -108,6 +112,19 @@ def run(work, size, repeats):
         ("qemu-nbd", "unix"): ("nbd+unix:///?socket={}".format(sock),
                                qemu_unix.proc.pid),
     }
+    # virt-v2v's path: its own target and ticket, through HTTPS.
+    v2v_target = os.path.join(work, "v2v.raw")
+    with open(v2v_target, "wb") as f:
+        f.truncate(size)
+    tv = dict(t, uuid=str(uuid.uuid4()), url="file://" + v2v_target)
+    d.add_ticket(tv)
+    v2v_sock = os.path.join(work, "v2v.sock")
+    v2v = nbdserver.nbdkit(
+        "python", V2V_PLUGIN, "url=https://localhost:{}/images/{}".format(
+            d.remote_port, tv["uuid"]),
+        "cafile=" + d.ca_file, "size={}".format(size), sock=v2v_sock).start()
+    urls[("v2v-plugin", "tls")] = ("nbd+unix:///?socket=" + v2v_sock,
+                                   d.proc.pid)
     results = {}
     try:
         for r in range(repeats):
@@ -123,7 +140,13 @@ def run(work, size, repeats):
                     results.setdefault((server, way, "read"), []).append(rd)
                     print("round {} {:8} {:4} write {:.2f} s read {:.2f} s"
                           .format(r, server, way, w[0], rd[0]), flush=True)
+            url, pid = urls[("v2v-plugin", "tls")]
+            w = timed(["nbdcopy", "--connections=4", src, url], pid)
+            results.setdefault(("v2v-plugin", "tls", "write"), []).append(w)
+            print("round {} v2v-plugin (https) write {:.2f} s".format(
+                r, w[0]), flush=True)
     finally:
+        v2v.stop()
         qemu_tls.stop()
         qemu_unix.stop()
         d.stop()
@@ -139,6 +162,11 @@ def run(work, size, repeats):
                   "qemu-nbd {:.2f} s ({:.2f}) ratio {:.2f}  rounds {}".format(
                       way, op, ours[0], ours[1] / gib, peer[0],
                       peer[1] / gib, peer[0] / ours[0], spread))
+    ours = min(results[("imageio", "tls", "write")])
+    peer = min(results[("v2v-plugin", "tls", "write")])
+    print("tls  write: virt-v2v's plugin over HTTPS {:.2f} s ({:.2f} CPU s/GiB "
+          "daemon) ratio plugin time / imageio NBD+TLS time {:.2f}".format(
+              peer[0], peer[1] / gib, peer[0] / ours[0]))
 
 
 if __name__ == "__main__":
