@@ -29,6 +29,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -301,14 +302,18 @@ def _compare(a, fa, b, fb):
 
 def summary(times):
     best = {k: min(v) for k, v in times.items() if v}
-    out = {"best": best, "spread": {k: [min(v), max(v)]
-                                    for k, v in times.items() if v}}
+    out = {"best": best, "median": {k: statistics.median(v)
+                                    for k, v in times.items() if v},
+           "spread": {k: [min(v), max(v)] for k, v in times.items() if v}}
     ours = best.get("imageio")
     if ours:
         out["ratio_to_established"] = ours / best["established"]
         out["ratio_to_qemu_img"] = ours / best["qemu-img"]
         if "imageio-no-verify" in best:
             out["verify_overhead"] = ours / best["imageio-no-verify"] - 1
+            med = out["median"]
+            out["verify_overhead_median"] = \
+                med["imageio"] / med["imageio-no-verify"] - 1
     return out
 
 

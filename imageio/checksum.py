@@ -400,6 +400,14 @@ class BlockHasher:
             if saved is not None:
                 self._open[first] = saved
 
+    def digests(self, start, end):
+        """The digests of the blocks in ``[start, end)`` (``start`` a
+        block's start), None for a block not wholly fed yet: a window of
+        the image compared as soon as it is moved."""
+        with self._lock:
+            return self._digests[start // self.block_size:
+                                 -(-end // self.block_size)]
+
     def hexdigest(self):
         outer = new_hash(self.algorithm)
         for index, d in enumerate(self._digests):

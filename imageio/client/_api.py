@@ -8,7 +8,9 @@ qemu-nbd) and ``backends.http`` (the daemon) in ``imageio._io``.
 import bisect
 import concurrent.futures
 import logging
+import math
 import os
+import threading
 
 from .. import checksum as blkhash
 from .. import compression
@@ -96,13 +98,16 @@ def _endpoints(kind, nbd, http, workers, buffer_size):
 
 
 def _copy(kind, nbd, http, tasks, workers, buffer_size, progress,
-          journal, hasher=None, skip=None):
+          journal, hasher=None, skip=None, windows=None, stop=None):
     eps = _endpoints(kind, nbd, http, workers, buffer_size)
     try:
         transfer.run(tasks, eps,
                      progress=progress.update if progress else None,
                      done=journal.record if journal else None,
-                     hasher=hasher, skip=skip)
+                     hasher=hasher, skip=skip,
+                     moved=(lambda item: windows.moved(item.start,
+                                                       item.length))
+                     if windows else None, stop=stop)
     finally:
         # The first endpoint's connections belong to the caller.
         for ep in eps[1:]:
@@ -267,16 +272,38 @@ def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
 
     hasher = verify_.hasher(verify, size) if verify and not done else None
     workers = max(1, min(max_workers, http.max_writers))
+    # Each window of the image is read back from the daemon's storage and
+    # compared as soon as it is written, while the next windows move.
+    windows = verifier = None
+    stop = threading.Event()
+    # (A smaller source is verified as before, against the whole image.)
+    if hasher is not None and size == http.size():
+        windows = verify_.Windows(size, verify_.window_size(
+            size, math.lcm(hasher.block_size, request_size)))
+        check, remote, close_check = verify_.upload_check(http, hasher,
+                                                          size)
+        verifier = verify_.WindowVerifier(windows, check, stop)
     try:
         items = transfer.iplan(transfer.merged(transfer.source_extents(
             extents_nbd, size)), request_size=request_size)
         todo = _not_done(items, done, progress)
         _copy(transfer.Upload, nbd, http, transfer.tasks(todo, request_size),
-              workers, buffer_size, progress, journal, hasher, skip)
+              workers, buffer_size, progress, journal, hasher, skip,
+              windows, stop)
         if can_flush:
             http.flush()
+        if verifier is not None:
+            verifier.result()
+    except BaseException:
+        if verifier is not None:
+            verifier.cancel()
+        raise
     finally:
         journal.close()
+        if verifier is not None:
+            close_check()
+    if verifier is not None:
+        return verify_.verified(hasher, remote)
     if verify:
         # One worker: perhaps a URL's curl driver (see upload()), whose
         # hash after a resume must read one request at a time too.
@@ -370,22 +397,42 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                 workers = max(1, min(max_workers, http.max_readers))
                 # A download does not change the daemon's image: its hash
                 # is computed while the data flows too, on a connection of
-                # its own.
-                remote = verify_.RemoteChecksum(http, hasher) if hasher else None
+                # its own; the local image is read back and hashed window
+                # by window as each is written, while the next ones move.
+                remote = verifier = windows = None
+                stop = threading.Event()
+                if hasher is not None:
+                    remote = verify_.RemoteChecksum(http, hasher)
+                    windows = verify_.Windows(size, verify_.window_size(
+                        size, math.lcm(hasher.block_size,
+                                       transfer.REQUEST_SIZE)))
+                    local_check, close_check = verify_.download_check(
+                        nbd, hasher)
+                    verifier = verify_.WindowVerifier(windows, local_check,
+                                                      stop)
                 try:
                     _copy(transfer.Download, nbd, http,
                           transfer.tasks(todo), workers, buffer_size,
-                          progress, journal, hasher, skip)
+                          progress, journal, None, skip, windows, stop)
                     nbd.flush()
+                    if verifier is not None:
+                        verifier.result()
                 except BaseException:
                     if remote is not None:
                         remote.cancel()
+                    if verifier is not None:
+                        verifier.cancel()
                     raise
                 finally:
                     journal.close()
-                verified = verify_.verify(nbd, http, size, check, hasher,
-                                   remote.result() if remote else None) \
-                    if check else None
+                    if verifier is not None:
+                        close_check()
+                if verifier is not None:
+                    verified = verify_.compare(hasher.hexdigest(),
+                                               remote.result(), check)
+                else:
+                    verified = verify_.verify(nbd, http, size, check) \
+                        if check else None
                 journal.remove()
                 return verified
             finally:

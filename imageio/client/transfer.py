@@ -162,7 +162,7 @@ class Download(_Endpoints):
 
 
 def run(tasks, endpoints, progress=None, done=None, hasher=None,
-        skip=None):
+        skip=None, moved=None, stop=None):
     """Copy ``tasks`` (lists of items, see ``tasks()``) with one thread
     per endpoint in ``endpoints`` (objects with ``copy_data``, ``zero``,
     ``close``); a task's items in order.  ``progress(n)`` is called with
@@ -172,12 +172,16 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
     count in ``progress`` at once).  ``tasks`` may be a
     generator: workers take the next task under a lock as they need it.
     ``hasher`` (a checksum.BlockHasher) is fed every item's bytes as they
-    move, zero items (sent or skipped) as zeroes.  The first failure stops
-    all workers and is raised (after RETRIES for transport failures)."""
+    move, zero items (sent or skipped) as zeroes.  ``moved(item)`` is
+    called (by the worker) after every item, skipped ones too: the
+    windowed verification's clock.  The first failure stops all workers
+    and is raised (after RETRIES for transport failures); setting
+    ``stop`` (an Event) stops them too, without an error here."""
     lock = threading.Lock()
     queue = iter(tasks)
     failures = []
-    stop = threading.Event()
+    if stop is None:
+        stop = threading.Event()
 
     def next_item():
         with lock:
@@ -198,6 +202,8 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
                         with lock:
                             if progress:
                                 progress(item.length)
+                        if moved:
+                            moved(item)
                         continue
                     _with_retries(ep, item, stop, hasher)
                     with lock:
@@ -206,6 +212,8 @@ def run(tasks, endpoints, progress=None, done=None, hasher=None,
                     # Outside the lock: done() may flush the target.
                     if done:
                         done(item)
+                    if moved:
+                        moved(item)
         except BaseException as e:
             failures.append(e)
             stop.set()

@@ -1,6 +1,14 @@
 """Verification: the block hash of what the client moved (or of its local
 image) compared with the daemon's hash of its copy, in the fastest
-algorithm both offer."""
+algorithm both offer.
+
+As the transfer goes, window by window (``Windows``, ``WindowVerifier``):
+an upload reads each written window back from the daemon (flush, then
+GETs: the daemon's checksum API hashes whole images only) and compares its
+block digests with the source's, fed as they moved, so a bad window fails
+the upload while later ones would still be moving; a download reads each
+written window back from the local image and compares the whole with the
+daemon's checksum, computed while the data moves."""
 
 import concurrent.futures
 import logging
@@ -8,6 +16,7 @@ import threading
 
 from .. import checksum as blkhash
 from .. import errors
+from .._io.buffer import AlignedBuffer
 
 log = logging.getLogger("client")
 
@@ -117,9 +126,270 @@ def verify(nbd, http, size, algorithm, hasher=None, remote=None,
             else:
                 local = blkhash.compute(nbd, size, algorithm=algorithm)
             remote = remote.result()["checksum"]
+    return compare(local, remote, algorithm)
+
+
+def compare(local, remote, algorithm):
+    """The verification's result: the local and the daemon's image
+    digests equal, or VerifyError naming both."""
     if local != remote:
         raise VerifyError(
             "Verification failed: local image {} checksum {} differs from "
             "the daemon's {}".format(algorithm, local, remote))
     log.info("Verified: %s checksum %s", algorithm, local)
     return {"algorithm": algorithm, "checksum": local}
+
+
+# Verification as the transfer goes: the image in windows, each checked
+# once all its bytes moved, while the next ones move.  What is left after
+# the copy is the last window's check: a window is a quarter of the image
+# (an eighth...: WINDOW_PARTS), at least WINDOW_MIN, at most WINDOW_MAX.
+WINDOW_MAX = 1024**3
+WINDOW_MIN = 64 * 1024**2
+WINDOW_PARTS = 4
+
+
+def window_size(size, align):
+    """The verification window of an image of ``size`` bytes, a multiple
+    of ``align`` (the block size and the copy's request size: no item
+    straddles two windows unless it covers whole windows)."""
+    w = min(WINDOW_MAX, max(WINDOW_MIN, size // WINDOW_PARTS))
+    return max(align, -(-w // align) * align)
+
+
+class Windows:
+    """The image's windows and the bytes each still waits for:
+    ``moved(start, length)`` as the copy's items finish, ``wait(i)``
+    until window ``i`` has moved whole (False: the copy stopped)."""
+
+    def __init__(self, size, window):
+        self.size = size
+        self.window = window
+        self.count = -(-size // window)
+        self._left = [min(window, size - i * window)
+                      for i in range(self.count)]
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def bounds(self, index):
+        start = index * self.window
+        return start, min(start + self.window, self.size)
+
+    def moved(self, start, length):
+        end = start + length
+        w = self.window
+        with self._cond:
+            for i in range(start // w, (end - 1) // w + 1):
+                a, b = self.bounds(i)
+                self._left[i] -= min(end, b) - max(start, a)
+            self._cond.notify_all()
+
+    def wait(self, index):
+        with self._cond:
+            while self._left[index] and not self._stopped:
+                self._cond.wait()
+            return not self._left[index]
+
+    def stop(self):
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
+class WindowVerifier:
+    """Runs ``check(start, end)`` for each window of ``windows`` in order,
+    on a thread of its own, as soon as the window has moved.  A failed
+    check sets ``abort`` (the copy's stop event) and is raised by
+    ``result()``; ``cancel()`` (a failed copy) stops at the next window."""
+
+    def __init__(self, windows, check, abort):
+        self._windows = windows
+        self._check = check
+        self._abort = abort
+        self._error = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="verify")
+        self._thread.start()
+
+    def _run(self):
+        try:
+            for i in range(self._windows.count):
+                if not self._windows.wait(i):
+                    return
+                self._check(*self._windows.bounds(i))
+        except BaseException as e:
+            self._error = e
+            self._abort.set()
+
+    def result(self):
+        """Wait for the last window's check; raise its failure."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self):
+        self._windows.stop()
+        self._thread.join()
+
+
+def _outer(algorithm, digests):
+    h = blkhash.new_hash(algorithm)
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def compare_window(local, remote, start, end):
+    """Compare the block digests of ``[start, end)`` in the BlockHashers
+    ``local`` and ``remote``; raise VerifyError naming the range and both
+    hashes of it."""
+    mine = local.digests(start, end)
+    theirs = remote.digests(start, end)
+    if None in mine or None in theirs:
+        raise errors.Error("Block hash incomplete in {}-{}".format(
+            start, end - 1))
+    if mine != theirs:
+        raise VerifyError(
+            "Verification failed: local image {} checksum {} of bytes "
+            "{}-{} differs from the daemon's {}".format(
+                local.algorithm, _outer(local.algorithm, mine), start,
+                end - 1, _outer(local.algorithm, theirs)))
+
+
+# The read-back of a window: jobs of this many bytes (whole blocks) on
+# READBACK_LANES connections at once.  Two lanes: the tail left after the
+# copy reads on both cores, and the read-back gets its share of the cores
+# while the copy runs.
+READBACK_JOB = 16 * 1024**2
+READBACK_LANES = 2
+
+
+class ReadBack:
+    """``check(start, end)``: feed ``hasher`` the window ``[start, end)``
+    read back from ``cons`` (connections to the same image: the daemon's,
+    or the local image's), zero extents as zeroes, data read in jobs of
+    whole blocks spread over the connections.  ``flush`` (if given) runs
+    first: what is read back is what storage holds after the write."""
+
+    def __init__(self, cons, hasher, extents=True, flush=None):
+        self._cons = cons
+        self._hasher = hasher
+        self._extents = extents
+        self._flush = flush
+        self._lanes = [(con, buffer()) for con in cons]
+        self._free = list(self._lanes)
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            len(cons), thread_name_prefix="readback")
+
+    def __call__(self, start, end):
+        if self._flush is not None:
+            self._flush()
+        if self._extents:
+            pieces = [(e.start, e.length, e.zero) for e in
+                      self._cons[0].extents(start, end - start, "zero")]
+        else:
+            pieces = [(start, end - start, False)]
+        step = max(self._hasher.block_size,
+                   READBACK_JOB // self._hasher.block_size *
+                   self._hasher.block_size)
+        jobs = []
+        i = 0
+        for a in range(start, end, step):
+            b = min(end, a + step)
+            job = []
+            while i < len(pieces) and pieces[i][0] < b:
+                off, n, zero = pieces[i]
+                lo, hi = max(off, a), min(off + n, b)
+                job.append((lo, hi - lo, zero))
+                if off + n <= b:
+                    i += 1
+                else:
+                    break
+            jobs.append(self._pool.submit(self._job, job))
+        failure = None
+        for f in jobs:
+            try:
+                f.result()
+            except BaseException as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
+
+    def _job(self, pieces):
+        if all(zero for _, _, zero in pieces):
+            for off, n, _ in pieces:
+                self._hasher.zero(off, n)
+            return
+        with self._lock:
+            con, buf = self._free.pop()
+        try:
+            step = len(buf) - blkhash.READ_SLACK
+            for off, n, zero in pieces:
+                if zero:
+                    self._hasher.zero(off, n)
+                    continue
+                stop = off + n
+                while off < stop:
+                    k = min(step, stop - off)
+                    self._hasher.data(off, con.readinto(buf, off, k))
+                    off += k
+        finally:
+            with self._lock:
+                self._free.append((con, buf))
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        for con in self._cons:
+            con.close()
+
+
+def _clones(backend, n):
+    cons = []
+    try:
+        for _ in range(n):
+            cons.append(backend.clone())
+    except BaseException:
+        for con in cons:
+            con.close()
+        raise
+    return cons
+
+
+def buffer():
+    return AlignedBuffer(blkhash.CHUNK + blkhash.READ_SLACK)
+
+
+def upload_check(http, local, size):
+    """An upload's window check: flush the daemon's copy, read the window
+    back from its storage (GETs, on connections of their own), and compare
+    its block hash with ``local``'s (the source's bytes, fed as they
+    moved).  Returns ``(check, remote hasher, close)``."""
+    remote = hasher(local.algorithm, size)
+    cons = _clones(http, READBACK_LANES)
+    can_extents = "extents" in http.features or not http.features
+    can_flush = "flush" in http.features or not http.features
+    readback = ReadBack(cons, remote, can_extents,
+                        cons[0].flush if can_flush else None)
+
+    def check(start, end):
+        readback(start, end)
+        compare_window(local, remote, start, end)
+
+    return check, remote, readback.close
+
+
+def download_check(nbd, local):
+    """A download's window check: flush the local image, read the window
+    back from it (qemu-nbd, on connections of their own) into ``local``.
+    The daemon's hash of its image is compared with ``local``'s at the
+    end.  Returns ``(check, close)``."""
+    cons = _clones(nbd, READBACK_LANES)
+    readback = ReadBack(cons, local, True, cons[0].flush)
+    return readback, readback.close
+
+
+def verified(local, remote):
+    """The result of a verification done window by window: the whole
+    image's digests (equal when every window was)."""
+    return compare(local.hexdigest(), remote.hexdigest(), local.algorithm)
