@@ -324,6 +324,58 @@ def test_verification_catches_target_that_loses_writes(daemon, tmp_path,
     assert "completed" not in r.stdout
 
 
+def test_verification_fails_upload_at_the_first_bad_window(daemon,
+                                                          tmp_path):
+    # A 256 MiB image is verified in 64 MiB windows, each read back from
+    # the daemon as soon as it is written: a target that keeps no write
+    # fails the upload naming the first window, not the whole image.
+    from harness.nbdserver import nbdkit
+    size = 256 * MiB
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(size))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 1M",
+        "-c", "write -P 0x11 255M 1M", str(source))
+    sock = tmp_path / "lossy.sock"
+    with nbdkit("null", "size={}".format(size), sock=sock).start():
+        t = new_ticket("nbd:unix:" + str(sock), size)
+        daemon.add_ticket(t)
+        r = ovirt_img("upload", source, url_of(daemon, t), "--cafile",
+                      daemon.ca_file, "-o", "json")
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "Verification failed" in line
+    assert "of bytes 0-{} differs".format(64 * MiB - 1) in line
+    assert "completed" not in r.stdout
+
+
+def test_download_verification_reads_back_the_local_image(
+        daemon, tmp_path, monkeypatch):
+    # The local image keeps no write (its qemu-nbd replaced by nbdkit's
+    # null plugin): every byte received was right, the image is not, and
+    # the download fails.
+    import contextlib
+    from harness.nbdserver import nbdkit
+    from imageio import client
+    from imageio.client import qemu, verify
+    served = tmp_path / "served.raw"
+    run("qemu-img", "create", "-f", "raw", str(served), str(SIZE))
+    write_pattern(served, "raw")
+    t = new_ticket("file://" + str(served), SIZE, ops=("read",))
+    daemon.add_ticket(t)
+
+    @contextlib.contextmanager
+    def lossy(filename, fmt=None, read_only=True, **kw):
+        sock = tmp_path / "local.sock"
+        with nbdkit("null", "size={}".format(SIZE), sock=sock).start():
+            yield "nbd:unix:" + str(sock)
+
+    monkeypatch.setattr(qemu, "serve", lossy)
+    with pytest.raises(verify.VerifyError) as e:
+        client.download(url_of(daemon, t), str(tmp_path / "out.qcow2"),
+                        daemon.ca_file, verify=True)
+    assert "Verification failed" in str(e.value)
+
+
 @pytest.mark.parametrize("algorithm", VERIFY_ALGORITHMS)
 def test_verification_catches_target_changed_behind_the_transfer(
         daemon, tmp_path, algorithm):
