@@ -8,6 +8,7 @@ per server interleaved across servers after a warm-up round, 8 for the
 ranged GETs of 1000 requests a round, a 1 GiB bulk image; about 4 minutes
 on the 2-core machine (20 s of it NBD GETs through qemu-nbd, 1.5-2 minutes the 100 GiB NBD
 checksum), plus about 1 minute of ovirt-img uploads and downloads, plus
+about 1.5 minutes of nbdcopy through the daemon's NBD service, plus
 ~15 s to create the test images the first time), checks
 every ratio, retries the failing scenarios once (a real regression fails
 twice, a noisy neighbour rarely does), prints a table and exits:

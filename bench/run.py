@@ -22,7 +22,8 @@ from . import report
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 E2E = ["bench/test_e2e_file.py", "bench/test_e2e_nbd.py",
-       "bench/test_e2e_sparse.py", "bench/test_e2e_client.py"]
+       "bench/test_e2e_sparse.py", "bench/test_e2e_client.py",
+       "bench/test_e2e_nbdserve.py"]
 
 
 def run_pytest(out_dir, targets, quick=False, servers=None, keyword=None,

@@ -24,10 +24,11 @@ import threading
 
 log = logging.getLogger("nbd")
 
-# Requests of one connection in flight at once.  Measured with nbdcopy
-# into a /dev/shm ticket over the unix socket (bench/nbdserve.py): 2 lanes
-# overlap the payload's receive with the write; more only add threads on
-# this 2-core machine.
+# Requests of one connection in flight at once (nbdcopy keeps up to 64,
+# qemu-img 8).  Measured with nbdcopy into a /dev/shm ticket over the unix
+# socket (bench/nbdserve.py, docs/benchmarks.md): 1, 2 and 4 lanes alike on
+# 2 cores, where the receive is the serial part; slower storage has more
+# write latency to hide.
 LANES = 4
 
 
