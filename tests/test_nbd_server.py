@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import new_ticket
 from imageio.admin import Error as admin_error
@@ -295,6 +296,49 @@ def test_garbage_handshake_does_not_hurt_others(daemon, tmp_path):
         assert c.go(t["uuid"])[-1][0] == 1
         assert c.request(0, 0, 4) == 0
         assert c.recv(4) == b"okok"
+
+
+# A malformed handshake: the client's flags, then option frames whose
+# ids, lengths and data hypothesis chooses (lengths that lie about the data
+# included), or plain bytes.
+_frames = st.lists(st.one_of(
+    st.builds(lambda opt, data, lie: b"IHAVEOPT" + struct.pack(
+        ">II", opt, max(0, len(data) + lie)) + data,
+        st.sampled_from([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 0, 2**31, 2**32 - 1]),
+        st.binary(max_size=80), st.integers(-8, 8)),
+    st.binary(min_size=1, max_size=64)), min_size=1, max_size=4)
+
+
+def test_fuzzed_handshake_does_not_hurt_others(daemon, tmp_path):
+    t = add(daemon, image(tmp_path, b"ok" * 2048), ops=["read"])
+    # A client in the middle of its transfer all along.
+    held = connect_unix(daemon)
+    assert held.go(t["uuid"])[-1][0] == 1
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(flags=st.binary(min_size=4, max_size=4), frames=_frames)
+    def one(flags, frames):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        try:
+            s.connect(daemon.nbd_socket)
+            s.recv(18)
+            s.sendall(flags + b"".join(frames))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+        assert held.request(0, 0, 4) == 0
+        assert held.recv(4) == b"okok"
+
+    one()
+    with held.sock:
+        assert held.request(0, 4, 4) == 0
+        assert held.recv(4) == b"okok"
 
 
 def test_delete_waits_for_nbd_writer_then_refuses(daemon, tmp_path):
