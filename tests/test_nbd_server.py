@@ -24,8 +24,10 @@ SIZE = 64 * MiB
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
+    # [backend_http]: tickets proxied to this daemon itself trust its CA.
     d = Daemon(tmp_path_factory.mktemp("nbd"),
-               "[nbd]\nenable = true\nport = 0\nsocket = run/nbd.sock\n")
+               "[nbd]\nenable = true\nport = 0\nsocket = run/nbd.sock\n"
+               "[backend_http]\nca_file = pki/ca.pem\n")
     d.start()
     yield d
     d.stop()
@@ -487,6 +489,53 @@ def test_ovirt_img_transport_nbd(daemon, tmp_path, where):
     run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, out)
     # The data went over NBD.
     assert "serving ticket {}".format(t["uuid"][:8]) in daemon.log()
+
+
+@pytest.mark.parametrize("backend", ["file", "nbd", "https"])
+def test_every_backend_serves_nbd_clients(daemon, tmp_path, backend):
+    # qemu-img writes a guest into the ticket over NBD and reads it back,
+    # whatever holds the image: a file, an NBD export (qemu-nbd over a
+    # qcow2), another imageio ticket over HTTPS (the proxy backend).
+    from harness import nbdserver
+    size = 16 * MiB
+    src = str(tmp_path / "guest.raw")
+    with open(src, "wb") as f:
+        f.truncate(size)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 4097 3M",
+        "-c", "write -P 0xa5 9M 1M", src)
+    srv = None
+    if backend == "file":
+        store = image(tmp_path, size=size, name="store.raw")
+        t = add(daemon, store, size=size)
+    elif backend == "nbd":
+        store = str(tmp_path / "store.qcow2")
+        run("qemu-img", "create", "-f", "qcow2", store, size)
+        srv = nbdserver.qemu_nbd(store, "qcow2", sock=str(tmp_path / "q"))
+        srv.start()
+        t = new_ticket(srv.url(), size)
+        daemon.add_ticket(t)
+    else:
+        store = image(tmp_path, size=size, name="store.raw")
+        inner = add(daemon, store, size=size)
+        t = new_ticket("https://localhost:{}/images/{}".format(
+            daemon.remote_port, inner["uuid"]), size)
+        daemon.add_ticket(t)
+    try:
+        url = unix_url(daemon, t)
+        run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, url)
+        out = str(tmp_path / "back.raw")
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", url, out)
+        assert sha(out) == sha(src)
+        with daemon.client() as admin:
+            admin.del_ticket(t["uuid"])
+        fmt = "qcow2" if backend == "nbd" else "raw"
+        if srv is not None:
+            srv.stop()
+            srv = None
+        run("qemu-img", "compare", "-f", "raw", "-F", fmt, src, store)
+    finally:
+        if srv is not None:
+            srv.stop()
 
 
 def test_nbdinfo_map_dirty_bitmap_of_dirty_ticket(daemon, tmp_path):
