@@ -328,7 +328,8 @@ def test_verification_fails_upload_at_the_first_bad_window(daemon,
                                                           tmp_path):
     # A 256 MiB image is verified in 64 MiB windows, each read back from
     # the daemon as soon as it is written: a target that keeps no write
-    # fails the upload naming the first window, not the whole image.
+    # fails the upload naming the first block that differs (its block
+    # hash, both sides), not only the whole image's digests.
     from harness.nbdserver import nbdkit
     size = 256 * MiB
     source = tmp_path / "source.raw"
@@ -344,7 +345,10 @@ def test_verification_fails_upload_at_the_first_bad_window(daemon,
     assert r.returncode == 1
     line = r.stderr.strip().splitlines()[-1]
     assert "Verification failed" in line
-    assert "of bytes 0-{} differs".format(64 * MiB - 1) in line
+    assert "of bytes 0-{} differs".format(4 * MiB - 1) in line
+    digests = [w.strip(",.'") for w in line.split() if len(w.strip(",.'"))
+               == 64]
+    assert len(digests) == 2 and digests[0] != digests[1]
     assert "completed" not in r.stdout
 
 
