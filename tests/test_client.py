@@ -352,6 +352,47 @@ def test_verification_fails_upload_at_the_first_bad_window(daemon,
     assert "completed" not in r.stdout
 
 
+@pytest.fixture(scope="module")
+def tls_only_daemon(tmp_path_factory):
+    """A daemon without its local service: the client crosses TLS, as from
+    another host, and its read-back goes through Python's TLS reads."""
+    from harness.daemonproc import Daemon
+    d = Daemon(tmp_path_factory.mktemp("tls-daemon"),
+               "[local]\nenable = false\n").start()
+    yield d
+    d.stop()
+
+
+def test_verification_over_tls_compressed_and_lossy(tls_only_daemon,
+                                                    tmp_path, qcow2):
+    # Over TLS (zstd-coded too), the windowed read-back verifies a good
+    # upload with the daemon's own checksum and fails a target that drops
+    # writes at its first block.
+    from harness.nbdserver import nbdkit
+    from imageio.backends.http import HTTPBackend
+    d = tls_only_daemon
+    target, url = file_ticket(d, tmp_path)
+    r = ovirt_img("upload", qcow2, url, "--cafile", d.ca_file,
+                  "--compress", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "local socket" not in r.stderr
+    http = HTTPBackend(url, cafile=d.ca_file)
+    try:
+        remote = http.checksum("blake3", 4 * MiB)["checksum"]
+    finally:
+        http.close()
+    assert "Verified: blake3 checksum {}".format(remote) in r.stderr
+    compare(qcow2, target, "qcow2", "raw")
+    sock = tmp_path / "lossy.sock"
+    with nbdkit("null", "size={}".format(SIZE), sock=sock).start():
+        t = new_ticket("nbd:unix:" + str(sock), SIZE)
+        d.add_ticket(t)
+        r = ovirt_img("upload", qcow2, url_of(d, t), "--cafile",
+                      d.ca_file, "--compress")
+    assert r.returncode == 1
+    assert "of bytes 0-{} differs".format(4 * MiB - 1) in r.stderr
+
+
 def test_download_verification_reads_back_the_local_image(
         daemon, tmp_path, monkeypatch):
     # The local image keeps no write (its qemu-nbd replaced by nbdkit's
