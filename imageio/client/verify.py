@@ -241,7 +241,10 @@ class WindowVerifier:
             self._abort.set()
 
     def result(self):
-        """Wait for the last window's check; raise its failure."""
+        """After the copy: wait for the last window's check; raise its
+        failure.  A window the copy left incomplete is not waited for
+        (the block hash then says which block was never moved)."""
+        self._windows.stop()
         self._thread.join()
         if self._error is not None:
             raise self._error
