@@ -190,12 +190,28 @@ def _own_buffers():
     return lease
 
 
+def check_window(size, block_size, offset, length):
+    """The end of the window ``[offset, offset + length)`` of an image of
+    ``size`` bytes whose block hash a client may ask for: whole blocks
+    (the image's last one may be short).  BadRequest otherwise."""
+    end = offset + length
+    if offset % block_size or offset > size or end < offset or \
+            end > size or (end % block_size and end != size):
+        raise errors.BadRequest(
+            "Invalid checksum window offset={} length={}: whole blocks of "
+            "{} bytes within the image's {} bytes expected".format(
+                offset, length, block_size, size))
+    return end
+
+
 def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
             block_size=DEFAULT_BLOCK_SIZE, progress=None, workers=None,
-            executor=None, buffers=None):
-    """Return the block hash of the first ``size`` bytes of ``backend`` as
-    a hex string.  ``progress(n)`` is called per block in order (it may
-    raise Canceled, which stops the computation).
+            executor=None, buffers=None, offset=0):
+    """Return the block hash of ``[offset, size)`` of ``backend`` as a hex
+    string: the whole image with ``offset`` 0, else the hash of the block
+    digests of a window starting at a block boundary (``check_window``).
+    ``progress(n)`` is called per block in order (it may raise Canceled,
+    which stops the computation).
 
     Blocks are hashed by ``workers`` threads of their own, or on
     ``executor`` (the daemon's, shared by every checksum request so that
@@ -263,10 +279,11 @@ def compute(backend, size, algorithm=DEFAULT_ALGORITHM,
 
     try:
         zmap = None
-        for start in range(0, size, block_size):
+        for start in range(offset, size, block_size):
             length = min(block_size, size - start)
-            if start % window == 0:
-                zmap = _ZeroMap(backend, start, min(start + window, size))
+            if zmap is None or start % window == 0:
+                zmap = _ZeroMap(backend, start,
+                                min(start - start % window + window, size))
             pieces = zmap.pieces(start, start + length)
             if len(pieces) == 1 and pieces[0][2]:
                 pending.append((length, zeros.digest(length)))
@@ -421,6 +438,20 @@ class BlockHasher:
         with self._lock:
             return self._digests[start // self.block_size:
                                  -(-end // self.block_size)]
+
+    def window_hexdigest(self, start, end):
+        """The block hash of the window ``[start, end)`` (whole blocks):
+        what the daemon answers for ``/checksum?offset=&length=``; an
+        Error if a block of it was not wholly fed."""
+        digests = self.digests(start, end)
+        if None in digests:
+            index = start // self.block_size + digests.index(None)
+            raise errors.Error(
+                "Block hash incomplete: block {} (offset {}) was not "
+                "transferred".format(index, index * self.block_size))
+        outer = new_hash(self.algorithm)
+        outer.update(b"".join(digests))
+        return outer.hexdigest()
 
     def hexdigest(self):
         with self._lock:

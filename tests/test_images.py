@@ -589,6 +589,48 @@ def test_checksum(daemon, service, tmp_path):
     assert r["checksum"] == outer.hexdigest()
 
 
+def test_checksum_of_a_window(daemon, service, tmp_path):
+    # ?offset=&length=: the block hash of whole blocks of the image (the
+    # client verifies an upload window by window with it); the image's
+    # last block may be short.
+    data = os.urandom(2 * MiB) + b"\0" * (7 * MiB) + os.urandom(MiB + 7)
+    path = make_image(tmp_path, len(data), data)
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    for offset, length in [(0, 4 * MiB), (4 * MiB, 4 * MiB),
+                           (4 * MiB, len(data) - 4 * MiB),
+                           (8 * MiB, len(data) - 8 * MiB), (0, len(data)),
+                           (len(data) - len(data) % (4 * MiB), len(data) %
+                            (4 * MiB))]:
+        resp, body = request(con, "GET", "/images/{}/checksum?offset={}&"
+                             "length={}".format(t["uuid"], offset, length))
+        assert resp.status == 200, body
+        assert json.loads(body) == {
+            "algorithm": "blake2b", "block_size": 4 * MiB,
+            "offset": offset, "length": length,
+            "checksum": reference_checksum(data[offset:offset + length])}
+    resp, body = request(con, "GET", "/images/{}/checksum/algorithms"
+                         .format(t["uuid"]))
+    assert json.loads(body)["windows"] is True
+
+
+@pytest.mark.parametrize("query", [
+    "offset=1&length=4194304",          # not at a block's start
+    "offset=0&length=1000",             # not whole blocks
+    "offset=0&length=1073741824",       # past the end
+    "offset=1073741824",                # starts past the end
+    "offset=-4194304&length=4194304",
+])
+def test_checksum_of_a_bad_window(daemon, service, image, query):
+    path, data = image
+    t = add(daemon, path, len(data))
+    con = connect(daemon, service)
+    resp, body = request(con, "GET", "/images/{}/checksum?{}".format(
+        t["uuid"], query))
+    assert resp.status == 400, body
+    assert b"offset" in body
+
+
 @pytest.mark.parametrize("query", [
     "algorithm=md42", "block_size=1000", "block_size=x",
     "block_size=33554432",

@@ -165,6 +165,8 @@ class HTTPBackend(_DataPath, Backend):
         self._use_unix_socket = use_unix_socket
         self._timeout = timeout
         self._ca_hint = ca_hint
+        # (algorithms, windows) of /checksum/algorithms, asked once.
+        self._checksum_info = None
         if ssl_context is not None:
             # A clone's: loading the CA file again costs milliseconds.
             self._context = ssl_context
@@ -198,6 +200,7 @@ class HTTPBackend(_DataPath, Backend):
                             timeout=self._timeout, ca_hint=self._ca_hint,
                             options=self.options, ssl_context=self._context)
         other.coding = self.coding
+        other._checksum_info = self._checksum_info
         return other
 
     def use_zstd(self):
@@ -374,22 +377,40 @@ class HTTPBackend(_DataPath, Backend):
                 for e in got
                 if e.start < end and e.start + e.length > offset]
 
-    def checksum(self, algorithm, block_size):
-        """Let the remote daemon compute the checksum next to the data."""
-        query = urllib.parse.urlencode(
-            {"algorithm": algorithm, "block_size": block_size})
+    def checksum(self, algorithm, block_size, offset=None, length=None):
+        """Let the remote daemon compute the checksum next to the data:
+        the whole image's, or (``offset`` and ``length``, when
+        ``checksum_windows()``) the block hash of a window of whole
+        blocks."""
+        params = {"algorithm": algorithm, "block_size": block_size}
+        if offset is not None:
+            params.update(offset=offset, length=length)
+        query = urllib.parse.urlencode(params)
         return self._con.request_json(
             "GET", "{}/checksum?{}".format(self._path, query))
+
+    def _checksum_answer(self):
+        if self._checksum_info is None:
+            try:
+                answer = self._con.request_json(
+                    "GET", "{}/checksum/algorithms".format(self._path))
+                self._checksum_info = (
+                    list(answer.get("algorithms", [])),
+                    answer.get("windows") is True)
+            except (errors.HTTPError, AttributeError, TypeError):
+                self._checksum_info = ([], False)
+        return self._checksum_info
 
     def checksum_algorithms(self):
         """The algorithms the remote daemon's checksum accepts ([] when it
         does not say)."""
-        try:
-            answer = self._con.request_json(
-                "GET", "{}/checksum/algorithms".format(self._path))
-            return list(answer.get("algorithms", []))
-        except (errors.HTTPError, AttributeError, TypeError):
-            return []
+        return list(self._checksum_answer()[0])
+
+    def checksum_windows(self):
+        """Whether the remote daemon hashes a window of the image (this
+        project's daemon does; the established one hashes whole images
+        only)."""
+        return self._checksum_answer()[1]
 
     def close(self):
         self._con.close()

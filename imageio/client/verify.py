@@ -3,10 +3,12 @@ image) compared with the daemon's hash of its copy, in the fastest
 algorithm both offer.
 
 As the transfer goes, window by window (``Windows``, ``WindowVerifier``):
-an upload reads each written window back from the daemon (flush, then
-GETs: the daemon's checksum API hashes whole images only) and compares its
-block digests with the source's, fed as they moved, so a bad window fails
-the upload while later ones would still be moving; a download reads each
+an upload asks this project's daemon for the block hash of each written
+window (flush, then ``/checksum?offset=&length=``, hashed next to the data:
+``RemoteWindows``), or, with a daemon that hashes whole images only (the
+established one), reads the window back (GETs) and compares its block
+digests with the source's, fed as they moved, so a bad window fails the
+upload while later ones would still be moving; a download reads each
 written window back from the local image and compares the whole with the
 daemon's checksum, computed while the data moves."""
 
@@ -426,11 +428,85 @@ def buffer():
     return AlignedBuffer(blkhash.CHUNK + blkhash.READ_SLACK)
 
 
+class RemoteWindows:
+    """An upload's window check against a daemon that hashes windows
+    (``checksum_windows()``: this project's): flush the daemon's copy,
+    ask its block hash of the window, read back from its storage next to
+    the data, and compare it with ``local``'s (the source's bytes, fed as
+    they moved).  The daemon reads and hashes; nothing crosses the wire
+    again."""
+
+    def __init__(self, http, local):
+        self._con = http.clone()
+        self._local = local
+        self._flush = "flush" in http.features or not http.features
+        self._lock = threading.Lock()
+        # The windows checked so far, in order: [0, checked).
+        self.checked = 0
+
+    def __call__(self, start, end):
+        if self._flush:
+            self._con.flush()
+        local = self._local
+        theirs = self._con.checksum(local.algorithm, local.block_size,
+                                    start, end - start)
+        if theirs.get("offset") != start:
+            raise errors.Error("The daemon did not hash the window {}-{}"
+                               .format(start, end - 1))
+        mine = local.window_hexdigest(start, end)
+        if mine != theirs["checksum"]:
+            start, end, mine, theirs = self._first_bad_block(start, end)
+            raise VerifyError(
+                "Verification failed: local image {} checksum {} of bytes "
+                "{}-{} differs from the daemon's {}".format(
+                    local.algorithm, mine, start, end - 1, theirs))
+        with self._lock:
+            if start == self.checked:
+                self.checked = end
+
+    def _first_bad_block(self, start, end):
+        """The first block of a window that differs (its range and both
+        block hashes): the daemon hashes the window's blocks one by one
+        until one differs (only when the window did)."""
+        local = self._local
+        bs = local.block_size
+        for a in range(start, end, bs):
+            b = min(a + bs, end)
+            mine = local.window_hexdigest(a, b)
+            theirs = self._con.checksum(local.algorithm, bs, a,
+                                        b - a)["checksum"]
+            if mine != theirs:
+                return a, b, mine, theirs
+        # Changed again since: the whole window is what differed.
+        return start, end, local.window_hexdigest(start, end), "another"
+
+    def result(self, size):
+        """After the copy and the last window's check: the whole image
+        verified (every window was), or the rest checked now."""
+        local = self._local
+        if self.checked < size:
+            self(self.checked, size)
+        checksum = local.hexdigest()
+        log.info("Verified: %s checksum %s (window by window, hashed by "
+                 "the daemon)", local.algorithm, checksum)
+        return {"algorithm": local.algorithm, "checksum": checksum}
+
+    def close(self):
+        self._con.close()
+
+
 def upload_check(http, local, size):
-    """An upload's window check: flush the daemon's copy, read the window
-    back from its storage (GETs, on connections of their own), and compare
-    its block hash with ``local``'s (the source's bytes, fed as they
-    moved).  Returns ``(check, remote hasher, close)``."""
+    """An upload's window check: with a daemon that hashes windows, ask
+    its hash of each (``RemoteWindows``); else flush the daemon's copy,
+    read the window back from its storage (GETs, on connections of their
+    own), and compare its block hash with ``local``'s (the source's
+    bytes, fed as they moved).  Returns ``(check, remote, close)``:
+    ``remote`` is the RemoteWindows or the hasher of what was read
+    back (see ``verified``)."""
+    windows = getattr(http, "checksum_windows", None)
+    if windows is not None and windows():
+        remote = RemoteWindows(http, local)
+        return remote, remote, remote.close
     remote = hasher(local.algorithm, size)
     cons = _clones(http, READBACK_LANES)
     can_extents = "extents" in http.features or not http.features
@@ -459,4 +535,6 @@ def download_check(nbd, local):
 def verified(local, remote):
     """The result of a verification done window by window: the whole
     image's digests (equal when every window was)."""
+    if isinstance(remote, RemoteWindows):
+        return remote.result(local.size)
     return compare(local.hexdigest(), remote.hexdigest(), local.algorithm)

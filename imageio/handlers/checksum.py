@@ -44,17 +44,26 @@ class Checksum(Resource):
                                checksum.DEFAULT_BLOCK_SIZE)
         checksum.validate_block_size(block_size)
         checksum.new_hash(algorithm)
-        with ticket.operation(0, ticket.size) as op:
-            if backend.checksum is not None:
+        # A window of whole blocks (an extension: a client verifying an
+        # upload window by window while the next ones move).
+        ranged = "offset" in req.query or "length" in req.query
+        offset = query_int(req.query, "offset", 0)
+        length = query_int(req.query, "length", ticket.size - offset)
+        end = checksum.check_window(ticket.size, block_size, offset, length)
+        with ticket.operation(offset, end - offset) as op:
+            if backend.checksum is not None and not ranged:
                 # A proxy asks the daemon next to the data.
                 result = backend.checksum(algorithm, block_size)
                 op.progress(ticket.size)
             else:
                 result = {"algorithm": algorithm, "block_size": block_size,
                           "checksum": checksum.compute(
-                              backend, ticket.size, algorithm, block_size,
+                              backend, end, algorithm, block_size,
                               op.progress, executor=_hashers(),
-                              buffers=_pool_buffers(self.cfg))}
+                              buffers=_pool_buffers(self.cfg),
+                              offset=offset)}
+                if ranged:
+                    result.update(offset=offset, length=end - offset)
         resp.send_json(result, headers=CORS)
 
 
@@ -65,5 +74,7 @@ class Algorithms(Resource):
                                   self.cfg)
         # An operation, so a DELETE waits for this answer (or it is 403).
         with ticket.operation():
-            resp.send_json({"algorithms": checksum.algorithms()},
-                           headers=CORS)
+            # "windows": /checksum takes offset and length (this daemon's
+            # extension; clients of the established API ignore it).
+            resp.send_json({"algorithms": checksum.algorithms(),
+                            "windows": True}, headers=CORS)
