@@ -443,21 +443,19 @@ class BlockHasher:
         """The block hash of the window ``[start, end)`` (whole blocks):
         what the daemon answers for ``/checksum?offset=&length=``; an
         Error if a block of it was not wholly fed."""
-        digests = self.digests(start, end)
-        if None in digests:
-            index = start // self.block_size + digests.index(None)
-            raise errors.Error(
-                "Block hash incomplete: block {} (offset {}) was not "
-                "transferred".format(index, index * self.block_size))
-        outer = new_hash(self.algorithm)
-        outer.update(b"".join(digests))
-        return outer.hexdigest()
+        return self._combine(self.digests(start, end),
+                             start // self.block_size)
 
     def hexdigest(self):
         with self._lock:
             digests = list(self._digests)
+        return self._combine(digests, 0)
+
+    def _combine(self, digests, first):
+        """The hash of ``digests`` (of blocks ``first``...), or an Error
+        naming the first block not wholly fed."""
         if None in digests:
-            index = digests.index(None)
+            index = first + digests.index(None)
             raise errors.Error(
                 "Block hash incomplete: block {} (offset {}) was not "
                 "transferred".format(index, index * self.block_size))

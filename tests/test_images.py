@@ -614,34 +614,24 @@ def test_checksum_of_a_window(daemon, service, tmp_path):
     assert json.loads(body)["windows"] is True
 
 
-@pytest.mark.parametrize("query", [
-    "offset=1&length=4194304",          # not at a block's start
-    "offset=0&length=1000",             # not whole blocks
-    "offset=0&length=1073741824",       # past the end
-    "offset=1073741824",                # starts past the end
-    "offset=-4194304&length=4194304",
+@pytest.mark.parametrize("query,says", [
+    ("algorithm=md42", None), ("block_size=1000", None),
+    ("block_size=x", None), ("block_size=33554432", None),
+    # Windows that are not whole blocks of the image.
+    ("offset=1&length=4194304", b"offset"),     # not at a block's start
+    ("offset=0&length=1000", b"offset"),        # not whole blocks
+    ("offset=0&length=1073741824", b"offset"),  # past the end
+    ("offset=1073741824", b"offset"),           # starts past the end
+    ("offset=-4194304&length=4194304", b"offset"),
 ])
-def test_checksum_of_a_bad_window(daemon, service, image, query):
-    path, data = image
-    t = add(daemon, path, len(data))
-    con = connect(daemon, service)
-    resp, body = request(con, "GET", "/images/{}/checksum?{}".format(
-        t["uuid"], query))
-    assert resp.status == 400, body
-    assert b"offset" in body
-
-
-@pytest.mark.parametrize("query", [
-    "algorithm=md42", "block_size=1000", "block_size=x",
-    "block_size=33554432",
-])
-def test_checksum_bad(daemon, service, image, query):
+def test_checksum_bad(daemon, service, image, query, says):
     path, data = image
     t = add(daemon, path, len(data))
     con = connect(daemon, service)
     resp, body = request(con, "GET", "/images/{}/checksum?{}".format(
         t["uuid"], query))
     assert resp.status == 400
+    assert says is None or says in body, body
 
 
 def test_checksum_algorithms(daemon, service, image):
