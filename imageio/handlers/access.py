@@ -32,7 +32,7 @@ class Binding:
 SLOT_WAIT = 2.0
 
 
-def open_image(req, ticket_id, op, store, cfg, buffer=True):
+def open_image(conn, ticket_id, op, store, cfg, buffer=True):
     """Return (ticket, backend, buffer) for ``op`` on ``ticket_id``; no
     buffer (None) with ``buffer=False`` or for OPTIONS (``op`` None).
 
@@ -40,7 +40,6 @@ def open_image(req, ticket_id, op, store, cfg, buffer=True):
     ServiceUnavailable (too many connections), BackendError (image
     unreachable).
     """
-    conn = req.conn
     conn.error_headers = CORS
     ticket = store.authorize(ticket_id, op)
     bindings = conn.context.setdefault("bindings", {})

@@ -37,8 +37,8 @@ def _pool_buffers(cfg):
 class Checksum(Resource):
 
     def get(self, req, resp, ticket_id):
-        ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
-                                        self.cfg, buffer=False)
+        ticket, backend, _ = open_image(req.conn, ticket_id, "read",
+                                        self.store, self.cfg, buffer=False)
         algorithm = req.query.get("algorithm", checksum.DEFAULT_ALGORITHM)
         block_size = query_int(req.query, "block_size",
                                checksum.DEFAULT_BLOCK_SIZE)
@@ -70,7 +70,7 @@ class Checksum(Resource):
 class Algorithms(Resource):
 
     def get(self, req, resp, ticket_id):
-        ticket, _, _ = open_image(req, ticket_id, "read", self.store,
+        ticket, _, _ = open_image(req.conn, ticket_id, "read", self.store,
                                   self.cfg)
         # An operation, so a DELETE waits for this answer (or it is 403).
         with ticket.operation():

@@ -25,8 +25,8 @@ MAX_STEP = 2 * 1024**3
 class Extents(Resource):
 
     def get(self, req, resp, ticket_id):
-        ticket, backend, _ = open_image(req, ticket_id, "read", self.store,
-                                        self.cfg, buffer=False)
+        ticket, backend, _ = open_image(req.conn, ticket_id, "read",
+                                        self.store, self.cfg, buffer=False)
         context = req.query.get("context", "zero")
         if context not in ("zero", "dirty"):
             raise errors.BadRequest(

@@ -43,7 +43,7 @@ class Images:
                 info["unix_socket"] = self.local_socket
             resp.send_json(info, headers=headers)
             return
-        ticket, backend, _ = open_image(req, ticket_id, None, self.store,
+        ticket, backend, _ = open_image(req.conn, ticket_id, None, self.store,
                                         self.cfg)
         # An operation, so a DELETE waits for this answer (or it is 403).
         with ticket.operation():
@@ -81,7 +81,7 @@ class Images:
         this way."""
         if req.body_left():
             raise errors.BadRequest("HEAD request must not have a body")
-        ticket, _, _ = open_image(req, ticket_id, "read", self.store,
+        ticket, _, _ = open_image(req.conn, ticket_id, "read", self.store,
                                   self.cfg)
         status, _, length, headers = _read_answer(req, ticket)
         with ticket.operation():
@@ -90,7 +90,7 @@ class Images:
     def get(self, req, resp, ticket_id):
         if req.body_left():
             raise errors.BadRequest("GET request must not have a body")
-        ticket, backend, buf = open_image(req, ticket_id, "read",
+        ticket, backend, buf = open_image(req.conn, ticket_id, "read",
                                           self.store, self.cfg)
         status, offset, length, headers = _read_answer(req, ticket)
         coding = compression.response_coding(req.headers, status == 206,
@@ -113,7 +113,7 @@ class Images:
                          op.progress)
 
     def put(self, req, resp, ticket_id):
-        ticket, backend, buf = open_image(req, ticket_id, "write",
+        ticket, backend, buf = open_image(req.conn, ticket_id, "write",
                                           self.store, self.cfg)
         flush = httpparse.parse_bool(req.query.get("flush", "y"), "flush")
         if not req.has_length:
@@ -174,7 +174,7 @@ class Images:
                 offset += size
 
     def patch(self, req, resp, ticket_id):
-        ticket, backend, _ = open_image(req, ticket_id, "write",
+        ticket, backend, _ = open_image(req.conn, ticket_id, "write",
                                         self.store, self.cfg)
         msg = req.read_json()
         if not isinstance(msg, dict):

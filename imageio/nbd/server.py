@@ -86,14 +86,6 @@ class Reader(streams.Reader):
         return unit
 
 
-class _Req:
-    """What handlers.access needs of a request: its connection."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn):
-        self.conn = conn
-
 
 class Connection(served.Served):
     """One NBD client connection (imageio.connections drives it like an
@@ -239,7 +231,7 @@ class Connection(served.Served):
         """(ticket, backend) of export ``name`` (a ticket id), bound to this
         connection; errors.Error when it cannot be served."""
         ticket, backend, _ = access.open_image(
-            _Req(self), name, "read", self.store, self.cfg, buffer=False)
+            self, name, "read", self.store, self.cfg, buffer=False)
         return ticket, backend
 
     def _flags(self, ticket, backend):
@@ -414,7 +406,7 @@ class Connection(served.Served):
                 pipe.drain()
         try:
             ticket, backend, buf = access.open_image(
-                _Req(self), self._ticket_id, op, self.store, self.cfg)
+                self, self._ticket_id, op, self.store, self.cfg)
         except errors.Error as e:
             if kind == p.CMD_WRITE:
                 self._skip(length)
@@ -478,7 +470,7 @@ class Connection(served.Served):
         pipe = self._pipeline
         try:
             ticket, backend, _ = access.open_image(
-                _Req(self), self._ticket_id, _OP[kind], self.store,
+                self, self._ticket_id, _OP[kind], self.store,
                 self.cfg, buffer=False)
         except errors.Error as e:
             pipe.release(lane)
@@ -634,8 +626,8 @@ class Connection(served.Served):
 
     def _read(self, cookie, offset, length, backend, buf, run):
         """Reply to a READ: a hole chunk where the backend knows the range
-        starts with zeroes, data chunks for the rest (a simple reply: the header
-        then every byte, under the send lock all along); the file
+        starts with zeroes, data chunks for the rest (a simple reply: the
+        header then every byte, under the send lock all along); the file
         backend's sendfile on a plain socket."""
         fd = self.sock.fd
         send_to = backend.send_to if fd != -1 else None
