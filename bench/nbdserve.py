@@ -69,15 +69,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=2 * GiB)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default="/dev/shm",
+                    help="where the targets live (a disk directory: the "
+                    "daemon's file backend uses O_DIRECT there, and qemu-nbd "
+                    "gets --cache=none --aio=native to match)")
     args = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="nbdserve-", dir="/dev/shm")
+    work = tempfile.mkdtemp(prefix="nbdserve-", dir=args.dir)
     try:
-        run(work, args.size, args.repeats)
+        run(work, args.size, args.repeats,
+            direct=not args.dir.startswith("/dev/shm"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work, size, repeats):
+def run(work, size, repeats, direct=False):
     src = os.path.join(work, "src.qcow2")
     source_qcow2(src, size)
     target = os.path.join(work, "target.raw")
@@ -105,10 +110,11 @@ def run(work, size, repeats):
         with open(path, "wb") as f:
             f.truncate(size)
         targets.append(path)
+    io = {"cache": "none", "aio": "native"} if direct else {}
     qemu_tls = nbdserver.qemu_nbd(targets[0], "raw", port=port,
-                                  tls_dir=pki, shared=8).start()
+                                  tls_dir=pki, shared=8, **io).start()
     qemu_unix = nbdserver.qemu_nbd(targets[1], "raw", sock=sock,
-                                   shared=8).start()
+                                   shared=8, **io).start()
     urls = {
         ("imageio", "tls"): ("nbds://localhost:{}/{}?tls-certificates={}"
                              .format(d.nbd_port, t["uuid"], cadir),
