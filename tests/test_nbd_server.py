@@ -96,17 +96,29 @@ def test_qemu_img_convert_out_over_unix_and_tls(daemon, cadir, tmp_path):
     assert sha(out) == sha(path)
 
 
-def test_qemu_img_convert_qcow2_into_ticket(daemon, cadir, tmp_path):
+@pytest.mark.parametrize("way", ["unix", "tls"])
+def test_qemu_img_convert_qcow2_into_ticket(daemon, cadir, tmp_path, way):
     src = str(tmp_path / "guest.qcow2")
     run("qemu-img", "create", "-f", "qcow2", src, SIZE)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 1M 2M",
         "-c", "write -P 0xaa 40M 1M", src)
     path = image(tmp_path)
     t = add(daemon, path, sparse=True)
-    run("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", src,
-        unix_url(daemon, t))
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src,
-        unix_url(daemon, t))
+    if way == "unix":
+        run("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", src,
+            unix_url(daemon, t))
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src,
+            unix_url(daemon, t))
+    else:
+        # A guest into a ticket over nbds:// with x509 credentials.
+        tls = "tls-creds-x509,id=tls0,dir={},endpoint=client".format(cadir)
+        target = ("driver=raw,file.driver=nbd,file.host=localhost,"
+                  "file.port={},file.export={},file.tls-creds=tls0".format(
+                      daemon.nbd_port, t["uuid"]))
+        run("qemu-img", "convert", "-n", "--object", tls, "-f", "qcow2",
+            "--target-image-opts", src, target)
+        run("qemu-img", "compare", "--object", tls, "--image-opts",
+            "driver=qcow2,file.driver=file,file.filename=" + src, target)
     expect = str(tmp_path / "expect.raw")
     run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", src, expect)
     assert sha(path) == sha(expect)
