@@ -46,15 +46,7 @@ TiB = 1024 * GiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVIRT_IMG = os.path.join(ROOT, ".venv", "bin", "ovirt-img")
 
-ESTABLISHED_SCRIPT = """\
-import sys
-from ovirt_imageio import client
-op, url, path, cafile = sys.argv[1:5]
-if op == "upload":
-    client.upload(path, url, cafile)
-else:
-    client.download(url, path, cafile, fmt="qcow2")
-"""
+ESTABLISHED_SCRIPT = peers.ESTABLISHED_CLIENT
 
 
 qemu_img = nbdserver.qemu_img

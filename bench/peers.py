@@ -115,6 +115,20 @@ def _can_connect_unix(path):
 
 # --- the established service's virtualenv ------------------------------------
 
+# The established client as a user's script calls its library API, run
+# with the established venv's python: op url path cafile [fmt].
+ESTABLISHED_CLIENT = """\
+import sys
+from ovirt_imageio import client
+op, url, path, cafile = sys.argv[1:5]
+if op == "upload":
+    client.upload(path, url, cafile)
+else:
+    client.download(url, path, cafile,
+                    fmt=sys.argv[5] if len(sys.argv) > 5 else "qcow2")
+"""
+
+
 def ensure_established():
     """Create bench/.venv-established with ovirt-imageio 2.5.1 if missing.
 

@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+from bench.peers import ESTABLISHED_CLIENT as SCRIPT
 from harness import nbdserver
 from imageio import backends, errors, extents, ops, streams
 from imageio._io.buffer import AlignedBuffer
@@ -578,17 +579,6 @@ def test_daemon_nbd_server_unreachable(daemon, tmp_path):
     assert "missing.sock" not in body
     assert "missing.sock" in daemon.log()
     conn.close()
-
-
-SCRIPT = """
-import sys
-from ovirt_imageio import client
-op, url, path, cafile = sys.argv[1:5]
-if op == "upload":
-    client.upload(path, url, cafile)
-else:
-    client.download(url, path, cafile, fmt=sys.argv[5])
-"""
 
 
 def test_established_client_round_trip(daemon, tmp_path):

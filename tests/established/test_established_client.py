@@ -8,19 +8,10 @@ import subprocess
 import pytest
 
 from conftest import new_ticket
+from bench.peers import ESTABLISHED_CLIENT as SCRIPT
 from harness import nbdserver
 
 MiB = 1024**2
-
-SCRIPT = """
-import sys
-from ovirt_imageio import client
-op, url, path, cafile = sys.argv[1:5]
-if op == "upload":
-    client.upload(path, url, cafile)
-else:
-    client.download(url, path, cafile, fmt=sys.argv[5])
-"""
 
 
 @pytest.fixture(scope="module")
