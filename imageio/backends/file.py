@@ -241,15 +241,7 @@ class FileBackend(Backend):
         return min(data - offset, length)
 
     def _in_hole(self, offset, length):
-        try:
-            data = os.lseek(self._fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            # ENXIO: no data after offset.  Anything else: cannot tell.
-            if e.errno != errno.ENXIO:
-                return False
-            # Past the end of file is not a hole: the read reports it.
-            return offset + length <= self.size()
-        return data >= offset + length
+        return self.leading_hole(offset, length) >= length
 
     def write(self, data, offset):
         try:
