@@ -53,6 +53,9 @@ def reference(data, algorithm="blake2b", block_size=4 * MiB):
         if algorithm == "blake3":
             import blake3
             return blake3.blake3()
+        if algorithm == "xxh3_128":
+            import xxhash
+            return xxhash.xxh3_128()
         return hashlib.blake2b(digest_size=32) if algorithm == "blake2b" \
             else hashlib.new(algorithm)
     outer = new()
@@ -109,7 +112,7 @@ def test_zero_extents_are_not_read():
 
 
 @pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5", "blake2s",
-                                       "blake3"])
+                                       "blake3", "xxh3_128"])
 @pytest.mark.parametrize("block_size", [MiB, 16 * MiB])
 def test_algorithms_and_block_sizes(algorithm, block_size):
     data, extents = sparse(20 * MiB + 1, [(MiB + 3, 2 * MiB), (19 * MiB, 5)])
@@ -208,7 +211,8 @@ def feed_pieces(hasher, data, extents, cut, order):
 
 
 @pytest.mark.parametrize("clusters", CLUSTERS)
-@pytest.mark.parametrize("algorithm", ["blake2b", "sha256", "blake3"])
+@pytest.mark.parametrize("algorithm", ["blake2b", "sha256", "blake3",
+                                       "xxh3_128"])
 @pytest.mark.parametrize("cut", [4096, 3 * MiB + 5, 16 * MiB])
 def test_block_hasher_same_as_compute(clusters, algorithm, cut):
     data, extents = sparse(10 * MiB + 7, clusters)
@@ -320,3 +324,19 @@ def test_blake3_offered_with_its_own_digest():
                               "blake3")
     assert digest == reference(data, "blake3")
     assert digest != reference(data, "blake2b")
+
+
+def test_xxh3_offered_with_its_own_digest():
+    # The block hash construction over XXH3-128 (16-byte digests), what
+    # the client's verification uses with this daemon.
+    assert "xxh3_128" in checksum.algorithms()
+    data, extents = sparse(9 * MiB + 3, [(MiB + 5, 3 * MiB)])
+    digest = checksum.compute(MemoryBackend(data, extents), len(data),
+                              "xxh3_128")
+    assert digest == reference(data, "xxh3_128")
+    assert len(digest) == 32
+    # One byte changed anywhere changes it.
+    data = bytearray(data)
+    data[2 * MiB] ^= 1
+    assert checksum.compute(MemoryBackend(bytes(data), extents), len(data),
+                            "xxh3_128") != digest

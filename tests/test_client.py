@@ -175,10 +175,10 @@ def test_checksum_local_and_remote_agree(daemon, tmp_path, qcow2):
     assert info["extents"]["data"] + info["extents"]["zero"] == SIZE
 
 
-def test_verification_hashes_blake3_as_the_data_moves(daemon, tmp_path,
-                                                     qcow2):
-    # This daemon lists blake3 in /checksum/algorithms: the digest the
-    # client logs as verified is the daemon's blake3 block hash, for an
+def test_verification_hashes_xxh3_as_the_data_moves(daemon, tmp_path,
+                                                   qcow2):
+    # This daemon lists xxh3_128 in /checksum/algorithms: the digest the
+    # client logs as verified is the daemon's xxh3_128 block hash, for an
     # upload and for a download of the same image, and the output names
     # the algorithm.
     from imageio.backends.http import HTTPBackend
@@ -187,25 +187,26 @@ def test_verification_hashes_blake3_as_the_data_moves(daemon, tmp_path,
                   "-o", "json")
     assert r.returncode == 0, r.stderr
     assert json_lines(r.stdout)[-1]["phase"] == \
-        "upload completed, verified (blake3)"
+        "upload completed, verified (xxh3_128)"
     http = HTTPBackend(url, cafile=daemon.ca_file)
     try:
-        assert "blake3" in http.checksum_algorithms()
-        remote = http.checksum("blake3", 4 * MiB)["checksum"]
+        assert "xxh3_128" in http.checksum_algorithms()
+        remote = http.checksum("xxh3_128", 4 * MiB)["checksum"]
     finally:
         http.close()
-    assert "Verified: blake3 checksum {}".format(remote) in r.stderr
+    assert "Verified: xxh3_128 checksum {}".format(remote) in r.stderr
     out = tmp_path / "back.qcow2"
     r = ovirt_img("download", url, str(out), "--cafile", daemon.ca_file,
                   "-v", "-o", "json")
     assert r.returncode == 0, r.stderr
-    assert "Verified: blake3 checksum {}".format(remote) in r.stderr
+    assert "Verified: xxh3_128 checksum {}".format(remote) in r.stderr
     assert json_lines(r.stdout)[-1]["phase"] == \
-        "download completed, verified (blake3)"
+        "download completed, verified (xxh3_128)"
     compare(qcow2, out)
 
 
-@pytest.mark.parametrize("algorithm", ["blake3", "sha256", "blake2b"])
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "blake3", "sha256",
+                                       "blake2b"])
 def test_checksum_algorithm_local_and_remote(daemon, tmp_path, qcow2,
                                              algorithm):
     target, url = file_ticket(daemon, tmp_path)
@@ -293,7 +294,7 @@ def test_incremental_download_of_dirty_bitmap(daemon, tmp_path):
 
 # Verification and resume.
 
-VERIFY_ALGORITHMS = [None, "blake3", "sha256", "blake2b"]
+VERIFY_ALGORITHMS = [None, "xxh3_128", "blake3", "sha256", "blake2b"]
 
 
 def algorithm_args(algorithm):
@@ -317,9 +318,9 @@ def test_verification_catches_target_that_loses_writes(daemon, tmp_path,
     assert r.returncode == 1
     line = r.stderr.strip().splitlines()[-1]
     assert "Verification failed" in line
-    assert "local image {} checksum".format(algorithm or "blake3") in line
+    assert "local image {} checksum".format(algorithm or "xxh3_128") in line
     digests = [w.strip(",.'") for w in line.split() if len(w.strip(",.'"))
-               == 64]
+               in (32, 64)]
     assert len(digests) == 2 and digests[0] != digests[1]
     assert "completed" not in r.stdout
 
@@ -347,7 +348,7 @@ def test_verification_fails_upload_at_the_first_bad_window(daemon,
     assert "Verification failed" in line
     assert "of bytes 0-{} differs".format(4 * MiB - 1) in line
     digests = [w.strip(",.'") for w in line.split() if len(w.strip(",.'"))
-               == 64]
+               in (32, 64)]
     assert len(digests) == 2 and digests[0] != digests[1]
     assert "completed" not in r.stdout
 
@@ -378,10 +379,10 @@ def test_verification_over_tls_compressed_and_lossy(tls_only_daemon,
     assert "local socket" not in r.stderr
     http = HTTPBackend(url, cafile=d.ca_file)
     try:
-        remote = http.checksum("blake3", 4 * MiB)["checksum"]
+        remote = http.checksum("xxh3_128", 4 * MiB)["checksum"]
     finally:
         http.close()
-    assert "Verified: blake3 checksum {}".format(remote) in r.stderr
+    assert "Verified: xxh3_128 checksum {}".format(remote) in r.stderr
     compare(qcow2, target, "qcow2", "raw")
     sock = tmp_path / "lossy.sock"
     with nbdkit("null", "size={}".format(SIZE), sock=sock).start():
@@ -949,7 +950,7 @@ def test_upload_from_http_url_verified(daemon, tmp_path, qcow2, web):
                   daemon.ca_file, "-o", "json", "-v")
     assert r.returncode == 0, r.stderr
     assert "format qcow2 (probed)" in r.stderr
-    assert "Verified: blake3 checksum" in r.stderr
+    assert "Verified: xxh3_128 checksum" in r.stderr
     assert json_lines(r.stdout)[-1]["transferred"] == SIZE
     compare(qcow2, target, "qcow2", "raw")
     # Only ranges were read: the curl driver, not a whole download.

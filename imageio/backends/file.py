@@ -244,11 +244,22 @@ class FileBackend(Backend):
         return self.leading_hole(offset, length) >= length
 
     def write(self, data, offset):
+        # Buffered writes to a file take its inode lock in the kernel, one
+        # at a time whatever we do; the kernel's waiters spin on a core
+        # while the holder copies (perf of a 4-connection upload to tmpfs:
+        # 5-6% of all CPU in rwsem_spin_on_owner).  Waiting on the file's
+        # lock here sleeps instead.  O_DIRECT writes run at once.
+        serial = self._align == 1 and not self._block
+        if serial:
+            self._lock.acquire()
         try:
             directio.write(self._fd, data, offset, self._bounce,
                            self._align, self._lock)
         except OSError as e:
             raise self._failed(e, "write", offset, len(data)) from None
+        finally:
+            if serial:
+                self._lock.release()
 
     def _failed(self, e, op, offset, length):
         """Log ``e`` with the image's path; return the OSError the

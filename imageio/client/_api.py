@@ -19,6 +19,7 @@ from .. import extents as extents_
 from ..backends import http as http_backend
 from ..backends import nbd as nbd_backend
 from . import journal as journal_mod
+from . import direct
 from . import nbd_transport
 from . import qemu
 from . import transfer
@@ -67,19 +68,19 @@ def _progress_start(progress, size):
             pass
 
 
-def _endpoints(kind, nbd, http, workers, buffer_size):
+def _endpoints(kind, nbd, http, workers, buffer_size, direct=None):
     """The first endpoint on the caller's connections, the others on
     clones, opened at the same time (each is two connections and a TLS
     handshake: over a link with latency, in turn they add up)."""
     def clone():
         n = nbd.clone()
         try:
-            return kind(n, http.clone(), buffer_size)
+            return kind(n, http.clone(), buffer_size, direct)
         except BaseException:
             n.close()
             raise
 
-    eps = [kind(nbd, http, buffer_size)]
+    eps = [kind(nbd, http, buffer_size, direct)]
     if workers < 2:
         return eps
     with concurrent.futures.ThreadPoolExecutor(workers - 1) as pool:
@@ -98,8 +99,9 @@ def _endpoints(kind, nbd, http, workers, buffer_size):
 
 
 def _copy(kind, nbd, http, tasks, workers, buffer_size, progress,
-          journal, hasher=None, skip=None, windows=None, stop=None):
-    eps = _endpoints(kind, nbd, http, workers, buffer_size)
+          journal, hasher=None, skip=None, windows=None, stop=None,
+          direct=None):
+    eps = _endpoints(kind, nbd, http, workers, buffer_size, direct)
     try:
         transfer.run(tasks, eps,
                      progress=progress.update if progress else None,
@@ -199,6 +201,12 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 extents_nbd = nbd.clone()
                 if qemu.is_url(filename):
                     extents_nbd = _Prefetched(extents_nbd, size)
+                # The data the source file holds as it is: read there
+                # (client.direct), its map the plan's extents.
+                source = None
+                if direct.usable(filename, image, member, backing_chain):
+                    source = direct.DirectSource(
+                        filename, image["format"], size, backing_chain)
                 try:
                     journal = journal_mod.Journal(
                         "upload", filename, url,
@@ -207,9 +215,11 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                         nbd, extents_nbd, http, size, buffer_size,
                         progress, max_workers, disk_is_zero, journal,
                         verify_.algorithm(http, algorithm) if verify
-                        else None, resume)
+                        else None, resume, source)
                 finally:
                     extents_nbd.close()
+                    if source is not None:
+                        source.close()
             finally:
                 nbd.close()
     finally:
@@ -241,7 +251,7 @@ class _Prefetched:
 
 
 def _upload(nbd, extents_nbd, http, size, buffer_size, progress,
-            max_workers, disk_is_zero, journal, verify, resume):
+            max_workers, disk_is_zero, journal, verify, resume, source=None):
     # A compressed PUT the daemon decodes whole before writing (docs/api.md,
     # "Compression"): a refused one leaves the image unchanged.
     request_size = compression.DECODE_SIZE if http.coding \
@@ -256,7 +266,7 @@ def _upload(nbd, extents_nbd, http, size, buffer_size, progress,
         verified = _upload_items(
             nbd, extents_nbd, http, size, buffer_size, progress,
             max_workers, target_zero, journal, done, verify, request_size,
-            can_flush)
+            can_flush, source)
     finally:
         if flusher is not None:
             flusher.close()
@@ -266,7 +276,7 @@ def _upload(nbd, extents_nbd, http, size, buffer_size, progress,
 
 def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
                   max_workers, target_zero, journal, done, verify,
-                  request_size, can_flush):
+                  request_size, can_flush, source=None):
     def skip(item):
         return target_zero.covers(item.start, item.length)
 
@@ -284,12 +294,17 @@ def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
                                                           size)
         verifier = verify_.WindowVerifier(windows, check, stop)
     try:
-        items = transfer.iplan(transfer.merged(transfer.source_extents(
-            extents_nbd, size)), request_size=request_size)
+        found = source.map() if source is not None else \
+            transfer.source_extents(extents_nbd, size)
+        items = transfer.iplan(transfer.merged(found),
+                               request_size=request_size)
         todo = _not_done(items, done, progress)
         _copy(transfer.Upload, nbd, http, transfer.tasks(todo, request_size),
               workers, buffer_size, progress, journal, hasher, skip,
-              windows, stop)
+              windows, stop, source)
+        if source is not None:
+            log.info("Read %d bytes from the source file directly, the "
+                     "rest of the data through qemu-nbd", source.moved)
         if can_flush:
             http.flush()
         if verifier is not None:

@@ -41,8 +41,8 @@ def _transfer_options(p):
     p.add_argument("--no-verify", action="store_true",
                    help="do not compare block hashes after the transfer")
     p.add_argument("--algorithm", help="block hash of the verification "
-                   "(default: blake3 when the daemon offers it, else "
-                   "sha256, else blake2b)")
+                   "(default: xxh3_128 when the daemon offers it, else "
+                   "blake3, else sha256, else blake2b)")
     p.add_argument("--resume", action="store_true",
                    help="send only what an interrupted run of the same "
                    "transfer did not confirm")
@@ -104,8 +104,9 @@ def parser():
     ck.add_argument("--member")
     ck.add_argument("--algorithm", default=_api.blkhash.DEFAULT_ALGORITHM,
                     help="block hash: blake2b (default, as the established "
-                    "daemon), sha256, blake3 (fastest, when the daemon "
-                    "offers it) or another hashlib algorithm")
+                    "daemon), sha256, blake3, xxh3_128 (fastest, not "
+                    "cryptographic; both when the daemon offers them) or "
+                    "another hashlib algorithm")
     tls = ck.add_mutually_exclusive_group()
     tls.add_argument("--cafile")
     tls.add_argument("--insecure", action="store_true")

@@ -122,12 +122,15 @@ def source_extents(nbd, size, step=EXTENTS_STEP):
 
 class _Endpoints:
     """One worker's connections (NBD toward qemu-nbd, HTTP toward the
-    daemon) and its buffer, allocated once."""
+    daemon) and its buffer, allocated once; ``direct`` (an upload's
+    ``client.direct.DirectSource``, shared by the workers) reads the
+    source file itself where it covers an item."""
 
-    def __init__(self, nbd, http, buffer_size):
+    def __init__(self, nbd, http, buffer_size, direct=None):
         self.nbd = nbd
         self.http = http
         self.buf = AlignedBuffer(buffer_size)
+        self.direct = direct
 
     def close(self):
         self.nbd.close()
@@ -139,8 +142,11 @@ class Upload(_Endpoints):
 
     def copy_data(self, item, tap=None):
         off, n = item.start, item.length
+        src = self.nbd
+        if self.direct is not None and self.direct.covers(off, n):
+            src = self.direct
         self.http.put_with(
-            off, n, lambda sink: _local("read", ops.read, self.nbd, sink, off,
+            off, n, lambda sink: _local("read", ops.read, src, sink, off,
                                         n, self.buf, None, tap))
 
     def zero(self, item):

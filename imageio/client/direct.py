@@ -1,0 +1,254 @@
+"""An upload's data read straight from the source file where qemu says
+it lies, instead of through the private qemu-nbd.
+
+A raw image's guest byte N is the file's byte N; a qcow2 image without
+compression, encryption or an external data file stores each allocated
+cluster's guest bytes as they are at a host offset ``qemu-img map`` tells.
+The upload then sends them with sendfile (or, when the client hashes them,
+one pread into its buffer): qemu-nbd's read, its send and the client's
+receive (three copies of every byte, and qemu-nbd's CPU) are gone.  What
+the map cannot place (a compressed cluster, a backing file's data, a
+format other than raw and qcow2, a URL, a tar member) still comes through
+qemu-nbd, which serves the same guest view.
+
+``qemu-img map`` is read as it prints (a 1 TiB qcow2 holding 1 GiB maps in
+0.2 s, faster than the same walk over NBD block status): its entries are
+also the plan's extents, so the copy starts after the first lines.
+"""
+
+import bisect
+import json
+import logging
+import os
+import stat
+import subprocess
+import threading
+
+from .. import errors
+from .._io import stream
+from ..backends.base import Backend
+from . import qemu
+
+log = logging.getLogger("client.direct")
+
+# The formats whose map offsets are the source file's own bytes.
+FORMATS = ("raw", "qcow2")
+
+
+class MapError(errors.Error):
+    """``qemu-img map`` failed or printed what it should not."""
+
+
+def usable(filename, image, member=None, backing_chain=True):
+    """Whether ``filename`` (``image``: its ``qemu.info``) can be read
+    directly: a local file in raw or qcow2, the qcow2 neither encrypted
+    nor with an external data file."""
+    if member is not None or qemu.is_url(filename):
+        return False
+    fmt = image.get("format")
+    if fmt not in FORMATS or image.get("encrypted"):
+        return False
+    if fmt == "qcow2":
+        data = image.get("format-specific", {}).get("data", {})
+        if data.get("data-file") or data.get("encrypt"):
+            return False
+    return os.path.isfile(filename) or _is_block(filename)
+
+
+def _is_block(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def map_argv(filename, fmt, backing_chain=True):
+    """``qemu-img map`` of the guest view qemu-nbd serves (``qemu.serve``:
+    a qcow2's backing file followed only when ``backing_chain``)."""
+    argv = ["qemu-img", "map", "--output=json"]
+    if fmt == "qcow2" and not backing_chain:
+        return argv + ["json:" + json.dumps({
+            "driver": fmt, "backing": None,
+            "file": {"driver": "file", "filename": filename}})]
+    return argv + ["-f", fmt, filename]
+
+
+class DirectSource(Backend):
+    """The source file, addressed by guest offset through the runs the map
+    placed (``covers()`` tells whether a range is wholly placed).  Shared
+    by every worker: pread and sendfile take the offset, never the fd's
+    position.  ``extents()`` (a generator) runs ``qemu-img map`` and
+    yields the plan's ``(start, length, zero)``, placing data runs as it
+    goes: an item is planned, so placed, before a worker reads it."""
+
+    name = "direct"
+
+    def __init__(self, filename, fmt, size, backing_chain=True):
+        self._filename = filename
+        self._argv = map_argv(filename, fmt, backing_chain)
+        self._size = size
+        self._fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        # Placed runs, in guest order: start, end, host offset.
+        self._starts = []
+        self._ends = []
+        self._hosts = []
+        self._proc = None
+        # Bytes placed by the map, and bytes the workers read here.
+        self.placed = 0
+        self.moved = 0
+
+    def size(self):
+        return self._size
+
+    def extents(self, offset=0, length=None, context="zero"):
+        raise NotImplementedError("DirectSource.map() gives the plan")
+
+    def map(self):
+        """Yield the guest view's ``(start, length, zero)`` from ``qemu-img
+        map`` as it prints, placing data runs the file holds.  MapError
+        when qemu-img fails or its map does not cover the image."""
+        try:
+            proc = self._proc = subprocess.Popen(
+                self._argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL, text=True,
+                preexec_fn=qemu._die_with_parent)
+        except FileNotFoundError:
+            raise MapError("qemu-img is not installed (Debian: qemu-utils)")
+        pos = 0
+        try:
+            for line in proc.stdout:
+                line = line.strip().lstrip("[").rstrip(",]").strip()
+                if not line:
+                    continue
+                try:
+                    e = json.loads(line)
+                    start, length = int(e["start"]), int(e["length"])
+                    zero, data = bool(e["zero"]), bool(e["data"])
+                except (ValueError, KeyError, TypeError) as err:
+                    raise MapError("qemu-img map printed {!r}: {}".format(
+                        line[:200], err))
+                if start != pos or length <= 0 or start + length > self._size:
+                    raise MapError(
+                        "qemu-img map: extent {}+{} where {} was expected"
+                        .format(start, length, pos))
+                if data and not zero and e.get("depth") == 0 and \
+                        "offset" in e:
+                    self._place(start, length, int(e["offset"]))
+                pos = start + length
+                yield start, length, zero
+            err = proc.stderr.read()
+            if proc.wait() != 0:
+                raise MapError("qemu-img map failed: {}".format(
+                    qemu._last_line(err) or proc.returncode))
+            if pos != self._size:
+                raise MapError("qemu-img map covered {} of {} bytes".format(
+                    pos, self._size))
+            log.debug("Mapped %s: %d bytes placed in the file",
+                      self._filename, self.placed)
+        finally:
+            self._stop()
+
+    def _place(self, start, length, host):
+        with self._lock:
+            if self._ends and self._ends[-1] == start and \
+                    self._hosts[-1] + (start - self._starts[-1]) == host:
+                self._ends[-1] = start + length
+            else:
+                self._starts.append(start)
+                self._ends.append(start + length)
+                self._hosts.append(host)
+            self.placed += length
+
+    def _runs(self, offset, length):
+        """``(guest, host, n)`` pieces of ``[offset, offset + length)``,
+        or None when a byte of it is not placed."""
+        end = offset + length
+        out = []
+        with self._lock:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            pos = offset
+            while pos < end:
+                if i < 0 or i >= len(self._starts) or \
+                        not self._starts[i] <= pos < self._ends[i]:
+                    return None
+                n = min(end, self._ends[i]) - pos
+                out.append((pos, self._hosts[i] + pos - self._starts[i], n))
+                pos += n
+                i += 1
+        return out
+
+    def covers(self, offset, length):
+        return self._runs(offset, length) is not None
+
+    def readinto(self, buf, offset, length):
+        runs = self._runs(offset, length)
+        if runs is None:
+            raise errors.Error("Bytes {}-{} of {} are not placed".format(
+                offset, offset + length - 1, self._filename))
+        view = memoryview(buf)
+        for guest, host, n in runs:
+            at = guest - offset
+            got = 0
+            while got < n:
+                try:
+                    k = os.preadv(self._fd, [view[at + got:at + n]],
+                                  host + got)
+                except OSError as e:
+                    raise self._failed(e, guest + got) from None
+                if not k:
+                    raise self._short(guest + got)
+                got += k
+        self._count(length)
+        return view[:length]
+
+    def send_to(self, fd, offset, length, buf, timeout, progress):
+        runs = self._runs(offset, length)
+        if runs is None:
+            raise errors.Error("Bytes {}-{} of {} are not placed".format(
+                offset, offset + length - 1, self._filename))
+        step = len(buf)
+        for guest, host, n in runs:
+            done = 0
+            while done < n:
+                k = min(step, n - done)
+                try:
+                    sent = stream.send_file(fd, self._fd, host + done, k, buf,
+                                            1, timeout)
+                except (ConnectionError, TimeoutError):
+                    raise  # The daemon's side: retried as a transport error.
+                except OSError as e:
+                    raise self._failed(e, guest + done) from None
+                if sent < k:
+                    raise self._short(guest + done + sent)
+                done += k
+                self._count(k)
+                progress(k)
+
+    def _count(self, n):
+        with self._lock:
+            self.moved += n
+
+    def _failed(self, e, guest):
+        return errors.Error("Cannot read {} at guest offset {}: {}".format(
+            self._filename, guest, os.strerror(e.errno) if e.errno else e))
+
+    def _short(self, guest):
+        return errors.Error(
+            "{} ended at guest offset {}: the source changed during the "
+            "upload".format(self._filename, guest))
+
+    def _stop(self):
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+
+    def close(self):
+        self._stop()
+        if self._fd != -1:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,123 @@
+"""An upload reads the source file itself where ``qemu-img map`` places
+its data (imageio.client.direct), and everything else through qemu-nbd:
+compressed clusters, a backing file's data.  Real images made by qemu-img
+and qemu-io, the real daemon, ``ovirt-img``; every result compared by
+``qemu-img compare`` and verified by the client."""
+
+import os
+import re
+
+import pytest
+
+from imageio import errors
+from imageio._io.buffer import AlignedBuffer
+from imageio.client import direct
+
+from test_client import MiB, SIZE, compare, file_ticket, ovirt_img, run, \
+    write_pattern
+
+
+def direct_bytes(stderr):
+    m = re.search(r"Read (\d+) bytes from the source file directly", stderr)
+    assert m, stderr
+    return int(m.group(1))
+
+
+def upload(daemon, tmp_path, source, *args):
+    target, url = file_ticket(daemon, tmp_path)
+    r = ovirt_img("upload", source, url, "--cafile", daemon.ca_file, "-v",
+                  *args)
+    assert r.returncode == 0, r.stderr
+    assert "Verified:" in r.stderr
+    return target, r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_data_read_from_the_file(daemon, tmp_path, fmt):
+    source = tmp_path / ("source." + fmt)
+    run("qemu-img", "create", "-f", fmt, str(source), str(SIZE))
+    write_pattern(source, fmt)
+    target, err = upload(daemon, tmp_path, source)
+    compare(source, target, fmt, "raw")
+    # The pattern's data: 1 + 3 + 1 MiB; the zeroed range is not data.
+    assert direct_bytes(err) == 5 * MiB
+
+
+def test_compressed_clusters_through_qemu_nbd(daemon, tmp_path):
+    # A qcow2 with compressed clusters beside plain ones: the map gives no
+    # offset for a compressed one, so those come through qemu-nbd.
+    plain = tmp_path / "plain.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(plain), str(SIZE))
+    write_pattern(plain, "qcow2")
+    source = tmp_path / "mixed.qcow2"
+    run("qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2",
+        str(plain), str(source))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 30M 2M", str(source))
+    target, err = upload(daemon, tmp_path, source)
+    compare(source, target, "qcow2", "raw")
+    assert direct_bytes(err) == 2 * MiB
+
+
+def test_backing_file_data_through_qemu_nbd(daemon, tmp_path):
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(base), str(SIZE))
+    write_pattern(base, "qcow2")
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+        str(top))
+    # Over the base's data and beside it.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 10M 1M",
+        "-c", "write -P 0x44 40M 2M", str(top))
+    target, err = upload(daemon, tmp_path, top)
+    compare(top, target, "qcow2", "raw")
+    # 40M+2M is the top's alone; 10M+1M shares its request with the
+    # base's 11M-13M, so that whole request comes through qemu-nbd.
+    assert direct_bytes(err) == 2 * MiB
+
+
+def test_source_cut_short_is_an_error_not_zeroes(tmp_path):
+    # A source file that shrinks under the upload (someone else's write):
+    # the read fails naming the file, never a short or zero-filled read.
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    write_pattern(source, "raw")
+    src = direct.DirectSource(str(source), "raw", SIZE)
+    try:
+        found = list(src.map())
+        assert sum(n for _, n, _ in found) == SIZE
+        assert src.covers(63 * MiB, MiB)
+        assert not src.covers(20 * MiB, MiB)   # Zeroes: never read.
+        buf = AlignedBuffer(4 * MiB)
+        assert bytes(src.readinto(buf, 63 * MiB, MiB)) == b"\x11" * MiB
+        os.truncate(source, 62 * MiB)
+        with pytest.raises(errors.Error, match="source changed"):
+            src.readinto(buf, 63 * MiB, MiB)
+    finally:
+        src.close()
+
+
+def test_map_must_cover_the_image(tmp_path):
+    # A map that ends before the size the upload was planned for (the
+    # image shrank between qemu-img info and map) fails the plan.
+    source = tmp_path / "source.raw"
+    run("qemu-img", "create", "-f", "raw", str(source), str(SIZE))
+    src = direct.DirectSource(str(source), "raw", SIZE + MiB)
+    try:
+        with pytest.raises(direct.MapError, match="covered"):
+            list(src.map())
+    finally:
+        src.close()
+
+
+def test_what_is_not_read_directly(tmp_path):
+    raw = tmp_path / "a.raw"
+    run("qemu-img", "create", "-f", "raw", str(raw), str(MiB))
+    info = {"format": "raw"}
+    assert direct.usable(str(raw), info)
+    assert not direct.usable(str(raw), info, member="disk")
+    assert not direct.usable("https://host/disk.raw", info)
+    assert not direct.usable(str(raw), {"format": "vmdk"})
+    assert not direct.usable(str(raw), {"format": "qcow2", "encrypted": True})
+    assert not direct.usable(str(raw), {
+        "format": "qcow2",
+        "format-specific": {"data": {"data-file": "/elsewhere"}}})
