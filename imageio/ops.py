@@ -118,11 +118,19 @@ def _reporter(op, progress):
 
 
 def _read(backend, sink, offset, length, buf, report, tap=None):
-    if backend.send_to is not None and sink.fd >= 0 and tap is None:
+    if backend.send_to is not None and sink.fd >= 0:
         # Plain socket: the backend's C loop (sendfile, libnbd requests in
         # flight) sends the whole range and reports about once per buffer.
-        backend.send_to(sink.fd, offset, length, buf, sink.timeout, report)
-        return
+        if tap is None:
+            backend.send_to(sink.fd, offset, length, buf, sink.timeout,
+                            report)
+            return
+        if backend.taps_sent:
+            # It reads each chunk into buf for tap, and sends it without
+            # a copy (the client's source file: client.direct).
+            backend.send_to(sink.fd, offset, length, buf, sink.timeout,
+                            report, tap)
+            return
     dst = _tapped(_Out(sink), tap)
     if backend.reader is not None:
         # A range that comes as one stream (the proxy's GET).

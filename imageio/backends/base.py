@@ -65,6 +65,9 @@ class Backend:
     #       the block hash computed next to the data (the proxy asks the
     #       daemon it fronts).
     send_to = None
+    # Whether send_to takes a last argument ``tap(offset, view)`` that sees
+    # every chunk it sends (read into ``buf`` for it).
+    taps_sent = False
     recv_from = None
     # The name of the export's dirty bitmap context
     # ("qemu:dirty-bitmap:NAME") for a dirty ticket over an NBD export

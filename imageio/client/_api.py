@@ -421,8 +421,12 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     windows = verify_.Windows(size, verify_.window_size(
                         size, math.lcm(hasher.block_size,
                                        transfer.REQUEST_SIZE)))
+                    # The read-back reads the file where qemu-img map
+                    # places the window's data (client.direct).
+                    readback_source = direct.DirectSource(
+                        filename, fmt, size, force_share=True)
                     local_check, close_check = verify_.download_check(
-                        nbd, hasher)
+                        nbd, hasher, readback_source)
                     verifier = verify_.WindowVerifier(windows, local_check,
                                                       stop)
                 try:
@@ -442,6 +446,7 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     journal.close()
                     if verifier is not None:
                         close_check()
+                        readback_source.close()
                 if verifier is not None:
                     verified = verify_.compare(hasher.hexdigest(),
                                                remote.result(), check)

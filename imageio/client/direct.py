@@ -62,10 +62,13 @@ def _is_block(path):
         return False
 
 
-def map_argv(filename, fmt, backing_chain=True):
+def map_argv(filename, fmt, backing_chain=True, force_share=False):
     """``qemu-img map`` of the guest view qemu-nbd serves (``qemu.serve``:
-    a qcow2's backing file followed only when ``backing_chain``)."""
+    a qcow2's backing file followed only when ``backing_chain``);
+    ``force_share``: of an image a qemu-nbd holds open for writing."""
     argv = ["qemu-img", "map", "--output=json"]
+    if force_share:
+        argv.append("-U")
     if fmt == "qcow2" and not backing_chain:
         return argv + ["json:" + json.dumps({
             "driver": fmt, "backing": None,
@@ -83,9 +86,10 @@ class DirectSource(Backend):
 
     name = "direct"
 
-    def __init__(self, filename, fmt, size, backing_chain=True):
+    def __init__(self, filename, fmt, size, backing_chain=True,
+                 force_share=False):
         self._filename = filename
-        self._argv = map_argv(filename, fmt, backing_chain)
+        self._argv = map_argv(filename, fmt, backing_chain, force_share)
         self._size = size
         self._fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
         self._lock = threading.Lock()
@@ -104,18 +108,25 @@ class DirectSource(Backend):
     def extents(self, offset=0, length=None, context="zero"):
         raise NotImplementedError("DirectSource.map() gives the plan")
 
-    def map(self):
-        """Yield the guest view's ``(start, length, zero)`` from ``qemu-img
-        map`` as it prints, placing data runs the file holds.  MapError
-        when qemu-img fails or its map does not cover the image."""
+    def map(self, offset=0, length=None):
+        """Yield the guest view's ``(start, length, zero)`` of ``[offset,
+        offset + length)`` (None: to the end) from ``qemu-img map`` as it
+        prints, placing data runs the file holds.  Ranges are mapped in
+        increasing order.  MapError when qemu-img fails or its map does
+        not cover the range."""
+        end = self._size if length is None else offset + length
+        argv = list(self._argv)
+        if offset or end != self._size:
+            argv[3:3] = ["--start-offset", str(offset),
+                         "--max-length", str(end - offset)]
         try:
             proc = self._proc = subprocess.Popen(
-                self._argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 stdin=subprocess.DEVNULL, text=True,
                 preexec_fn=qemu._die_with_parent)
         except FileNotFoundError:
             raise MapError("qemu-img is not installed (Debian: qemu-utils)")
-        pos = 0
+        pos = offset
         try:
             for line in proc.stdout:
                 line = line.strip().lstrip("[").rstrip(",]").strip()
@@ -128,7 +139,7 @@ class DirectSource(Backend):
                 except (ValueError, KeyError, TypeError) as err:
                     raise MapError("qemu-img map printed {!r}: {}".format(
                         line[:200], err))
-                if start != pos or length <= 0 or start + length > self._size:
+                if start != pos or length <= 0 or start + length > end:
                     raise MapError(
                         "qemu-img map: extent {}+{} where {} was expected"
                         .format(start, length, pos))
@@ -141,9 +152,9 @@ class DirectSource(Backend):
             if proc.wait() != 0:
                 raise MapError("qemu-img map failed: {}".format(
                     qemu._last_line(err) or proc.returncode))
-            if pos != self._size:
+            if pos != end:
                 raise MapError("qemu-img map covered {} of {} bytes".format(
-                    pos, self._size))
+                    pos - offset, end - offset))
             log.debug("Mapped %s: %d bytes placed in the file",
                       self._filename, self.placed)
         finally:
@@ -188,21 +199,35 @@ class DirectSource(Backend):
                 offset, offset + length - 1, self._filename))
         view = memoryview(buf)
         for guest, host, n in runs:
-            at = guest - offset
-            got = 0
-            while got < n:
-                try:
-                    k = os.preadv(self._fd, [view[at + got:at + n]],
-                                  host + got)
-                except OSError as e:
-                    raise self._failed(e, guest + got) from None
-                if not k:
-                    raise self._short(guest + got)
-                got += k
+            self._pread(view[guest - offset:], guest, host, n)
         self._count(length)
         return view[:length]
 
-    def send_to(self, fd, offset, length, buf, timeout, progress):
+    def _pread(self, buf, guest, host, n):
+        """Read ``n`` bytes at ``host`` (guest offset ``guest``) into the
+        start of ``buf``; return a view of them."""
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = os.preadv(self._fd, [view[got:n]], host + got)
+            except OSError as e:
+                raise self._failed(e, guest + got) from None
+            if not k:
+                raise self._short(guest + got)
+            got += k
+        return view[:n]
+
+    # send_to(..., tap=) shows tap the bytes it sends (imageio.ops).
+    taps_sent = True
+
+    def send_to(self, fd, offset, length, buf, timeout, progress, tap=None):
+        """sendfile the range to the socket ``fd``; with ``tap``, each
+        chunk is first read into ``buf`` (one pread) for ``tap(offset,
+        view)`` to see, and still sent by sendfile, without a copy: the
+        client's hash costs one copy instead of two.  Should the file
+        change between the two, the daemon's copy differs from what was
+        hashed and the verification fails, as it must."""
         runs = self._runs(offset, length)
         if runs is None:
             raise errors.Error("Bytes {}-{} of {} are not placed".format(
@@ -212,6 +237,9 @@ class DirectSource(Backend):
             done = 0
             while done < n:
                 k = min(step, n - done)
+                if tap is not None:
+                    tap(guest + done,
+                        self._pread(buf, guest + done, host + done, k))
                 try:
                     sent = stream.send_file(fd, self._fd, host + done, k, buf,
                                             1, timeout)
@@ -252,3 +280,38 @@ class DirectSource(Backend):
         if self._fd != -1:
             os.close(self._fd)
             self._fd = -1
+
+
+class MappedImage:
+    """The read-back of a download's local image (client.verify.ReadBack's
+    connection): after the window is flushed through qemu-nbd, ``qemu-img
+    map -U`` of the window places its data in the file, read there with
+    pread; what it cannot place is read through ``nbd`` (a clone of the
+    private qemu-nbd's connection).  One ``DirectSource`` (``source``) is
+    shared by the read-back's connections."""
+
+    def __init__(self, source, nbd):
+        self._source = source
+        self._nbd = nbd
+
+    def flush(self):
+        self._nbd.flush()
+
+    def extents(self, offset, length, context="zero"):
+        return [Piece(start, n, zero)
+                for start, n, zero in self._source.map(offset, length)]
+
+    def readinto(self, buf, offset, length):
+        if self._source.covers(offset, length):
+            return self._source.readinto(buf, offset, length)
+        return self._nbd.readinto(buf, offset, length)
+
+    def close(self):
+        self._nbd.close()
+
+
+class Piece:
+    __slots__ = ("start", "length", "zero")
+
+    def __init__(self, start, length, zero):
+        self.start, self.length, self.zero = start, length, zero

@@ -20,6 +20,7 @@ from .. import checksum as blkhash
 from .. import errors
 from .._io import stream as _stream
 from .._io.buffer import AlignedBuffer
+from . import direct
 
 log = logging.getLogger("client")
 
@@ -523,12 +524,16 @@ def upload_check(http, local, size):
     return check, remote, readback.close
 
 
-def download_check(nbd, local):
+def download_check(nbd, local, source=None):
     """A download's window check: flush the local image, read the window
-    back from it (qemu-nbd, on connections of their own) into ``local``.
-    The daemon's hash of its image is compared with ``local``'s at the
-    end.  Returns ``(check, close)``."""
+    back from it into ``local``: from the file where ``source`` (a
+    client.direct.DirectSource of the local image) places it, else
+    through qemu-nbd, on connections of their own.  The daemon's hash of
+    its image is compared with ``local``'s at the end.  Returns ``(check,
+    close)``."""
     cons = _clones(nbd, READBACK_LANES)
+    if source is not None:
+        cons = [direct.MappedImage(source, con) for con in cons]
     readback = ReadBack(cons, local, True, cons[0].flush)
     return readback, readback.close
 
