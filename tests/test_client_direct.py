@@ -121,3 +121,26 @@ def test_what_is_not_read_directly(tmp_path):
     assert not direct.usable(str(raw), {
         "format": "qcow2",
         "format-specific": {"data": {"data-file": "/elsewhere"}}})
+
+
+def test_runs_past_the_cap_come_through_qemu_nbd(tmp_path, monkeypatch):
+    # A map of more runs than MAX_RUNS (a qcow2 written in random order):
+    # the runs past the cap are not placed, so their bytes are read
+    # through qemu-nbd; the plan still has every extent.
+    monkeypatch.setattr(direct, "MAX_RUNS", 2)
+    source = tmp_path / "source.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(source), str(SIZE))
+    # Written backwards: each cluster run lands after the next one's.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 40M 1M",
+        "-c", "write -P 2 20M 1M", "-c", "write -P 3 0 1M", str(source))
+    src = direct.DirectSource(str(source), "qcow2", SIZE)
+    try:
+        found = list(src.map())
+        assert sum(n for _, n, _ in found) == SIZE
+        assert [s for s, n, z in found if not z] == [0, 20 * MiB, 40 * MiB]
+        assert src.covers(0, MiB) and src.covers(20 * MiB, MiB)
+        assert not src.covers(40 * MiB, MiB)
+        src.reset()
+        assert not src.covers(0, MiB)
+    finally:
+        src.close()

@@ -16,6 +16,7 @@ qemu-nbd, which serves the same guest view.
 also the plan's extents, so the copy starts after the first lines.
 """
 
+import array
 import bisect
 import json
 import logging
@@ -33,6 +34,12 @@ log = logging.getLogger("client.direct")
 
 # The formats whose map offsets are the source file's own bytes.
 FORMATS = ("raw", "qcow2")
+
+
+# Most runs placed (24 bytes each): a qcow2 written in random order can map
+# to a run per 64 KiB cluster, 16 million for 1 TiB; past this many, the
+# rest of the data comes through qemu-nbd.
+MAX_RUNS = 1024**2
 
 
 class MapError(errors.Error):
@@ -94,9 +101,9 @@ class DirectSource(Backend):
         self._fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
         self._lock = threading.Lock()
         # Placed runs, in guest order: start, end, host offset.
-        self._starts = []
-        self._ends = []
-        self._hosts = []
+        self._starts = array.array("q")
+        self._ends = array.array("q")
+        self._hosts = array.array("q")
         self._proc = None
         # Bytes placed by the map, and bytes the workers read here.
         self.placed = 0
@@ -165,11 +172,20 @@ class DirectSource(Backend):
             if self._ends and self._ends[-1] == start and \
                     self._hosts[-1] + (start - self._starts[-1]) == host:
                 self._ends[-1] = start + length
+            elif len(self._starts) >= MAX_RUNS:
+                return
             else:
                 self._starts.append(start)
                 self._ends.append(start + length)
                 self._hosts.append(host)
             self.placed += length
+
+    def reset(self):
+        """Forget the runs placed so far (a read-back's next window: the
+        last one's reads are done)."""
+        with self._lock:
+            for a in (self._starts, self._ends, self._hosts):
+                del a[:]
 
     def _runs(self, offset, length):
         """``(guest, host, n)`` pieces of ``[offset, offset + length)``,
@@ -298,6 +314,8 @@ class MappedImage:
         self._nbd.flush()
 
     def extents(self, offset, length, context="zero"):
+        # A new window: the last one's reads are done (ReadBack).
+        self._source.reset()
         return [Piece(start, n, zero)
                 for start, n, zero in self._source.map(offset, length)]
 
