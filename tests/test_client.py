@@ -394,31 +394,48 @@ def test_verification_over_tls_compressed_and_lossy(tls_only_daemon,
     assert "of bytes 0-{} differs".format(4 * MiB - 1) in r.stderr
 
 
+@pytest.mark.parametrize("path", ["direct", "qemu-nbd"])
 def test_download_verification_reads_back_the_local_image(
-        daemon, tmp_path, monkeypatch):
-    # The local image keeps no write (its qemu-nbd replaced by nbdkit's
-    # null plugin): every byte received was right, the image is not, and
-    # the download fails.
+        daemon, tmp_path, monkeypatch, path):
+    # The local image keeps no write: every byte received was right, the
+    # image is not, and the download fails.  A new image is written by the
+    # client itself (client.direct.DirectTarget, its writes dropped here);
+    # one over a backing file through qemu-nbd (replaced by nbdkit's null
+    # plugin).
     import contextlib
     from harness.nbdserver import nbdkit
     from imageio import client
-    from imageio.client import qemu, verify
+    from imageio.client import direct, qemu, verify
     served = tmp_path / "served.raw"
     run("qemu-img", "create", "-f", "raw", str(served), str(SIZE))
     write_pattern(served, "raw")
     t = new_ticket("file://" + str(served), SIZE, ops=("read",))
     daemon.add_ticket(t)
+    kw = {}
+    if path == "direct":
+        monkeypatch.setattr(direct.DirectTarget, "write",
+                            lambda self, data, offset: None)
+    else:
+        base = tmp_path / "base.qcow2"
+        run("qemu-img", "create", "-f", "qcow2", str(base), str(SIZE))
+        kw = {"backing_file": str(base), "backing_format": "qcow2"}
+        real_serve = qemu.serve
 
-    @contextlib.contextmanager
-    def lossy(filename, fmt=None, read_only=True, **kw):
-        sock = tmp_path / "local.sock"
-        with nbdkit("null", "size={}".format(SIZE), sock=sock).start():
-            yield "nbd:unix:" + str(sock)
+        @contextlib.contextmanager
+        def lossy(filename, fmt=None, read_only=True, **kw):
+            if read_only:
+                # The checksum of the base, not the download's target.
+                with real_serve(filename, fmt, read_only, **kw) as url:
+                    yield url
+                return
+            sock = tmp_path / "local.sock"
+            with nbdkit("null", "size={}".format(SIZE), sock=sock).start():
+                yield "nbd:unix:" + str(sock)
 
-    monkeypatch.setattr(qemu, "serve", lossy)
+        monkeypatch.setattr(qemu, "serve", lossy)
     with pytest.raises(verify.VerifyError) as e:
         client.download(url_of(daemon, t), str(tmp_path / "out.qcow2"),
-                        daemon.ca_file, verify=True)
+                        daemon.ca_file, verify=True, **kw)
     assert "Verification failed" in str(e.value)
 
 

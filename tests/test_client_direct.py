@@ -144,3 +144,67 @@ def test_runs_past_the_cap_come_through_qemu_nbd(tmp_path, monkeypatch):
         assert not src.covers(0, MiB)
     finally:
         src.close()
+
+
+# Downloads: a new image laid out for the data (client.qcow2), written by
+# the client itself (client.direct.DirectTarget).
+
+def served_ticket(daemon, tmp_path, size, writes):
+    from conftest import new_ticket
+    from test_client import url_of
+    served = tmp_path / "served.raw"
+    run("qemu-img", "create", "-f", "raw", str(served), str(size))
+    run("qemu-io", "-f", "raw", *[a for w in writes for a in ("-c", w)],
+        str(served))
+    t = new_ticket("file://" + str(served), size, ops=("read",))
+    daemon.add_ticket(t)
+    return served, url_of(daemon, t)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_download_writes_the_data_itself(daemon, tmp_path, fmt):
+    # Data at odd offsets and lengths (clusters shared by two extents,
+    # the image's last partial cluster), a zeroed range and holes.
+    size = 64 * MiB + 4608
+    served, url = served_ticket(daemon, tmp_path, size, [
+        "write -P 0x55 0 1M", "write -P 0x66 1M 4096",
+        "write -P 0xaa 10M 3M", "write -P 0x11 12345 1000",
+        "write -z 20M 1M", "write -P 0x22 64M 4608"])
+    out = tmp_path / ("out." + fmt)
+    r = ovirt_img("download", url, out, "--format", fmt, "--cafile",
+                  daemon.ca_file, "-v")
+    assert r.returncode == 0, r.stderr
+    assert "directly" in r.stderr and "Verified:" in r.stderr
+    compare(out, served, fmt, "raw")
+    if fmt == "qcow2":
+        check = run("qemu-img", "check", "--output=json", str(out))
+        assert '"corruptions"' not in check.stdout or \
+            '"corruptions": 0' in check.stdout, check.stdout
+        # Only the data's clusters are allocated: holes stay holes.
+        import json
+        m = json.loads(run("qemu-img", "map", "--output=json",
+                           str(out)).stdout)
+        data = [(e["start"], e["length"]) for e in m if e["data"]]
+        assert data == [(0, 1 * MiB + 64 * 1024), (10 * MiB, 3 * MiB),
+                        (64 * MiB, 4608)]
+
+
+def test_layout_with_several_refcount_blocks(tmp_path):
+    # More than 32768 host clusters (2 GiB): the refcount blocks count
+    # themselves; qemu-img check finds every cluster counted once.  The
+    # data clusters are left unwritten (holes): nothing big is written.
+    from imageio.client import qcow2
+    path = tmp_path / "big.qcow2"
+    extents = [(i * 512 * MiB, 256 * MiB) for i in range(12)]
+    layout = qcow2.create(str(path), 8 * 1024**3, extents)
+    assert layout.nblocks == 2
+    r = run("qemu-img", "check", str(path), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No errors were found" in r.stdout
+    import json
+    m = json.loads(run("qemu-img", "map", "--output=json", str(path)).stdout)
+    data = [(e["start"], e["length"]) for e in m if e["data"]]
+    assert data == [(a, n) for a, n in extents]
+    # Where qemu reads each run is where the layout says.
+    placed = {e["start"]: e["offset"] for e in m if e["data"]}
+    assert [placed[a] for a, _ in extents] == [h for _, _, h in layout.runs]

@@ -7,6 +7,7 @@ qemu-nbd) and ``backends.http`` (the daemon) in ``imageio._io``.
 
 import bisect
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from ..backends import nbd as nbd_backend
 from . import journal as journal_mod
 from . import direct
 from . import nbd_transport
+from . import qcow2
 from . import qemu
 from . import transfer
 from . import verify as verify_
@@ -388,20 +390,40 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     return True
 
         journal = journal_mod.Journal("download", filename, url)
-        resume = _download_target(journal, filename, resume, overwrite,
-                                  fmt, size, backing_file, backing_format)
+        # A new image without a backing file is laid out for the data
+        # (client.qcow2), and the workers write it themselves
+        # (client.direct.DirectTarget); otherwise through qemu-nbd.
+        layout = None
+        if not incremental and not backing_file and (
+                not os.path.lexists(filename) or os.path.isfile(filename)):
+            layout = [(i.start, i.length) for i in items if not i.zero]
+        resume, runs = _download_target(
+            journal, filename, resume, overwrite, fmt, size, backing_file,
+            backing_format, layout)
         # The journal is this image's: same remote size, same local file.
         st = os.stat(filename)
         journal.identity = {"size": size, "inode": st.st_ino,
                             "device": st.st_dev}
-        with qemu.serve(filename, fmt, read_only=False,
-                        shared=NBD_SHARED) as nbd_url:
+        target = None
+        if runs is not None:
+            target = direct.DirectTarget(filename, size, runs)
+            log.info("Writing the data into %s directly (%d runs)",
+                     filename, len(runs))
+        # Writing the file itself, the private qemu-nbd only reads (the
+        # read-back's fallback): it never writes metadata behind ours.
+        with contextlib.ExitStack() as stack:
+            if target is not None:
+                stack.callback(target.close)
+            nbd_url = stack.enter_context(qemu.serve(
+                filename, fmt, read_only=target is not None,
+                shared=NBD_SHARED))
             nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
             # Journaled requests are flushed first, on a connection of
             # their own.
             flusher = nbd.clone()
+            flush = target.flush if target is not None else flusher.flush
             try:
-                done = _resume(journal, resume, flusher.flush)
+                done = _resume(journal, resume, flush)
                 todo = _not_done(items, done, progress)
                 # Clean extents of an incremental download are not moved:
                 # the local image is hashed after the transfer.
@@ -426,14 +448,16 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     readback_source = direct.DirectSource(
                         filename, fmt, size, force_share=True)
                     local_check, close_check = verify_.download_check(
-                        nbd, hasher, readback_source)
+                        nbd, hasher, readback_source,
+                        target.flush if target is not None else None)
                     verifier = verify_.WindowVerifier(windows, local_check,
                                                       stop)
                 try:
                     _copy(transfer.Download, nbd, http,
                           transfer.tasks(todo), workers, buffer_size,
-                          progress, journal, None, skip, windows, stop)
-                    nbd.flush()
+                          progress, journal, None, skip, windows, stop,
+                          target)
+                    flush()
                     if verifier is not None:
                         verifier.result()
                 except BaseException:
@@ -463,27 +487,42 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
 
 
 def _download_target(journal, filename, resume, overwrite, fmt, size,
-                     backing_file, backing_format):
+                     backing_file, backing_format, layout=None):
     """Create the download's image, or keep it to resume; return whether
-    to resume.  An existing file is never replaced unless ``overwrite``."""
+    to resume, and where a new image's data goes (``_create_target``).
+    An existing file is never replaced unless ``overwrite``."""
     exists = os.path.lexists(filename)
     if resume and exists and os.path.exists(journal.path):
-        return True
+        return True, None
     if exists and not overwrite:
         raise errors.Error(
             "{} exists: not overwritten (--overwrite replaces it; "
             "--resume continues an interrupted download into it)".format(
                 filename))
-    _create_target(filename, fmt, size, backing_file, backing_format)
-    return False
+    return False, _create_target(filename, fmt, size, backing_file,
+                                 backing_format, layout)
 
 
-def _create_target(filename, fmt, size, backing_file, backing_format):
+def _create_target(filename, fmt, size, backing_file, backing_format,
+                   layout=None):
+    """Create the image; with ``layout`` (the data's ``(start,
+    length)``), return the ``(guest_start, length, host_offset)`` runs
+    where its data goes in the file (client.qcow2 lays out a qcow2; a raw
+    file is its own map), else None."""
     directory = os.path.dirname(os.path.abspath(filename))
     if not os.access(directory, os.W_OK):
         raise errors.Error("Cannot write {}: directory {} is not "
                            "writable".format(filename, directory))
+    if layout is not None and fmt == "qcow2":
+        try:
+            return qcow2.create(filename, size, layout).runs
+        except OSError as e:
+            raise errors.Error("Cannot create {}: {}".format(
+                filename, e.strerror or e))
     qemu.create(filename, fmt, size, backing_file, backing_format)
+    if layout is not None:
+        return [(0, size, 0)]
+    return None
 
 
 def checksum(filename, member=None, block_size=blkhash.DEFAULT_BLOCK_SIZE,

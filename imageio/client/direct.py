@@ -298,6 +298,62 @@ class DirectSource(Backend):
             self._fd = -1
 
 
+class DirectTarget(Backend):
+    """A download's new local image written at the host offsets of its
+    layout (``runs``: ``(guest_start, length, host_offset)``, from
+    ``client.qcow2.Layout`` or the identity of a raw file) with the
+    daemon's file backend (buffered pwrite, writers of one file taking
+    turns).  Shared by the workers."""
+
+    name = "direct"
+
+    def __init__(self, filename, size, runs):
+        from ..backends.file import FileBackend
+        self._size = size
+        self._starts = array.array("q", [r[0] for r in runs])
+        self._ends = array.array("q", [r[0] + r[1] for r in runs])
+        self._hosts = array.array("q", [r[2] for r in runs])
+        fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
+        self._file = FileBackend(fd, filename, direct=False, writable=True)
+
+    def size(self):
+        return self._size
+
+    def _pieces(self, offset, length):
+        end = offset + length
+        i = bisect.bisect_right(self._starts, offset) - 1
+        pos = offset
+        out = []
+        while pos < end:
+            if i < 0 or i >= len(self._starts) or \
+                    not self._starts[i] <= pos < self._ends[i]:
+                return None
+            n = min(end, self._ends[i]) - pos
+            out.append((pos, self._hosts[i] + pos - self._starts[i], n))
+            pos += n
+            i += 1
+        return out
+
+    def covers(self, offset, length):
+        return self._pieces(offset, length) is not None
+
+    def write(self, data, offset):
+        pieces = self._pieces(offset, len(data))
+        if pieces is None:
+            raise errors.Error("Bytes {}-{} have no place in the local "
+                               "image".format(offset, offset + len(data) - 1))
+        with memoryview(data) as view:
+            for guest, host, n in pieces:
+                at = guest - offset
+                self._file.write(view[at:at + n], host)
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
 class MappedImage:
     """The read-back of a download's local image (client.verify.ReadBack's
     connection): after the window is flushed through qemu-nbd, ``qemu-img
@@ -306,12 +362,13 @@ class MappedImage:
     private qemu-nbd's connection).  One ``DirectSource`` (``source``) is
     shared by the read-back's connections."""
 
-    def __init__(self, source, nbd):
+    def __init__(self, source, nbd, flush=None):
         self._source = source
         self._nbd = nbd
+        self._flush = flush or nbd.flush
 
     def flush(self):
-        self._nbd.flush()
+        self._flush()
 
     def extents(self, offset, length, context="zero"):
         # A new window: the last one's reads are done (ReadBack).

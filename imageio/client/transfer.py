@@ -21,6 +21,7 @@ from .. import extents as extents_
 from .. import ops
 from .._io import nbd as _nbd
 from .._io.buffer import AlignedBuffer
+from ..backends.base import IOFailed
 
 log = logging.getLogger("client.transfer")
 
@@ -41,11 +42,12 @@ class LocalError(errors.Error):
 
 
 def _local(what, fn, *args):
-    # An NBD error is an OSError: tell it apart from the HTTP side's
+    # An NBD error, or the local file's (client.direct: the daemon's file
+    # backend), is an OSError: tell it apart from the HTTP side's
     # transport failures, which are retried.
     try:
         return fn(*args)
-    except _nbd.Error as e:
+    except (_nbd.Error, IOFailed) as e:
         raise LocalError("Cannot {} the local image: {}".format(what, e))
 
 
@@ -123,8 +125,9 @@ def source_extents(nbd, size, step=EXTENTS_STEP):
 class _Endpoints:
     """One worker's connections (NBD toward qemu-nbd, HTTP toward the
     daemon) and its buffer, allocated once; ``direct`` (an upload's
-    ``client.direct.DirectSource``, shared by the workers) reads the
-    source file itself where it covers an item."""
+    ``client.direct.DirectSource``, a download's ``DirectTarget``, shared
+    by the workers) reads or writes the local file itself where it covers
+    an item."""
 
     def __init__(self, nbd, http, buffer_size, direct=None):
         self.nbd = nbd
@@ -158,8 +161,11 @@ class Download(_Endpoints):
 
     def copy_data(self, item, tap=None):
         off, n = item.start, item.length
+        dst = self.nbd
+        if self.direct is not None and self.direct.covers(off, n):
+            dst = self.direct
         self.http.get_with(
-            off, n, lambda source: _local("write", ops.write, self.nbd,
+            off, n, lambda source: _local("write", ops.write, dst,
                                           source, off, n, self.buf, None,
                                           tap))
 

@@ -524,16 +524,17 @@ def upload_check(http, local, size):
     return check, remote, readback.close
 
 
-def download_check(nbd, local, source=None):
+def download_check(nbd, local, source=None, flush=None):
     """A download's window check: flush the local image, read the window
     back from it into ``local``: from the file where ``source`` (a
     client.direct.DirectSource of the local image) places it, else
-    through qemu-nbd, on connections of their own.  The daemon's hash of
+    through qemu-nbd, on connections of their own; ``flush`` (default:
+    qemu-nbd's) makes the window durable first.  The daemon's hash of
     its image is compared with ``local``'s at the end.  Returns ``(check,
     close)``."""
     cons = _clones(nbd, READBACK_LANES)
     if source is not None:
-        cons = [direct.MappedImage(source, con) for con in cons]
+        cons = [direct.MappedImage(source, con, flush) for con in cons]
     readback = ReadBack(cons, local, True, cons[0].flush)
     return readback, readback.close
 
