@@ -73,7 +73,7 @@ class _Framed(Source):
             return 0
         if len(view) > self.remaining:
             view = view[:self.remaining]
-        n = self._reader.readinto(view)
+        n = self._reader.readinto(view, fill=True)
         self.remaining -= n
         return n
 
@@ -273,8 +273,10 @@ class Reader:
             del self._buf[:self._pos]
             self._pos = 0
 
-    def readinto(self, view):
-        """Read up to len(view) bytes; 0 at end of stream."""
+    def readinto(self, view, fill=False):
+        """Read up to len(view) bytes; 0 at end of stream.  ``fill``: the
+        stream owes at least len(view) bytes (a body's rest), so read
+        until the view is full (fewer only when the peer closed)."""
         avail = len(self._buf) - self._pos
         if avail:
             n = min(avail, len(view))
@@ -282,6 +284,8 @@ class Reader:
             self._pos += n
             self._compact()
             return n
+        if fill:
+            return self._sock.recv_fill(view)
         return self._sock.recv_into(view)
 
     def read(self, n):

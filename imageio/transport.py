@@ -67,6 +67,31 @@ class Transport:
     def recv_into(self, view):
         return self.sock.recv_into(view)
 
+    def recv_fill(self, view):
+        """Receive into all of ``view``, fewer bytes only when the peer
+        closed: for a body that owes at least ``len(view)`` bytes.  On
+        TLS, record after record in this one call: ``recv_into`` returns
+        one TLS record (16 KiB) and the layers above it cost ~3 us a call
+        here, 0.2 CPU-s per GiB received over HTTPS."""
+        if not self.is_tls:
+            return self.sock.recv_into(view)
+        read = self.sock.read
+        n = len(view)
+        got = read(n, view)
+        if not got:
+            return 0
+        while got < n:
+            try:
+                k = read(n - got, view[got:])
+            except OSError:
+                # What arrived is the caller's; the failure comes again
+                # on its next call.
+                return got
+            if not k:
+                break
+            got += k
+        return got
+
     def sendall(self, data):
         self.sock.sendall(data)
 

@@ -194,6 +194,10 @@ def test_established_client_through_proxy(storage, proxy, tmp_path):
     """The established client uploads a qcow2 through the proxy to a raw
     file next to the storage daemon and downloads it back."""
     import subprocess
+    import sys
+    # Importable whether or not pytest collected tests/established first.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__),
+                                    "established"))
     from test_established_client import run_client
     from bench import peers
     python = os.path.join(os.path.dirname(peers.ensure_established()),
