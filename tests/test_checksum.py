@@ -315,28 +315,21 @@ def test_shared_executor_and_leased_buffers():
     assert leased == []
 
 
-def test_blake3_offered_with_its_own_digest():
-    # The block hash construction over BLAKE3 (the package's default
-    # 32-byte digest), listed beside hashlib's algorithms.
-    assert "blake3" in checksum.algorithms()
+@pytest.mark.parametrize("algorithm,size", [("blake3", 64),
+                                            ("xxh3_128", 32)])
+def test_fast_hashes_offered_with_their_own_digest(algorithm, size):
+    # The block hash construction over BLAKE3 (the package's 32-byte
+    # digest) and XXH3-128 (16 bytes, what the client's verification uses
+    # with this daemon), listed beside hashlib's algorithms.
+    assert algorithm in checksum.algorithms()
     data, extents = sparse(9 * MiB + 3, [(MiB + 5, 3 * MiB)])
     digest = checksum.compute(MemoryBackend(data, extents), len(data),
-                              "blake3")
-    assert digest == reference(data, "blake3")
+                              algorithm)
+    assert digest == reference(data, algorithm)
     assert digest != reference(data, "blake2b")
-
-
-def test_xxh3_offered_with_its_own_digest():
-    # The block hash construction over XXH3-128 (16-byte digests), what
-    # the client's verification uses with this daemon.
-    assert "xxh3_128" in checksum.algorithms()
-    data, extents = sparse(9 * MiB + 3, [(MiB + 5, 3 * MiB)])
-    digest = checksum.compute(MemoryBackend(data, extents), len(data),
-                              "xxh3_128")
-    assert digest == reference(data, "xxh3_128")
-    assert len(digest) == 32
+    assert len(digest) == size
     # One byte changed anywhere changes it.
     data = bytearray(data)
     data[2 * MiB] ^= 1
     assert checksum.compute(MemoryBackend(bytes(data), extents), len(data),
-                            "xxh3_128") != digest
+                            algorithm) != digest

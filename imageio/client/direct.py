@@ -46,6 +46,66 @@ class MapError(errors.Error):
     """``qemu-img map`` failed or printed what it should not."""
 
 
+class Runs:
+    """Where guest bytes lie in a file: runs ``(start, length, host)`` in
+    guest order (arrays: 24 bytes a run), looked up by bisection; safe to
+    place, reset and look up from several threads."""
+
+    def __init__(self, runs=(), limit=None):
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._starts = array.array("q")
+        self._ends = array.array("q")
+        self._hosts = array.array("q")
+        for start, length, host in runs:
+            self.place(start, length, host)
+
+    def __len__(self):
+        return len(self._starts)
+
+    def place(self, start, length, host):
+        """Add a run after the last one (merged with it when the file
+        continues it); False, placing nothing, past ``limit`` runs."""
+        with self._lock:
+            if self._ends and self._ends[-1] == start and \
+                    self._hosts[-1] + (start - self._starts[-1]) == host:
+                self._ends[-1] = start + length
+            elif self._limit is not None and \
+                    len(self._starts) >= self._limit:
+                return False
+            else:
+                self._starts.append(start)
+                self._ends.append(start + length)
+                self._hosts.append(host)
+            return True
+
+    def reset(self):
+        with self._lock:
+            for a in (self._starts, self._ends, self._hosts):
+                del a[:]
+
+    def pieces(self, offset, length):
+        """``(guest, host, n)`` pieces of ``[offset, offset + length)``,
+        or None when a byte of it has no place."""
+        end = offset + length
+        out = []
+        with self._lock:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            pos = offset
+            while pos < end:
+                if i < 0 or i >= len(self._starts) or \
+                        not self._starts[i] <= pos < self._ends[i]:
+                    return None
+                n = min(end, self._ends[i]) - pos
+                out.append((pos, self._hosts[i] + pos - self._starts[i], n))
+                pos += n
+                i += 1
+        return out
+
+    def covers(self, offset, length):
+        return self.pieces(offset, length) is not None
+
+
 def usable(filename, image, member=None, backing_chain=True):
     """Whether ``filename`` (``image``: its ``qemu.info``) can be read
     directly: a local file in raw or qcow2, the qcow2 neither encrypted
@@ -100,10 +160,7 @@ class DirectSource(Backend):
         self._size = size
         self._fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
         self._lock = threading.Lock()
-        # Placed runs, in guest order: start, end, host offset.
-        self._starts = array.array("q")
-        self._ends = array.array("q")
-        self._hosts = array.array("q")
+        self._runs = Runs(limit=MAX_RUNS)
         self._proc = None
         # Bytes placed by the map, and bytes the workers read here.
         self.placed = 0
@@ -168,48 +225,20 @@ class DirectSource(Backend):
             self._stop()
 
     def _place(self, start, length, host):
-        with self._lock:
-            if self._ends and self._ends[-1] == start and \
-                    self._hosts[-1] + (start - self._starts[-1]) == host:
-                self._ends[-1] = start + length
-            elif len(self._starts) >= MAX_RUNS:
-                return
-            else:
-                self._starts.append(start)
-                self._ends.append(start + length)
-                self._hosts.append(host)
-            self.placed += length
+        if self._runs.place(start, length, host):
+            with self._lock:
+                self.placed += length
 
     def reset(self):
         """Forget the runs placed so far (a read-back's next window: the
         last one's reads are done)."""
-        with self._lock:
-            for a in (self._starts, self._ends, self._hosts):
-                del a[:]
-
-    def _runs(self, offset, length):
-        """``(guest, host, n)`` pieces of ``[offset, offset + length)``,
-        or None when a byte of it is not placed."""
-        end = offset + length
-        out = []
-        with self._lock:
-            i = bisect.bisect_right(self._starts, offset) - 1
-            pos = offset
-            while pos < end:
-                if i < 0 or i >= len(self._starts) or \
-                        not self._starts[i] <= pos < self._ends[i]:
-                    return None
-                n = min(end, self._ends[i]) - pos
-                out.append((pos, self._hosts[i] + pos - self._starts[i], n))
-                pos += n
-                i += 1
-        return out
+        self._runs.reset()
 
     def covers(self, offset, length):
-        return self._runs(offset, length) is not None
+        return self._runs.covers(offset, length)
 
     def readinto(self, buf, offset, length):
-        runs = self._runs(offset, length)
+        runs = self._runs.pieces(offset, length)
         if runs is None:
             raise errors.Error("Bytes {}-{} of {} are not placed".format(
                 offset, offset + length - 1, self._filename))
@@ -244,7 +273,7 @@ class DirectSource(Backend):
         client's hash costs one copy instead of two.  Should the file
         change between the two, the daemon's copy differs from what was
         hashed and the verification fails, as it must."""
-        runs = self._runs(offset, length)
+        runs = self._runs.pieces(offset, length)
         if runs is None:
             raise errors.Error("Bytes {}-{} of {} are not placed".format(
                 offset, offset + length - 1, self._filename))
@@ -310,35 +339,18 @@ class DirectTarget(Backend):
     def __init__(self, filename, size, runs):
         from ..backends.file import FileBackend
         self._size = size
-        self._starts = array.array("q", [r[0] for r in runs])
-        self._ends = array.array("q", [r[0] + r[1] for r in runs])
-        self._hosts = array.array("q", [r[2] for r in runs])
+        self._runs = Runs(runs)
         fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
         self._file = FileBackend(fd, filename, direct=False, writable=True)
 
     def size(self):
         return self._size
 
-    def _pieces(self, offset, length):
-        end = offset + length
-        i = bisect.bisect_right(self._starts, offset) - 1
-        pos = offset
-        out = []
-        while pos < end:
-            if i < 0 or i >= len(self._starts) or \
-                    not self._starts[i] <= pos < self._ends[i]:
-                return None
-            n = min(end, self._ends[i]) - pos
-            out.append((pos, self._hosts[i] + pos - self._starts[i], n))
-            pos += n
-            i += 1
-        return out
-
     def covers(self, offset, length):
-        return self._pieces(offset, length) is not None
+        return self._runs.covers(offset, length)
 
     def write(self, data, offset):
-        pieces = self._pieces(offset, len(data))
+        pieces = self._runs.pieces(offset, len(data))
         if pieces is None:
             raise errors.Error("Bytes {}-{} have no place in the local "
                                "image".format(offset, offset + len(data) - 1))
