@@ -20,6 +20,7 @@ from .. import extents as extents_
 from ..backends import http as http_backend
 from ..backends import nbd as nbd_backend
 from . import journal as journal_mod
+from . import lazynbd
 from . import direct
 from . import nbd_transport
 from . import qcow2
@@ -174,6 +175,28 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     image = qemu.info(filename, member, fmt)
     log.info("Source %s: format %s (%s)", filename, image["format"],
              "given" if fmt else "probed")
+    # The data the source file holds as it is: read there (client.direct),
+    # its map the plan's extents, mapped while the rest gets ready.
+    source = None
+    if direct.usable(filename, image, member, backing_chain):
+        source = direct.DirectSource(filename, image["format"],
+                                     image["virtual-size"], backing_chain)
+    try:
+        if source is not None:
+            source.start()
+        return _upload_source(filename, url, cafile, buffer_size, secure,
+                              progress, proxy_url, max_workers, member,
+                              backing_chain, disk_is_zero, verify, resume,
+                              compress, algorithm, transport, image, source)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _upload_source(filename, url, cafile, buffer_size, secure, progress,
+                   proxy_url, max_workers, member, backing_chain,
+                   disk_is_zero, verify, resume, compress, algorithm,
+                   transport, image, source):
     http = _open_http(url, cafile, secure, proxy_url, transport,
                       buffer_size)
     try:
@@ -192,10 +215,13 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
             # none in 25): one request at a time, whichever reads it.
             log.info("Source is a URL: one request at a time")
             max_workers = 1
-        with qemu.serve(filename, image["format"], member=member,
+        # qemu-nbd starts now; its connections are made when first used
+        # (client.lazynbd): with the data read from the source file, maybe
+        # never.
+        with qemu.start(filename, image["format"], member=member,
                         shared=NBD_SHARED,
-                        backing_chain=backing_chain) as nbd_url:
-            nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
+                        backing_chain=backing_chain) as (nbd_url, ready):
+            nbd = lazynbd.LazyNbd(nbd_url, ready, buffer_size)
             try:
                 # The source's extents come piece by piece on a connection
                 # of their own while the workers copy (from a URL: all of
@@ -203,12 +229,6 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 extents_nbd = nbd.clone()
                 if qemu.is_url(filename):
                     extents_nbd = _Prefetched(extents_nbd, size)
-                # The data the source file holds as it is: read there
-                # (client.direct), its map the plan's extents.
-                source = None
-                if direct.usable(filename, image, member, backing_chain):
-                    source = direct.DirectSource(
-                        filename, image["format"], size, backing_chain)
                 try:
                     journal = journal_mod.Journal(
                         "upload", filename, url,
@@ -220,8 +240,6 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                         else None, resume, source)
                 finally:
                     extents_nbd.close()
-                    if source is not None:
-                        source.close()
             finally:
                 nbd.close()
     finally:

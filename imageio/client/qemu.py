@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 
 from .. import errors
@@ -120,8 +121,22 @@ def create(filename, fmt, size, backing_file=None, backing_format=None):
 def serve(filename, fmt=None, read_only=True, shared=8, member=None,
           bitmap=None, backing_chain=True):
     """Run a private qemu-nbd exporting ``filename``'s guest data on a
-    unix socket in a new temporary directory; yield the NBD URL.  The
-    server is killed (by its PID) and the directory removed at the end."""
+    unix socket in a new temporary directory; yield the NBD URL once it
+    accepts connections.  The server is killed (by its PID) and the
+    directory removed at the end."""
+    with start(filename, fmt, read_only, shared, member, bitmap,
+               backing_chain) as (url, ready):
+        ready()
+        yield url
+
+
+@contextlib.contextmanager
+def start(filename, fmt=None, read_only=True, shared=8, member=None,
+          bitmap=None, backing_chain=True):
+    """``serve()`` without waiting: yield ``(url, ready)``, qemu-nbd
+    started; ``ready()`` waits until it accepts connections (Error if it
+    failed) and may be called from any thread, any number of times.  The
+    caller gets ready meanwhile: qemu-nbd takes ~10 ms to open the image."""
     tmp = tempfile.mkdtemp(prefix="imageio-client-")
     sock = os.path.join(tmp, "nbd.sock")
     spec = image_spec(filename, member)
@@ -170,9 +185,17 @@ def serve(filename, fmt=None, read_only=True, shared=8, member=None,
         _stop(reader)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    lock = threading.Lock()
+    waited = []
+
+    def ready():
+        with lock:
+            if not waited:
+                _wait_socket(proc, sock, log_path)
+                waited.append(True)
+
     try:
-        _wait_socket(proc, sock, log_path)
-        yield "nbd:unix:" + sock
+        yield "nbd:unix:" + sock, ready
     finally:
         _stop(proc)
         _stop(reader)
