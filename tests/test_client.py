@@ -419,20 +419,20 @@ def test_download_verification_reads_back_the_local_image(
         base = tmp_path / "base.qcow2"
         run("qemu-img", "create", "-f", "qcow2", str(base), str(SIZE))
         kw = {"backing_file": str(base), "backing_format": "qcow2"}
-        real_serve = qemu.serve
+        real_start = qemu.start
 
         @contextlib.contextmanager
         def lossy(filename, fmt=None, read_only=True, **kw):
             if read_only:
-                # The checksum of the base, not the download's target.
-                with real_serve(filename, fmt, read_only, **kw) as url:
-                    yield url
+                # Not the download's target.
+                with real_start(filename, fmt, read_only, **kw) as served:
+                    yield served
                 return
             sock = tmp_path / "local.sock"
             with nbdkit("null", "size={}".format(SIZE), sock=sock).start():
-                yield "nbd:unix:" + str(sock)
+                yield "nbd:unix:" + str(sock), lambda: None
 
-        monkeypatch.setattr(qemu, "serve", lossy)
+        monkeypatch.setattr(qemu, "start", lossy)
     with pytest.raises(verify.VerifyError) as e:
         client.download(url_of(daemon, t), str(tmp_path / "out.qcow2"),
                         daemon.ca_file, verify=True, **kw)

@@ -432,10 +432,12 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         with contextlib.ExitStack() as stack:
             if target is not None:
                 stack.callback(target.close)
-            nbd_url = stack.enter_context(qemu.serve(
+            nbd_url, ready = stack.enter_context(qemu.start(
                 filename, fmt, read_only=target is not None,
                 shared=NBD_SHARED))
-            nbd = nbd_backend.connect(nbd_url, buffer_size=buffer_size)
+            # Connected when first used (client.lazynbd): writing the file
+            # itself, maybe never.
+            nbd = lazynbd.LazyNbd(nbd_url, ready, buffer_size)
             # Journaled requests are flushed first, on a connection of
             # their own.
             flusher = nbd.clone()
