@@ -309,7 +309,8 @@ def _upload_items(nbd, extents_nbd, http, size, buffer_size, progress,
     # (A smaller source is verified as before, against the whole image.)
     if hasher is not None and size == http.size():
         windows = verify_.Windows(size, verify_.window_size(
-            size, math.lcm(hasher.block_size, request_size)))
+            size, math.lcm(hasher.block_size, request_size),
+            verify_.UPLOAD_WINDOW_PARTS))
         check, remote, close_check = verify_.upload_check(http, hasher,
                                                           size)
         verifier = verify_.WindowVerifier(windows, check, stop)
