@@ -1,5 +1,8 @@
-"""An upload's data read straight from the source file where qemu says
-it lies, instead of through the private qemu-nbd.
+"""A local image's data read and written in its file itself, where qemu
+says it lies (or where the client laid it out), instead of through the
+private qemu-nbd: ``DirectSource`` (an upload's source; a download's
+read-back, through ``MappedImage``) and ``DirectTarget`` (a download's new
+image, laid out by ``client.qcow2``).
 
 A raw image's guest byte N is the file's byte N; a qcow2 image without
 compression, encryption or an external data file stores each allocated
@@ -147,9 +150,9 @@ class DirectSource(Backend):
     """The source file, addressed by guest offset through the runs the map
     placed (``covers()`` tells whether a range is wholly placed).  Shared
     by every worker: pread and sendfile take the offset, never the fd's
-    position.  ``extents()`` (a generator) runs ``qemu-img map`` and
-    yields the plan's ``(start, length, zero)``, placing data runs as it
-    goes: an item is planned, so placed, before a worker reads it."""
+    position.  ``map()`` (a generator) runs ``qemu-img map`` and yields
+    the plan's ``(start, length, zero)``, placing data runs as it goes: an
+    item is planned, so placed, before a worker reads it."""
 
     name = "direct"
 
