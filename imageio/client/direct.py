@@ -256,15 +256,21 @@ class DirectSource(Backend):
         return self._runs.covers(offset, length)
 
     def readinto(self, buf, offset, length):
-        runs = self._runs.pieces(offset, length)
-        if runs is None:
-            raise errors.Error("Bytes {}-{} of {} are not placed".format(
-                offset, offset + length - 1, self._filename))
+        runs = self._placed(offset, length)
         view = memoryview(buf)
         for guest, host, n in runs:
             self._pread(view[guest - offset:], guest, host, n)
         self._count(length)
         return view[:length]
+
+    def _placed(self, offset, length):
+        """The ``(guest, host, n)`` pieces of a range the workers read here
+        (the plan gave them only placed items)."""
+        runs = self._runs.pieces(offset, length)
+        if runs is None:
+            raise errors.Error("Bytes {}-{} of {} are not placed".format(
+                offset, offset + length - 1, self._filename))
+        return runs
 
     def _pread(self, buf, guest, host, n):
         """Read ``n`` bytes at ``host`` (guest offset ``guest``) into the
@@ -291,10 +297,7 @@ class DirectSource(Backend):
         client's hash costs one copy instead of two.  Should the file
         change between the two, the daemon's copy differs from what was
         hashed and the verification fails, as it must."""
-        runs = self._runs.pieces(offset, length)
-        if runs is None:
-            raise errors.Error("Bytes {}-{} of {} are not placed".format(
-                offset, offset + length - 1, self._filename))
+        runs = self._placed(offset, length)
         step = len(buf)
         for guest, host, n in runs:
             done = 0
