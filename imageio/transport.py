@@ -68,11 +68,13 @@ class Transport:
         return self.sock.recv_into(view)
 
     def recv_fill(self, view):
-        """Receive into all of ``view``, fewer bytes only when the peer
-        closed: for a body that owes at least ``len(view)`` bytes.  On
-        TLS, record after record in this one call: ``recv_into`` returns
-        one TLS record (16 KiB) and the layers above it cost ~3 us a call
-        here, 0.2 CPU-s per GiB received over HTTPS."""
+        """For a body that owes at least ``len(view)`` bytes.  On TLS,
+        fill all of ``view`` (fewer bytes only when the peer closed, or
+        when a failure follows bytes already read: it comes again on the
+        next call), record after record in this one call: ``recv_into``
+        returns one TLS record (16 KiB) and the layers above it cost ~3 us
+        a call here, 0.2 CPU-s per GiB received over HTTPS.  On a plain
+        socket, one ``recv_into`` (its bulk goes through C loops)."""
         if not self.is_tls:
             return self.sock.recv_into(view)
         read = self.sock.read

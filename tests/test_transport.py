@@ -95,3 +95,52 @@ def test_failed_handshake_raises_oserror(pki):
             for _ in range(100):
                 if t.handshake() is None:
                     break
+
+
+def tls_pair(pki):
+    """A server Transport over TLS and its client SSLSocket, handshaken,
+    both blocking with a timeout."""
+    _, _, ca = pki
+    a, b = socket.socketpair()
+    client_ctx = ssl.create_default_context(cafile=ca)
+    result = {}
+
+    def connect():
+        result["c"] = client_ctx.wrap_socket(b, server_hostname="localhost")
+
+    th = threading.Thread(target=connect)
+    th.start()
+    s = server_context(pki).wrap_socket(a, server_side=True)
+    th.join(10)
+    s.settimeout(10)
+    result["c"].settimeout(10)
+    return transport.wrap(s), result["c"]
+
+
+def test_tls_recv_fill_reads_record_after_record(pki):
+    # Three 16 KiB TLS records, then the peer closes after 5 more bytes:
+    # recv_fill fills the whole view in one call (recv_into gives one
+    # record), and gives what came before the close.
+    t, c = tls_pair(pki)
+    payload = bytes(range(256)) * 192
+    for i in range(3):
+        c.sendall(payload[i * 16384:(i + 1) * 16384])
+    c.sendall(b"tail!")
+    c.close()
+    view = memoryview(bytearray(len(payload)))
+    assert t.recv_fill(view) == len(payload)
+    assert bytes(view) == payload
+    rest = memoryview(bytearray(100))
+    assert t.recv_fill(rest) == 5
+    assert bytes(rest[:5]) == b"tail!"
+    assert t.recv_fill(rest) == 0
+    t.close()
+
+
+def test_plain_recv_fill_is_one_recv():
+    a, b = socket.socketpair()
+    with a, b:
+        t = transport.wrap(a)
+        b.sendall(b"12345")
+        view = memoryview(bytearray(10))
+        assert t.recv_fill(view) == 5

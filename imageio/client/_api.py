@@ -178,7 +178,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     # The data the source file holds as it is: read there (client.direct),
     # its map the plan's extents, mapped while the rest gets ready.
     source = None
-    if direct.usable(filename, image, member, backing_chain):
+    if direct.usable(filename, image, member):
         source = direct.DirectSource(filename, image["format"],
                                      image["virtual-size"], backing_chain)
     try:

@@ -29,8 +29,10 @@ import subprocess
 import threading
 
 from .. import errors
+from .. import extents
 from .._io import stream
 from ..backends.base import Backend
+from ..backends.file import FileBackend
 from . import qemu
 
 log = logging.getLogger("client.direct")
@@ -109,7 +111,7 @@ class Runs:
         return self.pieces(offset, length) is not None
 
 
-def usable(filename, image, member=None, backing_chain=True):
+def usable(filename, image, member=None):
     """Whether ``filename`` (``image``: its ``qemu.info``) can be read
     directly: a local file in raw or qcow2, the qcow2 neither encrypted
     nor with an external data file."""
@@ -358,7 +360,6 @@ class DirectTarget(Backend):
     name = "direct"
 
     def __init__(self, filename, size, runs):
-        from ..backends.file import FileBackend
         self._size = size
         self._runs = Runs(runs)
         fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
@@ -406,7 +407,8 @@ class MappedImage:
     def extents(self, offset, length, context="zero"):
         # A new window: the last one's reads are done (ReadBack).
         self._source.reset()
-        return [Piece(start, n, zero)
+        # (The read-back asks only "zero"; hole is not told apart here.)
+        return [extents.Extent(start, n, zero, zero)
                 for start, n, zero in self._source.map(offset, length)]
 
     def readinto(self, buf, offset, length):
@@ -416,10 +418,3 @@ class MappedImage:
 
     def close(self):
         self._nbd.close()
-
-
-class Piece:
-    __slots__ = ("start", "length", "zero")
-
-    def __init__(self, start, length, zero):
-        self.start, self.length, self.zero = start, length, zero

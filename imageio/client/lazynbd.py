@@ -42,10 +42,6 @@ class LazyNbd:
     def clone(self):
         return LazyNbd(self._url, self._ready, self._buffer_size)
 
-    @property
-    def connected(self):
-        return self._nbd is not None
-
     def close(self):
         with self._lock:
             nbd, self._nbd = self._nbd, None
