@@ -71,19 +71,19 @@ def _progress_start(progress, size):
             pass
 
 
-def _endpoints(kind, nbd, http, workers, buffer_size, direct=None):
+def _endpoints(kind, nbd, http, workers, buffer_size, local=None):
     """The first endpoint on the caller's connections, the others on
     clones, opened at the same time (each is two connections and a TLS
     handshake: over a link with latency, in turn they add up)."""
     def clone():
         n = nbd.clone()
         try:
-            return kind(n, http.clone(), buffer_size, direct)
+            return kind(n, http.clone(), buffer_size, local)
         except BaseException:
             n.close()
             raise
 
-    eps = [kind(nbd, http, buffer_size, direct)]
+    eps = [kind(nbd, http, buffer_size, local)]
     if workers < 2:
         return eps
     with concurrent.futures.ThreadPoolExecutor(workers - 1) as pool:
@@ -103,8 +103,8 @@ def _endpoints(kind, nbd, http, workers, buffer_size, direct=None):
 
 def _copy(kind, nbd, http, tasks, workers, buffer_size, progress,
           journal, hasher=None, skip=None, windows=None, stop=None,
-          direct=None):
-    eps = _endpoints(kind, nbd, http, workers, buffer_size, direct)
+          local=None):
+    eps = _endpoints(kind, nbd, http, workers, buffer_size, local)
     try:
         transfer.run(tasks, eps,
                      progress=progress.update if progress else None,
@@ -181,69 +181,58 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     if direct.usable(filename, image, member):
         source = direct.DirectSource(filename, image["format"],
                                      image["virtual-size"], backing_chain)
-    try:
+    with contextlib.ExitStack() as stack:
         if source is not None:
+            stack.callback(source.close)
             source.start()
-        return _upload_source(filename, url, cafile, buffer_size, secure,
-                              progress, proxy_url, max_workers, member,
-                              backing_chain, disk_is_zero, verify, resume,
-                              compress, algorithm, transport, image, source)
-    finally:
-        if source is not None:
-            source.close()
-
-
-def _upload_source(filename, url, cafile, buffer_size, secure, progress,
-                   proxy_url, max_workers, member, backing_chain,
-                   disk_is_zero, verify, resume, compress, algorithm,
-                   transport, image, source):
-    http = _open_http(url, cafile, secure, proxy_url, transport,
-                      buffer_size)
-    try:
-        if compress:
-            http.use_zstd()
-        size = image["virtual-size"]
-        if size > http.size():
-            raise errors.Error(
-                "Target too small: {} has {} bytes, the image needs {}"
-                .format(url, http.size(), size))
-        _progress_start(progress, size)
-        if qemu.is_url(filename):
-            # qemu 7.2's curl driver (the reader when nbdkit is missing)
-            # can hang forever when requests run at once (qemu-img
-            # convert -m 8 of a qcow2 from nginx: 3 in 20 hung; -m 1:
-            # none in 25): one request at a time, whichever reads it.
-            log.info("Source is a URL: one request at a time")
-            max_workers = 1
-        # qemu-nbd starts now; its connections are made when first used
-        # (client.lazynbd): with the data read from the source file, maybe
-        # never.
-        with qemu.start(filename, image["format"], member=member,
-                        shared=NBD_SHARED,
-                        backing_chain=backing_chain) as (nbd_url, ready):
-            nbd = lazynbd.LazyNbd(nbd_url, ready, buffer_size)
-            try:
-                # The source's extents come piece by piece on a connection
-                # of their own while the workers copy (from a URL: all of
-                # them first).
-                extents_nbd = nbd.clone()
-                if qemu.is_url(filename):
-                    extents_nbd = _Prefetched(extents_nbd, size)
+        http = _open_http(url, cafile, secure, proxy_url, transport,
+                          buffer_size)
+        try:
+            if compress:
+                http.use_zstd()
+            size = image["virtual-size"]
+            if size > http.size():
+                raise errors.Error(
+                    "Target too small: {} has {} bytes, the image needs {}"
+                    .format(url, http.size(), size))
+            _progress_start(progress, size)
+            if qemu.is_url(filename):
+                # qemu 7.2's curl driver (the reader when nbdkit is missing)
+                # can hang forever when requests run at once (qemu-img
+                # convert -m 8 of a qcow2 from nginx: 3 in 20 hung; -m 1:
+                # none in 25): one request at a time, whichever reads it.
+                log.info("Source is a URL: one request at a time")
+                max_workers = 1
+            # qemu-nbd starts now; its connections are made when first used
+            # (client.lazynbd): with the data read from the source file, maybe
+            # never.
+            with qemu.start(filename, image["format"], member=member,
+                            shared=NBD_SHARED,
+                            backing_chain=backing_chain) as (nbd_url, ready):
+                nbd = lazynbd.LazyNbd(nbd_url, ready, buffer_size)
                 try:
-                    journal = journal_mod.Journal(
-                        "upload", filename, url,
-                        journal_mod.source_identity(filename))
-                    return _upload(
-                        nbd, extents_nbd, http, size, buffer_size,
-                        progress, max_workers, disk_is_zero, journal,
-                        verify_.algorithm(http, algorithm) if verify
-                        else None, resume, source)
+                    # The source's extents come piece by piece on a connection
+                    # of their own while the workers copy (from a URL: all of
+                    # them first).
+                    extents_nbd = nbd.clone()
+                    if qemu.is_url(filename):
+                        extents_nbd = _Prefetched(extents_nbd, size)
+                    try:
+                        journal = journal_mod.Journal(
+                            "upload", filename, url,
+                            journal_mod.source_identity(filename))
+                        return _upload(
+                            nbd, extents_nbd, http, size, buffer_size,
+                            progress, max_workers, disk_is_zero, journal,
+                            verify_.algorithm(http, algorithm) if verify
+                            else None, resume, source)
+                    finally:
+                        extents_nbd.close()
                 finally:
-                    extents_nbd.close()
-            finally:
-                nbd.close()
-    finally:
-        http.close()
+                    nbd.close()
+        finally:
+            http.close()
+
 
 
 class _Prefetched:
